@@ -1,0 +1,1 @@
+//! evpc-raft-store
