@@ -1,1 +1,64 @@
-//! evpc-raft-store
+//! # evpc-raft-store — the replicated SA database
+//!
+//! Everything the cluster agrees on, and how it is stored:
+//!
+//! - the **data model** ([`IkeSa`], [`ChildSa`], the node registry, the placement [`SlotMap`],
+//!   the inner-address pool), all in one [`State`];
+//! - the **commands** that change it ([`Command`]) and the pure function that applies them
+//!   ([`apply`]), which enforces the invariants that keep counters moving forward and answers
+//!   a refused command with a typed [`Rejection`];
+//! - the **openraft storage**: the log and vote on sled ([`LogStore`]) and the state machine
+//!   with its snapshots ([`StateMachineStore`]).
+//!
+//! ```text
+//!  node (proposer)                 openraft                       this crate
+//!  ───────────────                 ────────                       ──────────
+//!  Command { SPIs, times,   ──►  client_write  ──► LogStore::append ─► sled `raft-log`
+//!            owner, epoch }        replicate to a quorum            flush before ack
+//!                                  commit
+//!                                    │
+//!                                    ▼
+//!                          StateMachineStore::apply ──► apply(&mut State, &Command)
+//!                                    │                        │
+//!  Response (Applied | Rejection) ◄──┘                        └─► StateReader (node reads)
+//!
+//!  every N entries: build_snapshot ─► postcard(State) ─► sled `raft-snapshot`
+//! ```
+//!
+//! `apply` reads no clock, draws no randomness and does no I/O: the proposer puts SPIs, times,
+//! owners and epochs into the command, so every replica that applies the same log reaches the
+//! same state, byte for byte ([`State::digest`]).
+
+#![forbid(unsafe_code)]
+
+mod cluster;
+mod command;
+mod ids;
+mod log_store;
+mod sa;
+mod state;
+mod state_machine;
+mod types;
+
+pub use cluster::{NodeRecord, NodeState, SlotMap};
+pub use command::{Applied, Command, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment};
+pub use ids::{Epoch, NodeId, ParseSaIdError, SLOT_COUNT, SaId, Slot, slot_for_initiator_spi};
+pub use log_store::LogStore;
+pub use sa::{
+    ChildSa, ChildSuite, Identity, IkeSa, IkeSuite, MessageIds, Role, SaTimes, SealedKeys,
+    StoredMessage, TrafficSelector,
+};
+pub use state::{State, apply};
+pub use state_machine::{StateGuard, StateMachineStore, StateReader};
+pub use types::{Member, TypeConfig, raft};
+
+/// Opens a node's storage in `dir`: one sled database holding the log, the vote, the committed
+/// index and the state machine's snapshot.
+pub fn open(dir: &std::path::Path) -> std::io::Result<(LogStore, StateMachineStore)> {
+    let db = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| std::io::Error::other(format!("opening {}: {e}", dir.display())))?;
+    Ok((LogStore::open(&db)?, StateMachineStore::open(&db)?))
+}

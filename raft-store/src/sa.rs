@@ -1,0 +1,239 @@
+//! The replicated records of IKE SAs and their child (ESP) SAs.
+//!
+//! These are everything a node needs to resume an SA it did not create: addresses, SPIs,
+//! negotiated suite, sealed keys, message-ID state with the exact bytes to retransmit, timers,
+//! and for each child the sequence-number lease and the replay checkpoint.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Epoch, NodeId, SaId, Slot};
+
+/// Which side of IKE_SA_INIT this cluster was (RFC 7296 §2.2: the original initiator keeps that
+/// role for the life of the IKE SA, whatever later exchanges do).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The peer initiated: we are the original responder (end-users connecting to us).
+    Responder,
+    /// We initiated (site-to-site, or a test client).
+    Initiator,
+}
+
+/// An IKE identity (RFC 7296 §3.5): the ID type number and its data.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// ID Type (RFC 7296 §3.5): 1 IPv4, 2 FQDN, 3 RFC 822 address, 5 IPv6, 9 DER DN, 11 key id.
+    pub kind: u8,
+    /// Identification data as sent on the wire.
+    pub data: Vec<u8>,
+}
+
+impl Identity {
+    /// ID_FQDN (RFC 7296 §3.5).
+    pub const FQDN: u8 = 2;
+    /// ID_RFC822_ADDR (RFC 7296 §3.5).
+    pub const RFC822_ADDR: u8 = 3;
+    /// ID_IPV4_ADDR (RFC 7296 §3.5).
+    pub const IPV4_ADDR: u8 = 1;
+    /// ID_IPV6_ADDR (RFC 7296 §3.5).
+    pub const IPV6_ADDR: u8 = 5;
+    /// ID_KEY_ID (RFC 7296 §3.5).
+    pub const KEY_ID: u8 = 11;
+
+    /// An FQDN identity such as `gw.example`.
+    pub fn fqdn(name: &str) -> Identity {
+        Identity {
+            kind: Self::FQDN,
+            data: name.as_bytes().to_vec(),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, self.data.len()) {
+            (Self::FQDN | Self::RFC822_ADDR, _) => {
+                write!(f, "{}", String::from_utf8_lossy(&self.data))
+            }
+            (Self::IPV4_ADDR, 4) => {
+                let o: [u8; 4] = self.data[..].try_into().map_err(|_| fmt::Error)?;
+                write!(f, "{}", std::net::Ipv4Addr::from(o))
+            }
+            (Self::IPV6_ADDR, 16) => {
+                let o: [u8; 16] = self.data[..].try_into().map_err(|_| fmt::Error)?;
+                write!(f, "{}", std::net::Ipv6Addr::from(o))
+            }
+            (kind, _) => write!(f, "id-type-{kind}:{}", hex::encode(&self.data)),
+        }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({self})")
+    }
+}
+
+/// The negotiated IKE SA suite, as IANA transform IDs (RFC 7296 §3.3.2).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IkeSuite {
+    /// Transform type 1 (ENCR), e.g. 20 = ENCR_AES_GCM_16 (RFC 5282).
+    pub encryption: u16,
+    /// Key length attribute in bits (RFC 7296 §3.3.5), e.g. 128 or 256.
+    pub key_bits: u16,
+    /// Transform type 2 (PRF), e.g. 5 = PRF_HMAC_SHA2_256 (RFC 4868).
+    pub prf: u16,
+    /// Transform type 3 (INTEG); `None` with an AEAD cipher.
+    pub integrity: Option<u16>,
+    /// Transform type 4 (key exchange group), e.g. 19 (ECP-256) or 31 (Curve25519).
+    pub dh_group: u16,
+}
+
+/// The negotiated child (ESP) SA suite.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildSuite {
+    /// Transform type 1 (ENCR), e.g. 20 = ENCR_AES_GCM_16 (RFC 4106).
+    pub encryption: u16,
+    /// Key length in bits.
+    pub key_bits: u16,
+    /// Extended sequence numbers (RFC 4303 §2.2.1; transform type 5, ESN = 1).
+    pub esn: bool,
+}
+
+/// Key material sealed under the cluster key (AES-GCM) by the proposing node.
+///
+/// The replicated log and every replica's disk only ever hold this sealed form; it is opaque to
+/// the store. `Debug` prints only its length so a stray log line never leaks it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedKeys(pub Vec<u8>);
+
+impl fmt::Debug for SealedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SealedKeys(<{} bytes, redacted>)", self.0.len())
+    }
+}
+
+/// A traffic selector (RFC 7296 §3.13.1): a protocol, a port range and an address range.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficSelector {
+    /// IP protocol number, 0 for any.
+    pub protocol: u8,
+    /// First port of the range (0 for any).
+    pub start_port: u16,
+    /// Last port of the range (65535 for any).
+    pub end_port: u16,
+    /// First address of the range.
+    pub start_addr: IpAddr,
+    /// Last address of the range.
+    pub end_addr: IpAddr,
+}
+
+/// IKE message-ID state (RFC 7296 §2.2). With a window of one, each direction is one counter.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageIds {
+    /// The message ID of the next request we expect from the peer.
+    pub next_peer_request: u32,
+    /// The message ID our next request will carry.
+    pub next_local_request: u32,
+}
+
+/// An IKE message stored with its message ID: the exact datagrams (more than one when IKE
+/// fragmentation, RFC 7383, splits it) so any node can send them again byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message ID of the exchange.
+    pub msg_id: u32,
+    /// The datagrams, each an IKE message as it goes on the wire (without the non-ESP marker).
+    pub datagrams: Vec<Vec<u8>>,
+}
+
+/// Lifetimes of an SA as absolute wall-clock times in milliseconds since the Unix epoch, so
+/// whichever node owns the SA next can pick up the timers where the last owner left them.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaTimes {
+    /// When the SA was established.
+    pub established_ms: u64,
+    /// When the owner should start a rekey (soft lifetime).
+    pub rekey_at_ms: u64,
+    /// When the SA must be gone (hard lifetime).
+    pub expire_at_ms: u64,
+}
+
+/// A child SA (ESP) negotiated under an IKE SA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildSa {
+    /// SPI the peer puts on packets to us; we chose it, so it is unique in the cluster.
+    pub in_spi: u32,
+    /// SPI we put on packets to the peer.
+    pub out_spi: u32,
+    /// Negotiated ESP suite, including ESN.
+    pub suite: ChildSuite,
+    /// Both directions' KEYMAT, sealed.
+    pub keys: SealedKeys,
+    /// Our side's traffic selectors.
+    pub ts_local: Vec<TrafficSelector>,
+    /// The peer's traffic selectors.
+    pub ts_remote: Vec<TrafficSelector>,
+    /// Outbound sequence-number lease: the owner never sends a sequence number above this.
+    /// A new owner starts at `out_hwm + 1`.
+    pub out_hwm: u64,
+    /// Highest authenticated inbound sequence number the owner reported; a new owner's replay
+    /// window refuses everything at or below it.
+    pub in_checkpoint: u64,
+    /// How many times this child has been rekeyed (0 for the first SA of its lineage).
+    pub rekey_generation: u32,
+    /// Lifetimes.
+    pub times: SaTimes,
+}
+
+/// An IKE SA and its children, with who owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IkeSa {
+    /// Our own SPI: the key of this record.
+    pub id: SaId,
+    /// IKE SPI chosen by the original initiator.
+    pub spi_i: u64,
+    /// IKE SPI chosen by the original responder.
+    pub spi_r: u64,
+    /// Our role in the IKE_SA_INIT exchange.
+    pub role: Role,
+    /// The cluster address and port the peer talks to.
+    pub local: SocketAddr,
+    /// The peer's address and port (after NAT, as we see it).
+    pub peer: SocketAddr,
+    /// Our identity (IDr when we are the responder).
+    pub local_id: Identity,
+    /// The peer's authenticated identity.
+    pub peer_id: Identity,
+    /// Negotiated suite.
+    pub suite: IkeSuite,
+    /// SK_d, SK_ai/ar, SK_ei/er, SK_pi/pr, sealed.
+    pub keys: SealedKeys,
+    /// Message-ID state.
+    pub msg: MessageIds,
+    /// Our response to the peer's last request (`msg_id == msg.next_peer_request - 1`), to answer
+    /// a retransmission of that request from whichever node owns the SA now.
+    pub last_response: Option<StoredMessage>,
+    /// A gateway-initiated request in flight (`msg_id == msg.next_local_request`): committed
+    /// before it is sent, so a new owner retransmits exactly these bytes.
+    pub pending_request: Option<StoredMessage>,
+    /// Lifetimes and rekey time.
+    pub times: SaTimes,
+    /// The last time (ms) the owner heard anything authenticated from the peer.
+    pub last_peer_activity_ms: u64,
+    /// How many times this IKE SA's lineage has been rekeyed.
+    pub rekey_generation: u32,
+    /// The inner (virtual) address given to the peer, if any; reserved in the address pool.
+    pub virtual_ip: Option<IpAddr>,
+    /// The slot that placed this SA when it was created.
+    pub slot: Slot,
+    /// The node that processes this SA (and its children).
+    pub owner: NodeId,
+    /// Ownership epoch.
+    pub epoch: Epoch,
+    /// Child SAs by inbound SPI.
+    pub children: BTreeMap<u32, ChildSa>,
+}

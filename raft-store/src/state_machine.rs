@@ -1,0 +1,261 @@
+//! The state machine: [`State`] in memory, snapshots on sled.
+//!
+//! The state lives in memory behind a lock that the node reads through [`StateReader`]. It is made
+//! durable by the Raft log itself plus periodic snapshots: after a restart the store loads the
+//! last snapshot and openraft re-applies the log from there up to the persisted committed index.
+//! Snapshots are the postcard encoding of [`State`] — the same canonical bytes whose hash is the
+//! state digest — stored in the tree `raft-snapshot` under one key.
+
+use std::io::{self, Cursor};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::command::Applied;
+use crate::log_store::{decode, encode, io_err};
+use crate::state::{State, apply};
+use crate::types::TypeConfig;
+use crate::types::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership};
+
+const SNAPSHOT_TREE: &str = "raft-snapshot";
+const KEY_SNAPSHOT: &[u8] = b"current";
+
+/// The state with the Raft bookkeeping that travels with it.
+#[derive(Debug, Default)]
+struct AppliedState {
+    state: State,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// Read access to the applied state, for the node's services. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StateReader {
+    shared: Arc<RwLock<AppliedState>>,
+    applied_rx: watch::Receiver<u64>,
+}
+
+/// A read guard on the applied state.
+#[derive(Debug)]
+pub struct StateGuard<'a>(RwLockReadGuard<'a, AppliedState>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0.state
+    }
+}
+
+impl StateGuard<'_> {
+    /// The log index of the last applied entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.0.last_applied.as_ref().map_or(0, |id| id.index)
+    }
+}
+
+impl StateReader {
+    /// Locks the applied state for reading. Keep the guard short: `apply` waits for it.
+    pub fn read(&self) -> StateGuard<'_> {
+        // A poisoned lock means a panic while applying, which `apply` never does; recover the
+        // data rather than take the node down with a second panic.
+        StateGuard(self.shared.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A watch of the last applied log index: wakes whoever waits for the state to change.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied_rx.clone()
+    }
+}
+
+/// The openraft state machine for evpc. Cheap to clone.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<RwLock<AppliedState>>,
+    applied_tx: Arc<watch::Sender<u64>>,
+    applied_rx: watch::Receiver<u64>,
+    db: sled::Db,
+    snapshots: sled::Tree,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("applied", &*self.applied_rx.borrow())
+            .finish()
+    }
+}
+
+impl StateMachineStore {
+    /// Opens the state machine in `db`, loading the last snapshot if there is one.
+    pub fn open(db: &sled::Db) -> io::Result<Self> {
+        let snapshots = db.open_tree(SNAPSHOT_TREE).map_err(io_err)?;
+        let mut applied = AppliedState::default();
+        if let Some(bytes) = snapshots.get(KEY_SNAPSHOT).map_err(io_err)? {
+            let stored: StoredSnapshot = decode(&bytes)?;
+            applied = restore(&stored.meta, &stored.data)?;
+        }
+        let index = applied.last_applied.as_ref().map_or(0, |id| id.index);
+        let (applied_tx, applied_rx) = watch::channel(index);
+        Ok(StateMachineStore {
+            shared: Arc::new(RwLock::new(applied)),
+            applied_tx: Arc::new(applied_tx),
+            applied_rx,
+            db: db.clone(),
+            snapshots,
+        })
+    }
+
+    /// A read handle on the applied state.
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            shared: self.shared.clone(),
+            applied_rx: self.applied_rx.clone(),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
+        self.shared.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
+        self.shared.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn save_snapshot(&self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.snapshots
+            .insert(KEY_SNAPSHOT, encode(&stored)?)
+            .map_err(io_err)?;
+        self.db.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+}
+
+/// Decodes a snapshot and checks its invariants before anything trusts it.
+fn restore(meta: &SnapshotMeta, data: &[u8]) -> io::Result<AppliedState> {
+    let state: State = decode(data)?;
+    state.check_invariants().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("snapshot breaks an invariant: {e}"),
+        )
+    })?;
+    Ok(AppliedState {
+        state,
+        last_applied: meta.last_log_id.clone(),
+        membership: meta.last_membership.clone(),
+    })
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        // Copy under the lock, encode outside it, so `apply` is held up only for the copy.
+        let (state, meta) = {
+            let applied = self.read();
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied.clone(),
+                last_membership: applied.membership.clone(),
+            };
+            (applied.state.clone(), meta)
+        };
+        let data = state.canonical_bytes();
+        self.save_snapshot(&meta, data.clone()).await?;
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            sas = state.sa_count(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.read();
+        Ok((applied.last_applied.clone(), applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut last_index = None;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = {
+                let mut applied = self.write();
+                applied.last_applied = Some(entry.log_id.clone());
+                match &entry.payload {
+                    EntryPayload::Blank => Ok(Applied::Done),
+                    EntryPayload::Normal(command) => apply(&mut applied.state, command),
+                    EntryPayload::Membership(membership) => {
+                        applied.membership =
+                            StoredMembership::new(Some(entry.log_id.clone()), membership.clone());
+                        Ok(Applied::Done)
+                    }
+                }
+            };
+            last_index = Some(entry.log_id.index);
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        if let Some(index) = last_index {
+            self.applied_tx.send_replace(index);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
+    ) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let restored = restore(meta, &data)?;
+        let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
+        *self.write() = restored;
+        self.save_snapshot(meta, data).await?;
+        self.applied_tx.send_replace(index);
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        match self.snapshots.get(KEY_SNAPSHOT).map_err(io_err)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let stored: StoredSnapshot = decode(&bytes)?;
+                Ok(Some(Snapshot {
+                    meta: stored.meta,
+                    snapshot: Cursor::new(stored.data),
+                }))
+            }
+        }
+    }
+}

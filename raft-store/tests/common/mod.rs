@@ -1,0 +1,101 @@
+//! Builders for test SAs and a cluster with registered nodes and slots.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use evpc_raft_store::{
+    ChildSa, ChildSuite, Command, Epoch, IkeSa, IkeSuite, Identity, MessageIds, NodeId, NodeState,
+    Role, SLOT_COUNT, SaId, SaTimes, SealedKeys, SlotAssignment, State, TrafficSelector, apply,
+};
+
+/// A state with `nodes` active nodes (ids 1..=nodes) and slots spread round-robin.
+pub fn cluster(nodes: u64) -> State {
+    let mut state = State::default();
+    for node in 1..=nodes {
+        let r = apply(
+            &mut state,
+            &Command::SetNodeState {
+                node,
+                state: NodeState::Active,
+                at_ms: 1_000,
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let slots = (0..SLOT_COUNT)
+        .map(|slot| SlotAssignment {
+            slot,
+            node: Some(1 + u64::from(slot) % nodes),
+        })
+        .collect();
+    let r = apply(&mut state, &Command::SetSlots(slots));
+    assert!(r.is_ok(), "{r:?}");
+    state
+}
+
+pub fn child(in_spi: u32, esn: bool) -> ChildSa {
+    let any = TrafficSelector {
+        protocol: 0,
+        start_port: 0,
+        end_port: 65535,
+        start_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        end_addr: IpAddr::V4(Ipv4Addr::BROADCAST),
+    };
+    ChildSa {
+        in_spi,
+        out_spi: in_spi ^ 0xffff_0000,
+        suite: ChildSuite {
+            encryption: 20,
+            key_bits: 128,
+            esn,
+        },
+        keys: SealedKeys(vec![7; 60]),
+        ts_local: vec![any],
+        ts_remote: vec![any],
+        out_hwm: 0,
+        in_checkpoint: 0,
+        rekey_generation: 0,
+        times: SaTimes::default(),
+    }
+}
+
+/// An SA whose owner is whoever owns `slot` in `state`.
+pub fn sa(state: &State, id: u64, slot: u16, children: &[u32]) -> IkeSa {
+    let owner: NodeId = state.slots().owner(slot).expect("slot assigned");
+    IkeSa {
+        id: SaId(id),
+        spi_i: id.rotate_left(17),
+        spi_r: id,
+        role: Role::Responder,
+        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 4500),
+        peer: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 4500),
+        local_id: Identity::fqdn("gw.example"),
+        peer_id: Identity::fqdn("client.example"),
+        suite: IkeSuite {
+            encryption: 20,
+            key_bits: 128,
+            prf: 5,
+            integrity: None,
+            dh_group: 31,
+        },
+        keys: SealedKeys(vec![9; 200]),
+        msg: MessageIds {
+            next_peer_request: 2,
+            next_local_request: 0,
+        },
+        last_response: None,
+        pending_request: None,
+        times: SaTimes::default(),
+        last_peer_activity_ms: 0,
+        rekey_generation: 0,
+        virtual_ip: None,
+        slot,
+        owner,
+        epoch: Epoch::FIRST,
+        children: children
+            .iter()
+            .map(|spi| (*spi, child(*spi, false)))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
