@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Operators' messages print as JSON (`evpcctl --json`, `evpc-chaos` reports).
+        .type_attribute(".evpc.admin.v1", "#[derive(serde::Serialize)]")
         .compile_fds(descriptors)?;
     Ok(())
 }

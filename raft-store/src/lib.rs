@@ -45,8 +45,8 @@ pub use command::{Applied, Command, OwnerMove, Rejection, Response, SaUpdate, Sl
 pub use ids::{Epoch, NodeId, ParseSaIdError, SLOT_COUNT, SaId, Slot, slot_for_initiator_spi};
 pub use log_store::LogStore;
 pub use sa::{
-    ChildSa, ChildSuite, Identity, IkeSa, IkeSuite, MessageIds, Role, SaTimes, SealedKeys,
-    StoredMessage, TrafficSelector,
+    ChildSa, ChildSuite, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaContextError,
+    SaTimes, SealedKeys, StoredMessage, TrafficSelector,
 };
 pub use state::{State, apply};
 pub use state_machine::{StateGuard, StateMachineStore, StateReader};

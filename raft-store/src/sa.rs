@@ -237,3 +237,112 @@ pub struct IkeSa {
     /// Child SAs by inbound SPI.
     pub children: BTreeMap<u32, ChildSa>,
 }
+
+/// strongSwan-style name of an encryption transform (RFC 7296 §3.3.2 numbering).
+fn encryption_name(id: u16, key_bits: u16) -> String {
+    match id {
+        12 => format!("aes{key_bits}"),
+        18 => format!("aes{key_bits}gcm8"),
+        19 => format!("aes{key_bits}gcm12"),
+        20 => format!("aes{key_bits}gcm16"),
+        28 => "chacha20poly1305".into(),
+        other => format!("encr{other}-{key_bits}"),
+    }
+}
+
+impl fmt::Display for IkeSuite {
+    /// Proposal-style text, e.g. `aes128gcm16-prfsha256-x25519`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", encryption_name(self.encryption, self.key_bits))?;
+        match self.integrity {
+            None => {}
+            Some(2) => write!(f, "-sha1")?,
+            Some(12) => write!(f, "-sha256")?,
+            Some(13) => write!(f, "-sha384")?,
+            Some(14) => write!(f, "-sha512")?,
+            Some(other) => write!(f, "-integ{other}")?,
+        }
+        match self.prf {
+            2 => write!(f, "-prfsha1")?,
+            5 => write!(f, "-prfsha256")?,
+            6 => write!(f, "-prfsha384")?,
+            7 => write!(f, "-prfsha512")?,
+            other => write!(f, "-prf{other}")?,
+        }
+        match self.dh_group {
+            14 => write!(f, "-modp2048"),
+            19 => write!(f, "-ecp256"),
+            20 => write!(f, "-ecp384"),
+            31 => write!(f, "-x25519"),
+            other => write!(f, "-dh{other}"),
+        }
+    }
+}
+
+impl fmt::Display for ChildSuite {
+    /// e.g. `aes128gcm16` or `aes256gcm16-esn`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", encryption_name(self.encryption, self.key_bits))?;
+        if self.esn {
+            write!(f, "-esn")?;
+        }
+        Ok(())
+    }
+}
+
+/// An SA context as exported from one cluster and imported into another (the paper's transfer
+/// across administrative domains). Keys stay sealed: both clusters must share the sealing key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaContext {
+    /// Format tag, [`SaContext::FORMAT`].
+    pub format: String,
+    /// The SA as the exporting cluster last committed it.
+    pub sa: IkeSa,
+}
+
+/// An SA context that cannot be imported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaContextError {
+    /// Not a postcard-encoded context.
+    #[error("not an evpc SA context: {0}")]
+    Malformed(String),
+    /// Another format version.
+    #[error("SA context format {found:?} is not supported (expected {expected:?})")]
+    Format {
+        /// What the context says.
+        found: String,
+        /// What this build reads.
+        expected: &'static str,
+    },
+}
+
+impl SaContext {
+    /// The format this build writes and reads.
+    pub const FORMAT: &'static str = "evpc-sa-context/1";
+
+    /// Wraps an SA for export.
+    pub fn new(sa: IkeSa) -> SaContext {
+        SaContext {
+            format: Self::FORMAT.into(),
+            sa,
+        }
+    }
+
+    /// Encodes for the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
+    }
+
+    /// Decodes untrusted bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SaContext, SaContextError> {
+        let context: SaContext =
+            postcard::from_bytes(bytes).map_err(|e| SaContextError::Malformed(e.to_string()))?;
+        if context.format != Self::FORMAT {
+            return Err(SaContextError::Format {
+                found: context.format,
+                expected: Self::FORMAT,
+            });
+        }
+        Ok(context)
+    }
+}

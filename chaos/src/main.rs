@@ -1,0 +1,141 @@
+//! `evpc-chaos`: benchmarks and fault campaigns against real evpc node processes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod cluster;
+mod stats;
+mod store_bench;
+mod synthetic;
+
+/// Benchmarks and fault campaigns against a real evpc cluster.
+#[derive(Debug, Parser)]
+#[command(name = "evpc-chaos", version)]
+struct Cli {
+    /// The evpc-node binary (default: next to this one).
+    #[arg(long, global = true)]
+    node_bin: Option<PathBuf>,
+    /// Directory for the nodes' data (default: a temporary directory, removed at the end).
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    /// Node i listens on BASE+i (Raft) and BASE+100+i (admin).
+    #[arg(long, global = true, default_value_t = 7400)]
+    base_port: u16,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The replicated SA store under load, with a leader kill; checks nothing acknowledged is lost.
+    StoreBench {
+        /// Cluster size.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// SAs to create.
+        #[arg(long, default_value_t = 10_000)]
+        sas: u64,
+        /// Acknowledged updates to reach.
+        #[arg(long, default_value_t = 200_000)]
+        ops: u64,
+        /// Concurrent proposers.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// SIGKILL the leader after this fraction of the updates (0 or 1: never).
+        #[arg(long, default_value_t = 0.5)]
+        kill_leader_at: f64,
+        /// Skip the final SIGKILL-everything-and-restart digest check.
+        #[arg(long)]
+        no_restart_check: bool,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    evpc_node::init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("evpc-chaos: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(2),
+        Err(e) => {
+            eprintln!("evpc-chaos: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command; `Ok(false)` when a guarantee was violated (exit status 2).
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
+    match cli.command {
+        Command::StoreBench {
+            nodes,
+            sas,
+            ops,
+            concurrency,
+            kill_leader_at,
+            no_restart_check,
+            seed,
+            json,
+        } => {
+            let options = store_bench::StoreBench {
+                nodes,
+                sas,
+                ops,
+                concurrency,
+                kill_leader_at,
+                restart_all: !no_restart_check,
+                seed,
+                progress: !json && std::io::stderr().is_terminal(),
+            };
+            let report = store_bench::run(options, node_bin, cli.dir, cli.base_port).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} updates acknowledged at {:.0}/s ({:.0}/s steady), latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+                    report.ops_acked,
+                    report.commits_per_sec,
+                    report.commits_per_sec_steady,
+                    report.latency_ms.p50,
+                    report.latency_ms.p99,
+                    report.latency_ms.max
+                );
+                if let Some(ms) = report.leader_failover_ms {
+                    println!(
+                        "leader {} killed: first commit on the new leader after {ms:.0} ms",
+                        report.killed_leader.unwrap_or(0)
+                    );
+                }
+                println!(
+                    "lost {} (unknown outcome {}, refused {}); {} replicas, digests equal: {}; after full restart: {}",
+                    report.ops_lost,
+                    report.ops_unknown,
+                    report.ops_rejected,
+                    report.replicas_checked,
+                    report.digests_equal,
+                    report
+                        .restart_digest_equal
+                        .map_or_else(|| "not checked".into(), |e| format!("digest equal: {e}"))
+                );
+            }
+            Ok(report.ops_lost == 0
+                && report.digests_equal
+                && report.restart_digest_equal != Some(false))
+        }
+    }
+}

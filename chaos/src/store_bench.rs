@@ -1,0 +1,599 @@
+//! `evpc-chaos store-bench`: the replicated SA store under a realistic update mix, with the
+//! leader SIGKILLed halfway, then a check that nothing acknowledged was lost.
+//!
+//! 1. Launch N real node processes and create `--sas` SAs (each with one child SA).
+//! 2. `--concurrency` workers, each owning a disjoint share of the SAs, commit updates through
+//!    cluster.v1 `Propose` on the leader: message-ID advances carrying a ~200-byte response
+//!    (50%), sequence leases with a replay checkpoint (35%), replay checkpoints (15%). Each
+//!    worker keeps a model of what was acknowledged for its SAs.
+//! 3. At `--kill-leader-at` of the operations, SIGKILL the leader; workers find the new one.
+//!    An operation whose outcome is unknown (the leader died with it in flight) is not counted
+//!    as acknowledged; the worker re-reads that SA from the cluster before touching it again.
+//! 4. Restart the killed node, wait for every replica to apply the same index, and compare
+//!    each replica's every SA with the model (`ops_lost`), and the state digests.
+//! 5. SIGKILL every node, restart all on their data directories, and compare the digest again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use evpc_proto::admin::v1 as pb;
+use evpc_proto::cluster::v1::Proposal;
+use evpc_proto::cluster::v1::cluster_client::ClusterClient;
+use evpc_raft_store::{Command, Epoch, Response, SaId, SaUpdate, slot_for_initiator_spi};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::RwLock;
+use tonic::transport::Channel;
+
+use crate::cluster::ProcessCluster;
+use crate::stats::Percentiles;
+use crate::synthetic;
+
+/// Options of one run.
+#[derive(Clone, Debug)]
+pub struct StoreBench {
+    /// Cluster size.
+    pub nodes: u64,
+    /// SAs to create.
+    pub sas: u64,
+    /// Acknowledged updates to reach.
+    pub ops: u64,
+    /// Concurrent proposers.
+    pub concurrency: usize,
+    /// Fraction of `ops` after which the leader is SIGKILLed (none if outside (0, 1)).
+    pub kill_leader_at: f64,
+    /// Restart every node at the end and compare digests.
+    pub restart_all: bool,
+    /// RNG seed.
+    pub seed: u64,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// The JSON report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Cluster size.
+    pub nodes: u64,
+    /// SAs created.
+    pub sas: u64,
+    /// Concurrent proposers.
+    pub concurrency: usize,
+    /// Acknowledged updates.
+    pub ops_acked: u64,
+    /// Acknowledged updates missing (or different) on some live replica at the end.
+    pub ops_lost: u64,
+    /// Updates whose outcome was unknown (in flight at the kill); the SA was re-read.
+    pub ops_unknown: u64,
+    /// Updates the state machine refused (a model out of step; expected 0).
+    pub ops_rejected: u64,
+    /// Acknowledged updates per second over the whole run, failover included.
+    pub commits_per_sec: f64,
+    /// The same, excluding the failover window.
+    pub commits_per_sec_steady: f64,
+    /// Commit latency of acknowledged updates, excluding those overlapping the failover.
+    pub latency_ms: Percentiles,
+    /// SIGKILL of the leader to the first update acknowledged by the new one.
+    pub leader_failover_ms: Option<f64>,
+    /// The node that was killed.
+    pub killed_leader: Option<u64>,
+    /// Replicas compared at the end.
+    pub replicas_checked: usize,
+    /// Whether every replica's state digest is equal (at one applied index).
+    pub digests_equal: bool,
+    /// The common digest.
+    pub digest: String,
+    /// After SIGKILL of all nodes and a restart on their data dirs: the same digest.
+    pub restart_digest_equal: Option<bool>,
+    /// Time to create the SAs.
+    pub create_secs: f64,
+    /// Time of the update phase.
+    pub workload_secs: f64,
+}
+
+/// What one worker knows about an SA: the acknowledged values.
+#[derive(Clone, Debug)]
+struct SaModel {
+    id: SaId,
+    child: u32,
+    next_peer_request: u32,
+    response_sha256: String,
+    out_hwm: u64,
+    in_checkpoint: u64,
+    /// An update's outcome is unknown: re-read before the next one.
+    stale: bool,
+    /// Acknowledged updates, by kind and resulting value, for counting losses.
+    acked: Vec<(Field, u64)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    MessageId,
+    OutHwm,
+    Checkpoint,
+}
+
+#[derive(Default)]
+struct Shared {
+    acked: AtomicU64,
+    unknown: AtomicU64,
+    rejected: AtomicU64,
+    done: AtomicBool,
+    /// Start time and latency of every acknowledged update.
+    samples: Mutex<Vec<(Instant, Duration)>>,
+    kill_at: Mutex<Option<Instant>>,
+    first_ack_after_kill: Mutex<Option<Instant>>,
+}
+
+struct Leader {
+    id: u64,
+    clients: Vec<ClusterClient<Channel>>,
+}
+
+async fn propose(
+    client: &mut ClusterClient<Channel>,
+    command: &Command,
+) -> Result<Response, tonic::Status> {
+    let command = postcard::to_stdvec(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let reply = client.propose(Proposal { command }).await?.into_inner();
+    postcard::from_bytes(&reply.response).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+/// Finds the leader again after `failed` stopped answering.
+async fn refresh_leader(cluster: &RwLock<ProcessCluster>, leader: &RwLock<Leader>, failed: u64) {
+    {
+        if leader.read().await.id != failed {
+            return; // someone else already moved on
+        }
+    }
+    let found = cluster.read().await.leader(Duration::from_secs(10)).await;
+    if let Ok(id) = found {
+        let mut l = leader.write().await;
+        if l.id == failed {
+            l.id = id;
+        }
+    }
+}
+
+fn model_from(info: &pb::SaInfo, stale_model: &SaModel) -> SaModel {
+    let child = info.children.first();
+    SaModel {
+        id: stale_model.id,
+        child: stale_model.child,
+        next_peer_request: info.next_peer_request,
+        response_sha256: info.last_response_sha256.clone(),
+        out_hwm: child.map_or(0, |c| c.out_hwm),
+        in_checkpoint: child.map_or(0, |c| c.in_checkpoint),
+        stale: false,
+        acked: stale_model.acked.clone(),
+    }
+}
+
+async fn worker(
+    options: StoreBench,
+    index: usize,
+    mut models: Vec<SaModel>,
+    cluster: Arc<RwLock<ProcessCluster>>,
+    leader: Arc<RwLock<Leader>>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<Vec<SaModel>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed ^ (index as u64).wrapping_mul(0x9e37));
+    while !shared.done.load(Ordering::Relaxed) {
+        let k = rng.random_range(0..models.len());
+        let model = &mut models[k];
+        let (leader_id, mut client) = {
+            let l = leader.read().await;
+            (l.id, l.clients[(l.id - 1) as usize].clone())
+        };
+        if model.stale {
+            // The leader has every committed update: read the SA there.
+            let info = match cluster.read().await.admin_of(leader_id) {
+                Ok(mut admin) => admin.get_sa(&model.id.to_string()).await,
+                Err(e) => return Err(e),
+            };
+            match info {
+                Ok(info) => *model = model_from(&info, model),
+                Err(_) => {
+                    refresh_leader(&cluster, &leader, leader_id).await;
+                    continue;
+                }
+            }
+        }
+
+        let roll = rng.random_range(0..100);
+        let (update, field, value, response_sha) = if roll < 50 {
+            let mut response = vec![0u8; 200];
+            rng.fill(&mut response[..]);
+            let sha = hex::encode(Sha256::digest(&response));
+            let msg_id = model.next_peer_request;
+            (
+                vec![
+                    SaUpdate::PeerRequestAnswered {
+                        msg_id,
+                        response: vec![response],
+                    },
+                    SaUpdate::PeerSeen { at_ms: 0 },
+                ],
+                Field::MessageId,
+                u64::from(msg_id) + 1,
+                Some(sha),
+            )
+        } else if roll < 85 {
+            let out_hwm = model.out_hwm + rng.random_range(1_000..5_000);
+            let checkpoint = model.in_checkpoint + rng.random_range(0..500);
+            (
+                vec![SaUpdate::SeqLease {
+                    in_spi: model.child,
+                    out_hwm,
+                    in_checkpoint: Some(checkpoint),
+                }],
+                Field::OutHwm,
+                out_hwm,
+                None,
+            )
+        } else {
+            let in_seq = model.in_checkpoint + rng.random_range(1..500);
+            (
+                vec![SaUpdate::ReplayCheckpoint {
+                    in_spi: model.child,
+                    in_seq,
+                }],
+                Field::Checkpoint,
+                in_seq,
+                None,
+            )
+        };
+        let command = Command::Update {
+            sa: model.id,
+            epoch: Epoch::FIRST,
+            updates: update.clone(),
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(3), propose(&mut client, &command)).await;
+        match result {
+            Ok(Ok(Ok(_))) => {
+                let latency = started.elapsed();
+                match field {
+                    Field::MessageId => {
+                        model.next_peer_request = value as u32;
+                        model.response_sha256 = response_sha.unwrap_or_default();
+                    }
+                    Field::OutHwm => {
+                        model.out_hwm = value;
+                        if let Some(SaUpdate::SeqLease {
+                            in_checkpoint: Some(c),
+                            ..
+                        }) = update.first()
+                        {
+                            model.in_checkpoint = *c;
+                            model.acked.push((Field::Checkpoint, *c));
+                        }
+                    }
+                    Field::Checkpoint => model.in_checkpoint = value,
+                }
+                model.acked.push((field, value));
+                shared.acked.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .samples
+                    .lock()
+                    .expect("samples lock")
+                    .push((started, latency));
+                if shared.kill_at.lock().expect("kill lock").is_some() {
+                    let mut first = shared.first_ack_after_kill.lock().expect("lock");
+                    if first.is_none() {
+                        *first = Some(Instant::now());
+                    }
+                }
+            }
+            Ok(Ok(Err(rejection))) => {
+                tracing::warn!(sa = %model.id, %rejection, "update refused; re-reading the SA");
+                shared.rejected.fetch_add(1, Ordering::Relaxed);
+                model.stale = true;
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                // Not the leader: nothing was appended, so the update can simply be retried.
+                refresh_leader(&cluster, &leader, leader_id).await;
+            }
+            Ok(Err(_)) | Err(_) => {
+                shared.unknown.fetch_add(1, Ordering::Relaxed);
+                model.stale = true;
+                refresh_leader(&cluster, &leader, leader_id).await;
+            }
+        }
+    }
+    Ok(models)
+}
+
+/// Creates the SAs with `concurrency` parallel proposals.
+async fn create_sas(
+    cluster: &ProcessCluster,
+    options: &StoreBench,
+) -> anyhow::Result<Vec<SaModel>> {
+    let leader = cluster.leader(Duration::from_secs(10)).await?;
+    let owners = cluster.admin_of(leader)?.list_slots().await?.owners;
+    let client = cluster.cluster_client(leader)?;
+    let next = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for _ in 0..options.concurrency.max(1) {
+        let (next, owners, mut client, total) =
+            (next.clone(), owners.clone(), client.clone(), options.sas);
+        tasks.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n > total {
+                    return Ok::<_, anyhow::Error>(made);
+                }
+                let spi_i = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let slot = slot_for_initiator_spi(spi_i);
+                let owner = owners[usize::from(slot)];
+                anyhow::ensure!(owner != 0, "slot {slot} has no owner");
+                let child = n as u32;
+                let sa = synthetic::ike_sa(SaId(n), spi_i, slot, owner, child);
+                match propose(&mut client, &Command::CreateSa(Box::new(sa))).await? {
+                    Ok(_) => made.push(SaModel {
+                        id: SaId(n),
+                        child,
+                        next_peer_request: 2,
+                        response_sha256: String::new(),
+                        out_hwm: 0,
+                        in_checkpoint: 0,
+                        stale: false,
+                        acked: Vec::new(),
+                    }),
+                    Err(rejection) => anyhow::bail!("creating SA {n}: {rejection}"),
+                }
+            }
+        }));
+    }
+    let mut models = Vec::new();
+    for task in tasks {
+        models.extend(task.await??);
+    }
+    models.sort_by_key(|m| m.id);
+    Ok(models)
+}
+
+/// Counts acknowledged updates that a replica's SA does not reflect.
+fn lost_on(model: &SaModel, info: Option<&pb::SaInfo>) -> u64 {
+    let Some(info) = info else {
+        return model.acked.len() as u64 + 1;
+    };
+    let child = info.children.first();
+    let (msg, hwm, ckpt) = (
+        u64::from(info.next_peer_request),
+        child.map_or(0, |c| c.out_hwm),
+        child.map_or(0, |c| c.in_checkpoint),
+    );
+    let mut lost = model
+        .acked
+        .iter()
+        .filter(|(field, value)| match field {
+            Field::MessageId => *value > msg,
+            Field::OutHwm => *value > hwm,
+            Field::Checkpoint => *value > ckpt,
+        })
+        .count() as u64;
+    // Beyond "not behind": the exact acknowledged values, response bytes included.
+    let exact = u64::from(model.next_peer_request) == msg
+        && model.out_hwm == hwm
+        && model.in_checkpoint == ckpt
+        && model.response_sha256 == info.last_response_sha256;
+    if lost == 0 && !exact {
+        lost = 1;
+    }
+    lost
+}
+
+/// Compares every live replica with the models; returns (ops lost, replicas checked).
+async fn verify(cluster: &ProcessCluster, models: &[SaModel]) -> anyhow::Result<(u64, usize)> {
+    let mut lost = 0;
+    let ids = cluster.alive_ids();
+    for id in &ids {
+        let sas = cluster.admin_of(*id)?.all_sas(None).await?;
+        let by_id: std::collections::HashMap<&str, &pb::SaInfo> =
+            sas.iter().map(|s| (s.id.as_str(), s)).collect();
+        let replica_lost: u64 = models
+            .iter()
+            .map(|m| lost_on(m, by_id.get(m.id.to_string().as_str()).copied()))
+            .sum();
+        if replica_lost > 0 {
+            tracing::error!(node = id, replica_lost, "replica is missing acknowledged updates");
+        }
+        lost += replica_lost;
+    }
+    Ok((lost, ids.len()))
+}
+
+/// Digests of every live replica at one applied index.
+async fn replica_digests(cluster: &ProcessCluster) -> anyhow::Result<Vec<(u64, u64, String)>> {
+    for _ in 0..20 {
+        let index = cluster.converged(Duration::from_secs(60)).await?;
+        let mut all = Vec::new();
+        for id in cluster.alive_ids() {
+            let status = cluster.admin_of(id)?.status(true).await?;
+            all.push((id, status.last_applied_index, status.state_digest));
+        }
+        if all.iter().all(|(_, i, _)| *i == index) {
+            return Ok(all);
+        }
+    }
+    anyhow::bail!("replicas kept applying while digests were taken")
+}
+
+/// Runs the benchmark.
+pub async fn run(
+    options: StoreBench,
+    node_bin: std::path::PathBuf,
+    dir: Option<std::path::PathBuf>,
+    base_port: u16,
+) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.sas > 0 && options.ops > 0, "--sas and --ops must be positive");
+    anyhow::ensure!(options.concurrency > 0, "--concurrency must be positive");
+    let cluster = ProcessCluster::launch(options.nodes, dir, base_port, node_bin).await?;
+    let cluster = Arc::new(RwLock::new(cluster));
+    let result = run_on(&options, cluster.clone()).await;
+    cluster.write().await.stop().await;
+    result
+}
+
+async fn run_on(options: &StoreBench, cluster: Arc<RwLock<ProcessCluster>>) -> anyhow::Result<Report> {
+    let create_started = Instant::now();
+    let models = create_sas(&*cluster.read().await, options)
+        .await
+        .context("creating SAs")?;
+    let create_secs = create_started.elapsed().as_secs_f64();
+
+    let (leader_id, clients) = {
+        let c = cluster.read().await;
+        let leader = c.leader(Duration::from_secs(10)).await?;
+        let clients = c.ids().map(|id| c.cluster_client(id)).collect::<Result<Vec<_>, _>>()?;
+        (leader, clients)
+    };
+    let leader = Arc::new(RwLock::new(Leader {
+        id: leader_id,
+        clients,
+    }));
+    let shared = Arc::new(Shared::default());
+
+    // Share the SAs out: worker k owns SA j when j % concurrency == k.
+    let mut shares: Vec<Vec<SaModel>> = vec![Vec::new(); options.concurrency];
+    for (j, model) in models.into_iter().enumerate() {
+        shares[j % options.concurrency].push(model);
+    }
+    let workload_started = Instant::now();
+    let mut workers = Vec::new();
+    for (k, share) in shares.into_iter().enumerate() {
+        if share.is_empty() {
+            continue;
+        }
+        workers.push(tokio::spawn(worker(
+            options.clone(),
+            k,
+            share,
+            cluster.clone(),
+            leader.clone(),
+            shared.clone(),
+        )));
+    }
+
+    let bar = options.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(options.ops);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} updates ({per_sec}) {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let kill_threshold = (options.kill_leader_at > 0.0 && options.kill_leader_at < 1.0)
+        .then(|| (options.ops as f64 * options.kill_leader_at) as u64);
+    let mut killed = None;
+    loop {
+        let acked = shared.acked.load(Ordering::Relaxed);
+        if let Some(bar) = &bar {
+            bar.set_position(acked);
+        }
+        if acked >= options.ops {
+            break;
+        }
+        if killed.is_none() && kill_threshold.is_some_and(|t| acked >= t) {
+            let victim = leader.read().await.id;
+            *shared.kill_at.lock().expect("lock") = Some(Instant::now());
+            cluster.write().await.sigkill(victim).await?;
+            tracing::info!(node = victim, acked, "SIGKILLed the leader");
+            if let Some(bar) = &bar {
+                bar.set_message(format!("killed leader {victim}"));
+            }
+            killed = Some(victim);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shared.done.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    for w in workers {
+        models.extend(w.await??);
+    }
+    let workload_secs = workload_started.elapsed().as_secs_f64();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+
+    let kill_at = *shared.kill_at.lock().expect("lock");
+    let recovered = *shared.first_ack_after_kill.lock().expect("lock");
+    let leader_failover_ms = kill_at
+        .zip(recovered)
+        .map(|(k, r)| r.duration_since(k).as_secs_f64() * 1e3);
+    let samples = std::mem::take(&mut *shared.samples.lock().expect("lock"));
+    let overlaps_failover = |(start, latency): &(Instant, Duration)| match (kill_at, recovered) {
+        (Some(k), Some(r)) => *start <= r && *start + *latency >= k,
+        (Some(k), None) => *start + *latency >= k,
+        _ => false,
+    };
+    let steady: Vec<Duration> = samples
+        .iter()
+        .filter(|s| !overlaps_failover(s))
+        .map(|(_, l)| *l)
+        .collect();
+    let failover_secs = kill_at
+        .zip(recovered)
+        .map_or(0.0, |(k, r)| r.duration_since(k).as_secs_f64());
+    let ops_acked = shared.acked.load(Ordering::Relaxed);
+
+    // Bring the killed node back, let everyone catch up, then compare replicas with the model.
+    {
+        let mut c = cluster.write().await;
+        if let Some(victim) = killed {
+            c.restart(victim)?;
+        }
+    }
+    let c = cluster.read().await;
+    c.converged(Duration::from_secs(120)).await?;
+    let (ops_lost, replicas_checked) = verify(&c, &models).await?;
+    let digests = replica_digests(&c).await?;
+    let digests_equal = digests.iter().all(|(_, _, d)| *d == digests[0].2);
+    let digest = digests[0].2.clone();
+    drop(c);
+
+    let restart_digest_equal = if options.restart_all {
+        let mut c = cluster.write().await;
+        for id in c.alive_ids() {
+            c.sigkill(id).await?;
+        }
+        for id in c.ids().collect::<Vec<_>>() {
+            c.restart(id)?;
+        }
+        drop(c);
+        let c = cluster.read().await;
+        c.leader(Duration::from_secs(30)).await?;
+        let after = replica_digests(&c).await?;
+        Some(after.iter().all(|(_, _, d)| *d == digest))
+    } else {
+        None
+    };
+
+    Ok(Report {
+        nodes: options.nodes,
+        sas: options.sas,
+        concurrency: options.concurrency,
+        ops_acked,
+        ops_lost,
+        ops_unknown: shared.unknown.load(Ordering::Relaxed),
+        ops_rejected: shared.rejected.load(Ordering::Relaxed),
+        commits_per_sec: ops_acked as f64 / workload_secs,
+        commits_per_sec_steady: steady.len() as f64 / (workload_secs - failover_secs).max(1e-9),
+        latency_ms: Percentiles::of(&steady),
+        leader_failover_ms,
+        killed_leader: killed,
+        replicas_checked,
+        digests_equal,
+        digest,
+        restart_digest_equal,
+        create_secs,
+        workload_secs,
+    })
+}

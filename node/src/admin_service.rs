@@ -1,0 +1,555 @@
+//! admin.v1 served by one node: status, membership, SA inspection and movement.
+//!
+//! Reads answer from this node's applied state. Membership and leadership changes need the
+//! leader: elsewhere they fail with FAILED_PRECONDITION and the leader's admin address in the
+//! `evpc-leader-admin` metadata, which `evpcctl` follows. SA writes go through
+//! [`Node::propose`], which forwards to the leader by itself.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use evpc_proto::admin::v1 as pb;
+use evpc_proto::admin::v1::admin_server::Admin;
+use evpc_raft_store::{
+    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, Rejection, Role,
+    SaContext, SaId, TrafficSelector, slot_for_initiator_spi,
+};
+use openraft::rt::WatchReceiver;
+use openraft::ServerState;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+
+/// Metadata key with the leader's admin address on a not-leader answer.
+pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
+
+/// admin.v1 for one node.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    /// Serves for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+
+    /// Fails unless this node leads, pointing at the leader when it is known.
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.node.is_leader() {
+            return Ok(());
+        }
+        let mut status = Status::failed_precondition(format!(
+            "node {} is not the Raft leader; send this to the leader",
+            self.node.id
+        ));
+        if let Some((_, leader)) = self.node.leader()
+            && let Ok(value) = leader.admin_addr.parse()
+        {
+            status.metadata_mut().insert(LEADER_ADMIN_HINT, value);
+        }
+        Err(status)
+    }
+
+    async fn propose(&self, command: Command) -> Result<(u64, Applied), Status> {
+        let proposed = self.node.propose(command).await?;
+        let applied = proposed.response.map_err(rejection_status)?;
+        Ok((proposed.log_index, applied))
+    }
+}
+
+/// A refused command as a gRPC status an operator can read.
+pub fn rejection_status(rejection: Rejection) -> Status {
+    let message = rejection.to_string();
+    match rejection {
+        Rejection::UnknownSa(_) | Rejection::UnknownChild { .. } | Rejection::UnknownNode(_) => {
+            Status::not_found(message)
+        }
+        Rejection::SaExists(_) | Rejection::ChildSpiInUse { .. } | Rejection::AddressInUse { .. } => {
+            Status::already_exists(message)
+        }
+        _ => Status::failed_precondition(message),
+    }
+}
+
+fn parse_sa_id(text: &str) -> Result<SaId, Status> {
+    text.parse()
+        .map_err(|e: evpc_raft_store::ParseSaIdError| Status::invalid_argument(e.to_string()))
+}
+
+fn membership_status(e: RaftError<evpc_raft_store::TypeConfig, ClientWriteError<evpc_raft_store::TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::failed_precondition("leadership moved during the change; retry on the leader")
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn role_name(state: ServerState, voter: bool) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Candidate => "candidate",
+        ServerState::Follower if voter => "follower",
+        ServerState::Follower | ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn state_name(state: Option<NodeState>) -> String {
+    state.map_or_else(|| "unregistered".into(), |s| s.to_string())
+}
+
+fn selector(ts: &TrafficSelector) -> pb::TrafficSelector {
+    pb::TrafficSelector {
+        protocol: u32::from(ts.protocol),
+        start_port: u32::from(ts.start_port),
+        end_port: u32::from(ts.end_port),
+        start_addr: ts.start_addr.to_string(),
+        end_addr: ts.end_addr.to_string(),
+    }
+}
+
+fn child_info(child: &ChildSa) -> pb::ChildSaInfo {
+    pb::ChildSaInfo {
+        in_spi: format!("{:08x}", child.in_spi),
+        out_spi: format!("{:08x}", child.out_spi),
+        suite: child.suite.to_string(),
+        esn: child.suite.esn,
+        out_hwm: child.out_hwm,
+        in_checkpoint: child.in_checkpoint,
+        rekey_generation: child.rekey_generation,
+        ts_local: child.ts_local.iter().map(selector).collect(),
+        ts_remote: child.ts_remote.iter().map(selector).collect(),
+        rekey_at_ms: child.times.rekey_at_ms,
+        expire_at_ms: child.times.expire_at_ms,
+    }
+}
+
+/// An SA as operators see it: everything but key material.
+pub fn sa_info(sa: &IkeSa) -> pb::SaInfo {
+    let response_hash = sa.last_response.as_ref().map(|r| {
+        let mut hash = Sha256::new();
+        for datagram in &r.datagrams {
+            hash.update(datagram);
+        }
+        hex::encode(hash.finalize())
+    });
+    pb::SaInfo {
+        id: sa.id.to_string(),
+        spi_i: format!("{:016x}", sa.spi_i),
+        spi_r: format!("{:016x}", sa.spi_r),
+        role: match sa.role {
+            Role::Responder => "responder".into(),
+            Role::Initiator => "initiator".into(),
+        },
+        local: sa.local.to_string(),
+        peer: sa.peer.to_string(),
+        local_id: sa.local_id.to_string(),
+        peer_id: sa.peer_id.to_string(),
+        suite: sa.suite.to_string(),
+        owner: sa.owner,
+        epoch: sa.epoch.0,
+        slot: u32::from(sa.slot),
+        next_peer_request: sa.msg.next_peer_request,
+        next_local_request: sa.msg.next_local_request,
+        last_response_msg_id: sa.last_response.as_ref().map(|r| r.msg_id),
+        last_response_sha256: response_hash.unwrap_or_default(),
+        pending_request_msg_id: sa.pending_request.as_ref().map(|r| r.msg_id),
+        virtual_ip: sa.virtual_ip.map(|a| a.to_string()).unwrap_or_default(),
+        established_ms: sa.times.established_ms,
+        rekey_at_ms: sa.times.rekey_at_ms,
+        expire_at_ms: sa.times.expire_at_ms,
+        last_peer_activity_ms: sa.last_peer_activity_ms,
+        rekey_generation: sa.rekey_generation,
+        children: sa.children.values().map(child_info).collect(),
+    }
+}
+
+fn membership_response(
+    log_index: u64,
+    membership: Option<openraft::Membership<NodeId, Member>>,
+) -> pb::MembershipResponse {
+    let (voters, learners) = membership.map_or_else(Default::default, |m| {
+        (m.voter_ids().collect(), m.learner_ids().collect())
+    });
+    pb::MembershipResponse {
+        voters,
+        learners,
+        log_index,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let include_digest = request.into_inner().include_digest;
+        let metrics = self.node.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let replication = metrics.replication.clone().unwrap_or_default();
+
+        let state = self.node.state.read();
+        let mut owned: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for sa in state.sas() {
+            *owned.entry(sa.owner).or_default() += 1;
+        }
+        let members = membership
+            .nodes()
+            .map(|(id, member)| {
+                let voter = voters.contains(id);
+                pb::Member {
+                    id: *id,
+                    raft_addr: member.raft_addr.clone(),
+                    admin_addr: member.admin_addr.clone(),
+                    voter,
+                    role: if metrics.current_leader == Some(*id) {
+                        "leader".into()
+                    } else if voter {
+                        "follower".into()
+                    } else {
+                        "learner".into()
+                    },
+                    gateway_state: state_name(state.nodes().get(id).map(|r| r.state)),
+                    matched_index: replication
+                        .get(id)
+                        .map(|m| m.as_ref().map_or(0, |l| l.index)),
+                    owned_sas: owned.get(id).copied().unwrap_or(0),
+                    slots: state.slots().count_for(*id) as u32,
+                }
+            })
+            .collect();
+        let leader_admin_addr = metrics
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|m| m.admin_addr.clone())
+            .unwrap_or_default();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.node.id,
+            role: role_name(metrics.state, voters.contains(&self.node.id)).into(),
+            leader_id: metrics.current_leader,
+            leader_admin_addr,
+            term: metrics.current_term,
+            members,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            committed_index: metrics.local_committed.as_ref().map_or(0, |l| l.index),
+            last_applied_index: state.applied_index(),
+            snapshot_index: metrics.snapshot.as_ref().map_or(0, |l| l.index),
+            ike_sas: state.sa_count() as u64,
+            child_sas: state.child_count() as u64,
+            state_digest: if include_digest {
+                state.digest()
+            } else {
+                String::new()
+            },
+            addresses: state.addresses().len() as u64,
+        }))
+    }
+
+    async fn initialize(
+        &self,
+        request: Request<pb::InitializeRequest>,
+    ) -> Result<Response<pb::InitializeResponse>, Status> {
+        let requested = request.into_inner().members;
+        let members: BTreeMap<NodeId, Member> = if requested.is_empty() {
+            self.node.configured_members()
+        } else {
+            let mut members = BTreeMap::new();
+            for m in requested {
+                if m.id == 0 || m.raft_addr.is_empty() || m.admin_addr.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "each member needs a positive id, a raft_addr and an admin_addr",
+                    ));
+                }
+                let member = Member {
+                    raft_addr: m.raft_addr,
+                    admin_addr: m.admin_addr,
+                };
+                if members.insert(m.id, member).is_some() {
+                    return Err(Status::invalid_argument(format!("member {} listed twice", m.id)));
+                }
+            }
+            if !members.contains_key(&self.node.id) {
+                return Err(Status::invalid_argument(format!(
+                    "the members must include this node ({})",
+                    self.node.id
+                )));
+            }
+            members
+        };
+        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing the cluster");
+        match self.node.raft.initialize(members).await {
+            Ok(()) => Ok(Response::new(pb::InitializeResponse {})),
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => Err(
+                Status::failed_precondition(format!("the cluster is already initialized: {e}")),
+            ),
+            Err(RaftError::APIError(e)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.require_leader()?;
+        let request = request.into_inner();
+        let node = request
+            .node
+            .ok_or_else(|| Status::invalid_argument("node is required"))?;
+        if node.id == 0 || node.raft_addr.is_empty() || node.admin_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "node needs a positive id, a raft_addr and an admin_addr",
+            ));
+        }
+        let member = Member {
+            raft_addr: node.raft_addr,
+            admin_addr: node.admin_addr,
+        };
+        tracing::info!(node = node.id, %member, "adding a learner");
+        let added = self
+            .node
+            .raft
+            .add_learner(node.id, member, true)
+            .await
+            .map_err(membership_status)?;
+        if request.learner_only {
+            return Ok(Response::new(membership_response(
+                added.log_id.index,
+                added.membership,
+            )));
+        }
+        tracing::info!(node = node.id, "promoting to voter");
+        let changed = self
+            .node
+            .raft
+            .change_membership(
+                openraft::ChangeMembers::AddVoterIds(BTreeSet::from([node.id])),
+                false,
+            )
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(membership_response(
+            changed.log_id.index,
+            changed.membership,
+        )))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.require_leader()?;
+        let id = request.into_inner().id;
+        let known = self
+            .node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .get_node(&id)
+            .is_some();
+        if !known {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        tracing::info!(node = id, "removing a member");
+        let changed = self
+            .node
+            .raft
+            .change_membership(
+                openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                false,
+            )
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(membership_response(
+            changed.log_id.index,
+            changed.membership,
+        )))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        self.require_leader()?;
+        let to = request.into_inner().to;
+        let is_voter = self
+            .node
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to);
+        if !is_voter {
+            return Err(Status::invalid_argument(format!("node {to} is not a voter")));
+        }
+        self.node
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut metrics = self.node.raft.metrics();
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let leader = metrics.borrow_watched().current_leader;
+                if leader == Some(to) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let leader_id = self.node.raft.metrics().borrow_watched().current_leader;
+        if waited.is_err() {
+            return Err(Status::deadline_exceeded(format!(
+                "node {to} did not take over within 5 s (leader now: {leader_id:?})"
+            )));
+        }
+        Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
+    }
+
+    async fn list_slots(
+        &self,
+        _request: Request<pb::ListSlotsRequest>,
+    ) -> Result<Response<pb::ListSlotsResponse>, Status> {
+        let state = self.node.state.read();
+        Ok(Response::new(pb::ListSlotsResponse {
+            owners: state.slots().iter().map(|(_, o)| o.unwrap_or(0)).collect(),
+            applied_index: state.applied_index(),
+        }))
+    }
+
+    async fn list_sas(
+        &self,
+        request: Request<pb::ListSasRequest>,
+    ) -> Result<Response<pb::ListSasResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => 100,
+            n if n > 10_000 => {
+                return Err(Status::invalid_argument("page_size is at most 10000"));
+            }
+            n => n as usize,
+        };
+        let start = if request.page_token.is_empty() {
+            SaId(0)
+        } else {
+            parse_sa_id(&request.page_token)?
+        };
+        let state = self.node.state.read();
+        let mut selected = state
+            .sas_from(start)
+            .filter(|sa| request.owner.is_none_or(|o| sa.owner == o));
+        let sas: Vec<pb::SaInfo> = selected.by_ref().take(page_size).map(sa_info).collect();
+        let next_page_token = selected.next().map(|sa| sa.id.to_string()).unwrap_or_default();
+        let total = match request.owner {
+            None => state.sa_count() as u64,
+            Some(owner) => state.sas().filter(|sa| sa.owner == owner).count() as u64,
+        };
+        Ok(Response::new(pb::ListSasResponse {
+            sas,
+            next_page_token,
+            total,
+            applied_index: state.applied_index(),
+            node_id: self.node.id,
+        }))
+    }
+
+    async fn get_sa(
+        &self,
+        request: Request<pb::GetSaRequest>,
+    ) -> Result<Response<pb::SaInfo>, Status> {
+        let id = parse_sa_id(&request.into_inner().id)?;
+        let state = self.node.state.read();
+        let sa = state
+            .sa(id)
+            .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
+        Ok(Response::new(sa_info(sa)))
+    }
+
+    async fn delete_sa(
+        &self,
+        request: Request<pb::DeleteSaRequest>,
+    ) -> Result<Response<pb::DeleteSaResponse>, Status> {
+        let sa = parse_sa_id(&request.into_inner().id)?;
+        let (log_index, _) = self.propose(Command::DeleteSa { sa, epoch: None }).await?;
+        tracing::info!(%sa, log_index, "SA deleted by an operator");
+        Ok(Response::new(pb::DeleteSaResponse { log_index }))
+    }
+
+    async fn export_sa(
+        &self,
+        request: Request<pb::ExportSaRequest>,
+    ) -> Result<Response<pb::ExportSaResponse>, Status> {
+        let request = request.into_inner();
+        let id = parse_sa_id(&request.id)?;
+        let (sa, log_index) = if request.remove {
+            // Remove and read in one log entry: whatever the owner committed before is in the
+            // export, and it can commit nothing after (the SA is gone, its epoch with it).
+            match self.propose(Command::DeleteSa { sa: id, epoch: None }).await? {
+                (log_index, Applied::Removed(sa)) => (*sa, log_index),
+                (_, other) => {
+                    return Err(Status::internal(format!(
+                        "delete answered {other:?} instead of the removed SA"
+                    )));
+                }
+            }
+        } else {
+            let state = self.node.state.read();
+            let sa = state
+                .sa(id)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
+            (sa, state.applied_index())
+        };
+        Ok(Response::new(pb::ExportSaResponse {
+            context: SaContext::new(sa).to_bytes(),
+            id: id.to_string(),
+            removed: request.remove,
+            log_index,
+        }))
+    }
+
+    async fn import_sa(
+        &self,
+        request: Request<pb::ImportSaRequest>,
+    ) -> Result<Response<pb::ImportSaResponse>, Status> {
+        let request = request.into_inner();
+        let context = SaContext::from_bytes(&request.context)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut sa = context.sa;
+        // Placement and ownership are this cluster's own: the old epoch meant nothing here.
+        sa.slot = slot_for_initiator_spi(sa.spi_i);
+        sa.owner = match request.owner {
+            Some(owner) => owner,
+            None => self.node.state.read().slots().owner(sa.slot).ok_or_else(|| {
+                Status::unavailable(format!("no node owns slot {} yet", sa.slot))
+            })?,
+        };
+        sa.epoch = Epoch::FIRST;
+        let (id, owner) = (sa.id, sa.owner);
+        let (log_index, _) = self.propose(Command::ImportSa(Box::new(sa))).await?;
+        tracing::info!(sa = %id, owner, log_index, "SA imported");
+        Ok(Response::new(pb::ImportSaResponse {
+            id: id.to_string(),
+            owner,
+            log_index,
+        }))
+    }
+}

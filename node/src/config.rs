@@ -1,0 +1,281 @@
+//! `node.toml`: one gateway node's configuration, validated with errors an operator can act on.
+//!
+//! ```toml
+//! id = 1
+//! raft_addr = "10.0.0.1:7101"      # cluster.v1 (Raft, proposal forwarding)
+//! admin_addr = "10.0.0.1:7201"     # admin.v1 (evpcctl)
+//! data_dir = "/var/lib/evpc"
+//!
+//! [[peers]]                        # the other initial members, for `evpcctl cluster init`
+//! id = 2
+//! raft_addr = "10.0.0.2:7101"
+//! admin_addr = "10.0.0.2:7201"
+//!
+//! [timeouts]                       # all optional, milliseconds
+//! heartbeat_ms = 50
+//! election_min_ms = 300
+//! election_max_ms = 600
+//! rpc_ms = 1000
+//!
+//! [raft]                           # optional
+//! snapshot_every = 20000           # log entries between snapshots
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use evpc_raft_store::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// A node's configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id: a positive integer, unique in the cluster and never reused.
+    pub id: NodeId,
+    /// Where to serve cluster.v1; also what the other members dial.
+    pub raft_addr: SocketAddr,
+    /// Where to serve admin.v1.
+    pub admin_addr: SocketAddr,
+    /// Where the log, the vote and snapshots live.
+    pub data_dir: PathBuf,
+    /// The other members to bootstrap the cluster with.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Raft and RPC timing.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Raft tuning.
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+/// Another member's addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its cluster.v1 address.
+    pub raft_addr: SocketAddr,
+    /// Its admin.v1 address.
+    pub admin_addr: SocketAddr,
+}
+
+/// Timing, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_max_ms: u64,
+    /// Deadline of one node-to-node RPC.
+    pub rpc_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            heartbeat_ms: 50,
+            election_min_ms: 300,
+            election_max_ms: 600,
+            rpc_ms: 1000,
+        }
+    }
+}
+
+/// Raft tuning.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    /// Log entries between snapshots (the log before a snapshot is purged).
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging follower catches up from
+    /// the log instead of a full snapshot.
+    pub keep_behind_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            snapshot_every: 20_000,
+            keep_behind_snapshot: 5_000,
+        }
+    }
+}
+
+/// A configuration that cannot run, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has a wrong field.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl NodeConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: PathBuf::new(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("id must be a positive integer (0 is reserved)".into());
+        }
+        if self.raft_addr == self.admin_addr {
+            return Err(format!(
+                "raft_addr and admin_addr are both {}; they need different ports",
+                self.raft_addr
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir must not be empty".into());
+        }
+        let mut ids = BTreeSet::from([self.id]);
+        for peer in &self.peers {
+            if !ids.insert(peer.id) {
+                return Err(if peer.id == self.id {
+                    format!("peers lists this node's own id {}", self.id)
+                } else {
+                    format!("peers lists node id {} twice", peer.id)
+                });
+            }
+            if peer.id == 0 {
+                return Err("a peer has id 0; ids are positive integers".into());
+            }
+        }
+        let t = &self.timeouts;
+        if t.heartbeat_ms == 0 || t.rpc_ms == 0 {
+            return Err("timeouts.heartbeat_ms and timeouts.rpc_ms must be positive".into());
+        }
+        if t.election_min_ms <= t.heartbeat_ms * 2 {
+            return Err(format!(
+                "timeouts.election_min_ms ({}) must exceed twice heartbeat_ms ({}), or followers \
+                 will call elections while the leader is healthy",
+                t.election_min_ms, t.heartbeat_ms
+            ));
+        }
+        if t.election_max_ms <= t.election_min_ms {
+            return Err(format!(
+                "timeouts.election_max_ms ({}) must be greater than election_min_ms ({})",
+                t.election_max_ms, t.election_min_ms
+            ));
+        }
+        if self.raft.snapshot_every == 0 {
+            return Err("raft.snapshot_every must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The openraft configuration this node runs with.
+    pub fn raft_config(&self) -> anyhow::Result<openraft::Config> {
+        let config = openraft::Config {
+            cluster_name: "evpc".into(),
+            heartbeat_interval: self.timeouts.heartbeat_ms,
+            election_timeout_min: self.timeouts.election_min_ms,
+            election_timeout_max: self.timeouts.election_max_ms,
+            install_snapshot_timeout: self.timeouts.rpc_ms.max(5_000),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.raft.snapshot_every),
+            max_in_snapshot_log_to_keep: self.raft.keep_behind_snapshot,
+            max_payload_entries: 1024,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        Ok(config.validate()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        id = 1
+        raft_addr = "127.0.0.1:7101"
+        admin_addr = "127.0.0.1:7201"
+        data_dir = "/tmp/evpc-1"
+        [[peers]]
+        id = 2
+        raft_addr = "127.0.0.1:7102"
+        admin_addr = "127.0.0.1:7202"
+    "#;
+
+    fn invalid(text: &str) -> String {
+        NodeConfig::parse(text).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let config = NodeConfig::parse(GOOD).unwrap();
+        assert_eq!(config.id, 1);
+        assert_eq!(config.peers.len(), 1);
+        assert_eq!(config.timeouts, Timeouts::default());
+        config.raft_config().unwrap();
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        assert!(invalid(&GOOD.replace("id = 1", "id = 0")).contains("positive"));
+        assert!(invalid(&GOOD.replace("7201", "7101")).contains("different ports"));
+        assert!(invalid(&GOOD.replace("id = 2", "id = 1")).contains("own id"));
+        assert!(invalid(&GOOD.replace("127.0.0.1:7102", "nowhere")).contains("raft_addr"));
+        assert!(invalid(&format!("{GOOD}\nbogus = 3")).contains("bogus"));
+        assert!(
+            invalid(&format!("{GOOD}\n[timeouts]\nelection_min_ms = 60"))
+                .contains("twice heartbeat_ms")
+        );
+        assert!(invalid("id = 1").contains("missing field"));
+    }
+}

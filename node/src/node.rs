@@ -1,0 +1,272 @@
+//! One gateway node: its Raft member, its view of the replicated state, and the way it gets a
+//! command committed from wherever it runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use evpc_proto::cluster::v1::Proposal;
+use evpc_raft_store::raft::Raft;
+use evpc_raft_store::{Command, Member, NodeId, Response, StateReader};
+use openraft::rt::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+
+use crate::config::NodeConfig;
+use crate::peers::Peers;
+use crate::raft_network::NetworkFactory;
+use crate::wire;
+
+/// How long `propose` keeps trying to find a leader before it gives up.
+const PROPOSE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A committed command: where it landed in the log and what `apply` answered.
+#[derive(Clone, Debug)]
+pub struct Proposed {
+    /// The log index of the entry.
+    pub log_index: u64,
+    /// `apply`'s answer.
+    pub response: Response,
+}
+
+/// Why a command was not committed (or may not have been).
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader (only from [`Node::propose_local`]).
+    #[error("node {this} is not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// This node.
+        this: NodeId,
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// No leader emerged in time (no quorum, or an election in progress).
+    #[error("no Raft leader within {0:?}; is a quorum of nodes up?")]
+    NoLeader(Duration),
+    /// The leader changed while the entry was in flight: it may or may not have been committed.
+    /// Read the state before retrying.
+    #[error("leadership changed before the outcome was known; the command may or may not have been applied")]
+    OutcomeUnknown,
+    /// Forwarding to the leader failed.
+    #[error("forwarding to leader {leader} failed: {status}")]
+    Forward {
+        /// The leader.
+        leader: NodeId,
+        /// What the transport or the leader said.
+        status: tonic::Status,
+    },
+    /// The local Raft stopped or refused for another reason.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl ProposeError {
+    /// Whether the command surely did not reach a leader's log, so retrying cannot apply it twice
+    /// (and if it did, the invariants refuse the duplicate rather than apply it again).
+    fn is_retriable(&self) -> bool {
+        match self {
+            ProposeError::NotLeader { .. } => true,
+            ProposeError::Forward { status, .. } => matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<ProposeError> for tonic::Status {
+    fn from(e: ProposeError) -> Self {
+        match &e {
+            ProposeError::NotLeader { leader, .. } => {
+                let mut status = tonic::Status::failed_precondition(e.to_string());
+                if let Some(leader) = leader
+                    && let Ok(value) = leader.to_string().parse()
+                {
+                    status.metadata_mut().insert(LEADER_HINT, value);
+                }
+                status
+            }
+            ProposeError::NoLeader(_) => tonic::Status::unavailable(e.to_string()),
+            ProposeError::OutcomeUnknown => tonic::Status::aborted(e.to_string()),
+            ProposeError::Forward { status, .. } => {
+                tonic::Status::new(status.code(), e.to_string())
+            }
+            ProposeError::Raft(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// Metadata key carrying the leader's node id on a not-leader answer.
+pub const LEADER_HINT: &str = "evpc-leader-id";
+
+/// A running gateway node.
+#[derive(Debug)]
+pub struct Node {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its configuration.
+    pub config: NodeConfig,
+    /// Its Raft member.
+    pub raft: Raft,
+    /// Its applied state.
+    pub state: StateReader,
+    /// Channels to the other members.
+    pub peers: Peers,
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the times proposers put into commands.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Opens the data directory and starts the Raft member (not yet serving RPCs).
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
+        })?;
+        let (log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
+        let state = state_machine.reader();
+        let peers = Peers::new(Duration::from_millis(config.timeouts.rpc_ms));
+        let raft = Raft::new(
+            config.id,
+            Arc::new(config.raft_config()?),
+            NetworkFactory::new(peers.clone()),
+            log_store,
+            state_machine,
+        )
+        .await?;
+        tracing::info!(
+            node = config.id,
+            raft_addr = %config.raft_addr,
+            admin_addr = %config.admin_addr,
+            data_dir = %config.data_dir.display(),
+            applied = *state.applied_index().borrow(),
+            "raft member started"
+        );
+        Ok(Arc::new(Node {
+            id: config.id,
+            config,
+            raft,
+            state,
+            peers,
+        }))
+    }
+
+    /// This node's member record (its advertised addresses).
+    pub fn member(&self) -> Member {
+        Member {
+            raft_addr: self.config.raft_addr.to_string(),
+            admin_addr: self.config.admin_addr.to_string(),
+        }
+    }
+
+    /// The members named in the configuration (this node and its peers), for bootstrap.
+    pub fn configured_members(&self) -> BTreeMap<NodeId, Member> {
+        let mut members = BTreeMap::from([(self.id, self.member())]);
+        for peer in &self.config.peers {
+            members.insert(
+                peer.id,
+                Member {
+                    raft_addr: peer.raft_addr.to_string(),
+                    admin_addr: peer.admin_addr.to_string(),
+                },
+            );
+        }
+        members
+    }
+
+    /// The current leader and its addresses, as this node knows them.
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let leader = metrics.current_leader?;
+        let member = metrics.membership_config.get_node(&leader)?.clone();
+        Some((leader, member))
+    }
+
+    /// Whether this node is the leader right now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    /// Commits `command` through this node's Raft, which must be the leader.
+    pub async fn propose_local(&self, command: Command) -> Result<Proposed, ProposeError> {
+        match self.raft.client_write(command).await {
+            Ok(written) => Ok(Proposed {
+                log_index: written.log_id.index,
+                response: written.data,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    this: self.id,
+                    leader: f.leader_id,
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => {
+                Err(ProposeError::OutcomeUnknown)
+            }
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Commits `command` from any node: locally on the leader, otherwise forwarded to it. Waits
+    /// (up to a few seconds) for a leader during an election.
+    pub async fn propose(&self, command: Command) -> Result<Proposed, ProposeError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let outcome = match self.propose_local(command.clone()).await {
+                Err(ProposeError::NotLeader {
+                    leader: Some(leader),
+                    ..
+                }) if leader != self.id => self.forward(leader, &command).await,
+                other => other,
+            };
+            match outcome {
+                Err(e) if e.is_retriable() => {}
+                done => return done,
+            }
+            if started.elapsed() > PROPOSE_PATIENCE {
+                return Err(ProposeError::NoLeader(PROPOSE_PATIENCE));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, command: &Command) -> Result<Proposed, ProposeError> {
+        let member = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .get_node(&leader)
+            .cloned()
+            .ok_or(ProposeError::NotLeader {
+                this: self.id,
+                leader: None,
+            })?;
+        let forward_err = |status| ProposeError::Forward { leader, status };
+        let mut client = self
+            .peers
+            .client(leader, &member.raft_addr)
+            .map_err(forward_err)?;
+        let proposal = Proposal {
+            command: wire::encode(command).map_err(|e| forward_err(e.into()))?,
+        };
+        let reply = match client.propose(proposal).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                if crate::peers::is_transport_error(&status) {
+                    self.peers.reset(leader);
+                }
+                return Err(forward_err(status));
+            }
+        };
+        Ok(Proposed {
+            log_index: reply.log_index,
+            response: wire::decode(&reply.response).map_err(|e| forward_err(e.into()))?,
+        })
+    }
+}

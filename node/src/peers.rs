@@ -1,0 +1,80 @@
+//! gRPC channels to the other members, replaced when they die.
+//!
+//! A tonic channel to a peer that was killed and restarted can stay wedged on the dead HTTP/2
+//! connection. Every RPC error that is not an answer from the peer drops the cached channel, so
+//! the next call dials afresh. HTTP/2 keep-alives find a silently dead connection (a paused or
+//! partitioned peer) within about a second.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use evpc_proto::cluster::v1::cluster_client::ClusterClient;
+use evpc_raft_store::NodeId;
+use tonic::transport::{Channel, Endpoint};
+
+/// The largest message a node accepts from another (append batches, snapshot chunks).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Cached cluster.v1 clients by peer. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    inner: Arc<Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>>,
+    connect_timeout: Duration,
+}
+
+impl Peers {
+    /// An empty cache; `connect_timeout` bounds dialing.
+    pub fn new(connect_timeout: Duration) -> Peers {
+        Peers {
+            inner: Arc::default(),
+            connect_timeout,
+        }
+    }
+
+    /// A client for `node` at `addr` (`host:port`), reusing a live channel.
+    pub fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, tonic::Status> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached_addr, client)) = map.get(&node)
+            && cached_addr == addr
+        {
+            return Ok(client.clone());
+        }
+        let channel = endpoint(addr, self.connect_timeout)?.connect_lazy();
+        let client = ClusterClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        map.insert(node, (addr.to_owned(), client.clone()));
+        Ok(client)
+    }
+
+    /// Forget the channel to `node` after a transport failure.
+    pub fn reset(&self, node: NodeId) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if map.remove(&node).is_some() {
+            tracing::debug!(peer = node, "dropped channel after a transport error");
+        }
+    }
+}
+
+/// An endpoint tuned for a LAN cluster: no Nagle delay, fast dead-peer detection.
+pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::Status> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))
+        .map(|e| {
+            e.connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_millis(500))
+                .keep_alive_timeout(Duration::from_millis(1000))
+                .keep_alive_while_idle(true)
+        })
+}
+
+/// Whether an RPC error came from the transport (no answer from the peer's service) rather than
+/// from the peer itself; such errors invalidate the channel.
+pub fn is_transport_error(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}

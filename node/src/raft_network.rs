@@ -1,0 +1,227 @@
+//! openraft's network over cluster.v1: the client side of node-to-node Raft.
+
+use std::future::Future;
+use std::io::Cursor;
+use std::time::Duration;
+
+use evpc_proto::cluster::v1::{RaftMessage, SnapshotChunk};
+use evpc_raft_store::raft::{Snapshot, Vote};
+use evpc_raft_store::{Member, NodeId, TypeConfig};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, RaftNetworkV2};
+
+use crate::peers::{Peers, is_transport_error};
+use crate::wire;
+
+/// Bytes per snapshot chunk on the wire.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Creates a [`PeerNetwork`] per replication target.
+#[derive(Clone, Debug)]
+pub struct NetworkFactory {
+    peers: Peers,
+}
+
+impl NetworkFactory {
+    /// A factory sharing `peers`' channels.
+    pub fn new(peers: Peers) -> Self {
+        NetworkFactory { peers }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        PeerNetwork {
+            peers: self.peers.clone(),
+            target,
+            addr: node.raft_addr.clone(),
+        }
+    }
+}
+
+/// The connection to one peer, as openraft's replication stream for it uses it.
+#[derive(Debug)]
+pub struct PeerNetwork {
+    peers: Peers,
+    target: NodeId,
+    addr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WireError(String);
+
+impl PeerNetwork {
+    /// Sends one unary Raft RPC and decodes the peer's `Result<Resp, E>`.
+    async fn call<Req, Resp, E, F, Fut>(
+        &mut self,
+        request: &Req,
+        option: &RPCOption,
+        send: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: serde::de::DeserializeOwned + std::fmt::Display,
+        F: FnOnce(
+            evpc_proto::cluster::v1::cluster_client::ClusterClient<tonic::transport::Channel>,
+            RaftMessage,
+        ) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
+    {
+        let payload = wire::encode(request).map_err(|e| network(&e))?;
+        let client = self
+            .peers
+            .client(self.target, &self.addr)
+            .map_err(|e| unreachable(&e))?;
+        let deadline = option.hard_ttl().max(Duration::from_millis(50));
+        let reply = match tokio::time::timeout(deadline, send(client, RaftMessage { payload })).await {
+            Err(_) => {
+                self.peers.reset(self.target);
+                return Err(unreachable(&WireError(format!(
+                    "no answer from node {} within {deadline:?}",
+                    self.target
+                ))));
+            }
+            Ok(Err(status)) => {
+                if is_transport_error(&status) {
+                    self.peers.reset(self.target);
+                }
+                return Err(unreachable(&status));
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        let result: Result<Resp, E> = wire::decode(&reply.payload).map_err(|e| network(&e))?;
+        // The peer's Raft answered with an error (it is shutting down): treat it as unreachable
+        // so replication backs off instead of spinning.
+        result.map_err(|e| unreachable(&WireError(format!("node {}: {e}", self.target))))
+    }
+}
+
+fn unreachable(e: &(impl std::error::Error + 'static)) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(e))
+}
+
+fn network(e: &(impl std::error::Error + 'static)) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(e))
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call::<_, _, openraft::error::RaftError<TypeConfig>, _, _>(
+            &rpc,
+            &option,
+            |mut c, m| async move { c.append_entries(m).await },
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call::<_, _, openraft::error::RaftError<TypeConfig>, _, _>(
+            &rpc,
+            &option,
+            |mut c, m| async move { c.vote(m).await },
+        )
+        .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call::<_, _, openraft::error::RaftError<TypeConfig>, _, _>(
+            &rpc,
+            &option,
+            |mut c, m| async move { c.pre_vote(m).await },
+        )
+        .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call::<_, _, openraft::error::Fatal<TypeConfig>, _, _>(
+            &req,
+            &option,
+            |mut c, m| async move { c.transfer_leader(m).await },
+        )
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = wire::encode(&(&vote, &snapshot.meta))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let data = snapshot.snapshot.into_inner();
+        let mut chunks: Vec<SnapshotChunk> = data
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .map(|c| SnapshotChunk {
+                header: Vec::new(),
+                data: c.to_vec(),
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(SnapshotChunk::default());
+        }
+        chunks[0].header = header;
+
+        let mut client = self
+            .peers
+            .client(self.target, &self.addr)
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let send = client.install_snapshot(tokio_stream::iter(chunks));
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            reply = tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(5)), send) => reply,
+        };
+        let reply = match reply {
+            Err(_) => {
+                self.peers.reset(self.target);
+                return Err(StreamingError::Unreachable(Unreachable::new(&WireError(
+                    "snapshot transfer timed out".into(),
+                ))));
+            }
+            Ok(Err(status)) => {
+                if is_transport_error(&status) {
+                    self.peers.reset(self.target);
+                }
+                return Err(StreamingError::Unreachable(Unreachable::new(&status)));
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        let result: Result<SnapshotResponse<TypeConfig>, openraft::error::Fatal<TypeConfig>> =
+            wire::decode(&reply.payload)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            StreamingError::Unreachable(Unreachable::new(&AnyError::error(format!(
+                "node {}: {e}",
+                self.target
+            ))))
+        })
+    }
+}
