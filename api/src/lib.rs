@@ -10,6 +10,8 @@
 //!       └───────────────────────── retry on the leader ◄─────────────────────────────┘
 //! ```
 
+pub mod cli;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -100,7 +102,10 @@ fn is_unreachable(status: &tonic::Status) -> bool {
 
 impl AdminClient {
     /// A client for `endpoints` (`host:port` or URLs); each request times out after `timeout`.
-    pub fn new<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<AdminClient, ClientError> {
+    pub fn new<S: AsRef<str>>(
+        endpoints: &[S],
+        timeout: Duration,
+    ) -> Result<AdminClient, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
@@ -149,8 +154,8 @@ impl AdminClient {
         // Each endpoint once, plus a few leader hops (a leader can move while we follow it).
         while failures.len() < self.endpoints.len() && hops < 5 {
             let endpoint = self.endpoints[self.current].clone();
-            let client = Grpc::new(self.channels[self.current].clone())
-                .max_decoding_message_size(64 << 20);
+            let client =
+                Grpc::new(self.channels[self.current].clone()).max_decoding_message_size(64 << 20);
             match request(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => {
@@ -190,7 +195,10 @@ impl AdminClient {
     }
 
     /// admin.v1 Status from the current endpoint (or the next that answers).
-    pub async fn status(&mut self, include_digest: bool) -> Result<pb::StatusResponse, ClientError> {
+    pub async fn status(
+        &mut self,
+        include_digest: bool,
+    ) -> Result<pb::StatusResponse, ClientError> {
         self.call(|mut c| async move { c.status(pb::StatusRequest { include_digest }).await })
             .await
     }
@@ -231,7 +239,10 @@ impl AdminClient {
     }
 
     /// admin.v1 TransferLeader.
-    pub async fn transfer_leader(&mut self, to: u64) -> Result<pb::TransferLeaderResponse, ClientError> {
+    pub async fn transfer_leader(
+        &mut self,
+        to: u64,
+    ) -> Result<pb::TransferLeaderResponse, ClientError> {
         self.call(|mut c| async move { c.transfer_leader(pb::TransferLeaderRequest { to }).await })
             .await
     }
@@ -243,7 +254,10 @@ impl AdminClient {
     }
 
     /// admin.v1 ListSas (one page).
-    pub async fn list_sas(&mut self, request: pb::ListSasRequest) -> Result<pb::ListSasResponse, ClientError> {
+    pub async fn list_sas(
+        &mut self,
+        request: pb::ListSasRequest,
+    ) -> Result<pb::ListSasResponse, ClientError> {
         self.call(|mut c| {
             let request = request.clone();
             async move { c.list_sas(request).await }
@@ -290,7 +304,11 @@ impl AdminClient {
     }
 
     /// admin.v1 ExportSa.
-    pub async fn export_sa(&mut self, id: &str, remove: bool) -> Result<pb::ExportSaResponse, ClientError> {
+    pub async fn export_sa(
+        &mut self,
+        id: &str,
+        remove: bool,
+    ) -> Result<pb::ExportSaResponse, ClientError> {
         self.call(|mut c| {
             let id = id.to_owned();
             async move { c.export_sa(pb::ExportSaRequest { id, remove }).await }
@@ -318,7 +336,10 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized() {
-        assert_eq!(normalize_endpoint("127.0.0.1:7201"), "http://127.0.0.1:7201");
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:7201"),
+            "http://127.0.0.1:7201"
+        );
         assert_eq!(normalize_endpoint(" http://a:1 "), "http://a:1");
     }
 

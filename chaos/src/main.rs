@@ -61,7 +61,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     evpc_node::init_tracing();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("evpc-chaos: {e}");

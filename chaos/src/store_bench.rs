@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::RwLock;
 use tonic::transport::Channel;
 
-use crate::cluster::ProcessCluster;
+use crate::cluster::{LocalCluster, ProcessCluster};
 use crate::stats::Percentiles;
 use crate::synthetic;
 
@@ -137,7 +137,8 @@ async fn propose(
     client: &mut ClusterClient<Channel>,
     command: &Command,
 ) -> Result<Response, tonic::Status> {
-    let command = postcard::to_stdvec(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let command =
+        postcard::to_stdvec(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
     let reply = client.propose(Proposal { command }).await?.into_inner();
     postcard::from_bytes(&reply.response).map_err(|e| tonic::Status::internal(e.to_string()))
 }
@@ -180,7 +181,8 @@ async fn worker(
     leader: Arc<RwLock<Leader>>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Vec<SaModel>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed ^ (index as u64).wrapping_mul(0x9e37));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(options.seed ^ (index as u64).wrapping_mul(0x9e37));
     while !shared.done.load(Ordering::Relaxed) {
         let k = rng.random_range(0..models.len());
         let model = &mut models[k];
@@ -252,7 +254,8 @@ async fn worker(
             updates: update.clone(),
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(3), propose(&mut client, &command)).await;
+        let result =
+            tokio::time::timeout(Duration::from_secs(3), propose(&mut client, &command)).await;
         match result {
             Ok(Ok(Ok(_))) => {
                 let latency = started.elapsed();
@@ -401,27 +404,15 @@ async fn verify(cluster: &ProcessCluster, models: &[SaModel]) -> anyhow::Result<
             .map(|m| lost_on(m, by_id.get(m.id.to_string().as_str()).copied()))
             .sum();
         if replica_lost > 0 {
-            tracing::error!(node = id, replica_lost, "replica is missing acknowledged updates");
+            tracing::error!(
+                node = id,
+                replica_lost,
+                "replica is missing acknowledged updates"
+            );
         }
         lost += replica_lost;
     }
     Ok((lost, ids.len()))
-}
-
-/// Digests of every live replica at one applied index.
-async fn replica_digests(cluster: &ProcessCluster) -> anyhow::Result<Vec<(u64, u64, String)>> {
-    for _ in 0..20 {
-        let index = cluster.converged(Duration::from_secs(60)).await?;
-        let mut all = Vec::new();
-        for id in cluster.alive_ids() {
-            let status = cluster.admin_of(id)?.status(true).await?;
-            all.push((id, status.last_applied_index, status.state_digest));
-        }
-        if all.iter().all(|(_, i, _)| *i == index) {
-            return Ok(all);
-        }
-    }
-    anyhow::bail!("replicas kept applying while digests were taken")
 }
 
 /// Runs the benchmark.
@@ -431,16 +422,23 @@ pub async fn run(
     dir: Option<std::path::PathBuf>,
     base_port: u16,
 ) -> anyhow::Result<Report> {
-    anyhow::ensure!(options.sas > 0 && options.ops > 0, "--sas and --ops must be positive");
+    anyhow::ensure!(
+        options.sas > 0 && options.ops > 0,
+        "--sas and --ops must be positive"
+    );
     anyhow::ensure!(options.concurrency > 0, "--concurrency must be positive");
-    let cluster = ProcessCluster::launch(options.nodes, dir, base_port, node_bin).await?;
+    let spec = LocalCluster::new(options.nodes, dir.unwrap_or_default(), base_port);
+    let cluster = ProcessCluster::launch(spec, node_bin).await?;
     let cluster = Arc::new(RwLock::new(cluster));
     let result = run_on(&options, cluster.clone()).await;
     cluster.write().await.stop().await;
     result
 }
 
-async fn run_on(options: &StoreBench, cluster: Arc<RwLock<ProcessCluster>>) -> anyhow::Result<Report> {
+async fn run_on(
+    options: &StoreBench,
+    cluster: Arc<RwLock<ProcessCluster>>,
+) -> anyhow::Result<Report> {
     let create_started = Instant::now();
     let models = create_sas(&*cluster.read().await, options)
         .await
@@ -450,7 +448,10 @@ async fn run_on(options: &StoreBench, cluster: Arc<RwLock<ProcessCluster>>) -> a
     let (leader_id, clients) = {
         let c = cluster.read().await;
         let leader = c.leader(Duration::from_secs(10)).await?;
-        let clients = c.ids().map(|id| c.cluster_client(id)).collect::<Result<Vec<_>, _>>()?;
+        let clients = c
+            .ids()
+            .map(|id| c.cluster_client(id))
+            .collect::<Result<Vec<_>, _>>()?;
         (leader, clients)
     };
     let leader = Arc::new(RwLock::new(Leader {
@@ -554,7 +555,7 @@ async fn run_on(options: &StoreBench, cluster: Arc<RwLock<ProcessCluster>>) -> a
     let c = cluster.read().await;
     c.converged(Duration::from_secs(120)).await?;
     let (ops_lost, replicas_checked) = verify(&c, &models).await?;
-    let digests = replica_digests(&c).await?;
+    let digests = c.digests().await?;
     let digests_equal = digests.iter().all(|(_, _, d)| *d == digests[0].2);
     let digest = digests[0].2.clone();
     drop(c);
@@ -570,7 +571,7 @@ async fn run_on(options: &StoreBench, cluster: Arc<RwLock<ProcessCluster>>) -> a
         drop(c);
         let c = cluster.read().await;
         c.leader(Duration::from_secs(30)).await?;
-        let after = replica_digests(&c).await?;
+        let after = c.digests().await?;
         Some(after.iter().all(|(_, _, d)| *d == digest))
     } else {
         None

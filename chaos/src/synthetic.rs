@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, Role, SaId,
-    SaTimes, SealedKeys, Slot, TrafficSelector,
+    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, Role, SaId, SaTimes,
+    SealedKeys, Slot, TrafficSelector,
 };
 
 /// A responder IKE SA after IKE_AUTH (message IDs 0 and 1 used) with one child SA, shaped like

@@ -12,12 +12,12 @@ use std::time::Duration;
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::admin::v1::admin_server::Admin;
 use evpc_raft_store::{
-    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, Rejection, Role,
-    SaContext, SaId, TrafficSelector, slot_for_initiator_spi,
+    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, Rejection, Role, SaContext,
+    SaId, TrafficSelector, slot_for_initiator_spi,
 };
-use openraft::rt::WatchReceiver;
 use openraft::ServerState;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::rt::WatchReceiver;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -69,9 +69,9 @@ pub fn rejection_status(rejection: Rejection) -> Status {
         Rejection::UnknownSa(_) | Rejection::UnknownChild { .. } | Rejection::UnknownNode(_) => {
             Status::not_found(message)
         }
-        Rejection::SaExists(_) | Rejection::ChildSpiInUse { .. } | Rejection::AddressInUse { .. } => {
-            Status::already_exists(message)
-        }
+        Rejection::SaExists(_)
+        | Rejection::ChildSpiInUse { .. }
+        | Rejection::AddressInUse { .. } => Status::already_exists(message),
         _ => Status::failed_precondition(message),
     }
 }
@@ -81,7 +81,9 @@ fn parse_sa_id(text: &str) -> Result<SaId, Status> {
         .map_err(|e: evpc_raft_store::ParseSaIdError| Status::invalid_argument(e.to_string()))
 }
 
-fn membership_status(e: RaftError<evpc_raft_store::TypeConfig, ClientWriteError<evpc_raft_store::TypeConfig>>) -> Status {
+fn membership_status(
+    e: RaftError<evpc_raft_store::TypeConfig, ClientWriteError<evpc_raft_store::TypeConfig>>,
+) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
             Status::failed_precondition("leadership moved during the change; retry on the leader")
@@ -276,7 +278,10 @@ impl Admin for AdminService {
                     admin_addr: m.admin_addr,
                 };
                 if members.insert(m.id, member).is_some() {
-                    return Err(Status::invalid_argument(format!("member {} listed twice", m.id)));
+                    return Err(Status::invalid_argument(format!(
+                        "member {} listed twice",
+                        m.id
+                    )));
                 }
             }
             if !members.contains_key(&self.node.id) {
@@ -394,7 +399,9 @@ impl Admin for AdminService {
             .voter_ids()
             .any(|v| v == to);
         if !is_voter {
-            return Err(Status::invalid_argument(format!("node {to} is not a voter")));
+            return Err(Status::invalid_argument(format!(
+                "node {to} is not a voter"
+            )));
         }
         self.node
             .raft
@@ -457,7 +464,10 @@ impl Admin for AdminService {
             .sas_from(start)
             .filter(|sa| request.owner.is_none_or(|o| sa.owner == o));
         let sas: Vec<pb::SaInfo> = selected.by_ref().take(page_size).map(sa_info).collect();
-        let next_page_token = selected.next().map(|sa| sa.id.to_string()).unwrap_or_default();
+        let next_page_token = selected
+            .next()
+            .map(|sa| sa.id.to_string())
+            .unwrap_or_default();
         let total = match request.owner {
             None => state.sa_count() as u64,
             Some(owner) => state.sas().filter(|sa| sa.owner == owner).count() as u64,
@@ -502,7 +512,13 @@ impl Admin for AdminService {
         let (sa, log_index) = if request.remove {
             // Remove and read in one log entry: whatever the owner committed before is in the
             // export, and it can commit nothing after (the SA is gone, its epoch with it).
-            match self.propose(Command::DeleteSa { sa: id, epoch: None }).await? {
+            match self
+                .propose(Command::DeleteSa {
+                    sa: id,
+                    epoch: None,
+                })
+                .await?
+            {
                 (log_index, Applied::Removed(sa)) => (*sa, log_index),
                 (_, other) => {
                     return Err(Status::internal(format!(
@@ -538,9 +554,13 @@ impl Admin for AdminService {
         sa.slot = slot_for_initiator_spi(sa.spi_i);
         sa.owner = match request.owner {
             Some(owner) => owner,
-            None => self.node.state.read().slots().owner(sa.slot).ok_or_else(|| {
-                Status::unavailable(format!("no node owns slot {} yet", sa.slot))
-            })?,
+            None => self
+                .node
+                .state
+                .read()
+                .slots()
+                .owner(sa.slot)
+                .ok_or_else(|| Status::unavailable(format!("no node owns slot {} yet", sa.slot)))?,
         };
         sa.epoch = Epoch::FIRST;
         let (id, owner) = (sa.id, sa.owner);

@@ -253,7 +253,9 @@ mod tests {
     "#;
 
     fn invalid(text: &str) -> String {
-        NodeConfig::parse(text).expect_err("should be refused").to_string()
+        NodeConfig::parse(text)
+            .expect_err("should be refused")
+            .to_string()
     }
 
     #[test]

@@ -7,9 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use evpc_api::AdminClient;
 use evpc_proto::admin::v1 as pb;
+use evpc_proto::cluster::v1::cluster_client::ClusterClient;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+use tonic::transport::Channel;
 
 use crate::config::{NodeConfig, PeerConfig, RaftTuning, Timeouts};
 
@@ -22,6 +24,23 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     /// Node `i` listens on `base_port + i` (Raft) and `base_port + 100 + i` (admin).
     pub base_port: u16,
+    /// Timing for every node.
+    pub timeouts: Timeouts,
+    /// Raft tuning for every node.
+    pub raft: RaftTuning,
+}
+
+impl LocalCluster {
+    /// `nodes` nodes under `dir` with default timing and tuning.
+    pub fn new(nodes: u64, dir: PathBuf, base_port: u16) -> LocalCluster {
+        LocalCluster {
+            nodes,
+            dir,
+            base_port,
+            timeouts: Timeouts::default(),
+            raft: RaftTuning::default(),
+        }
+    }
 }
 
 /// One started child.
@@ -40,7 +59,9 @@ impl LocalCluster {
     pub fn node_config(&self, id: u64) -> NodeConfig {
         let addr = |offset: u64, id: u64| -> std::net::SocketAddr {
             let port = u64::from(self.base_port) + offset + id;
-            format!("127.0.0.1:{port}").parse().expect("loopback address")
+            format!("127.0.0.1:{port}")
+                .parse()
+                .expect("loopback address")
         };
         NodeConfig {
             id,
@@ -55,8 +76,8 @@ impl LocalCluster {
                     admin_addr: addr(100, p),
                 })
                 .collect(),
-            timeouts: Timeouts::default(),
-            raft: RaftTuning::default(),
+            timeouts: self.timeouts.clone(),
+            raft: self.raft.clone(),
         }
     }
 
@@ -165,7 +186,10 @@ pub async fn stop_all(nodes: &mut [LocalNode], grace: Duration) {
                 tracing::info!(node = node.config.id, %status, "node stopped");
             }
             _ => {
-                tracing::warn!(node = node.config.id, "node did not stop in time; killing it");
+                tracing::warn!(
+                    node = node.config.id,
+                    "node did not stop in time; killing it"
+                );
                 let _ = node.child.kill().await;
             }
         }
@@ -187,7 +211,9 @@ pub fn table(nodes: &[LocalNode], status: &pb::StatusResponse) -> String {
         out.push_str(&format!(
             "{:<4} {:<8} {:<9} {:<21} {:<21}\n",
             node.config.id,
-            node.child.id().map_or_else(|| "-".into(), |p| p.to_string()),
+            node.child
+                .id()
+                .map_or_else(|| "-".into(), |p| p.to_string()),
             role,
             node.config.raft_addr,
             node.config.admin_addr
@@ -196,25 +222,206 @@ pub fn table(nodes: &[LocalNode], status: &pb::StatusResponse) -> String {
     out
 }
 
-/// `evpc-node local`: start, bootstrap, print, wait for a signal, stop.
-pub async fn run(cluster: LocalCluster) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the evpc-node executable")?;
-    std::fs::create_dir_all(&cluster.dir)
-        .with_context(|| format!("creating {}", cluster.dir.display()))?;
-    let mut nodes = cluster.spawn(&exe)?;
-    let status = match cluster.bootstrap(Duration::from_secs(20)).await {
-        Ok(status) => status,
-        Err(e) => {
-            stop_all(&mut nodes, Duration::from_secs(5)).await;
+/// Running node processes, by id (1-based).
+#[derive(Debug)]
+pub struct ProcessCluster {
+    /// Layout (ports, directories).
+    pub spec: LocalCluster,
+    nodes: Vec<LocalNode>,
+    alive: Vec<bool>,
+    exe: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ProcessCluster {
+    /// Starts the nodes `spec` describes and bootstraps them. With `spec.dir` empty, the nodes
+    /// live in a fresh temporary directory that is removed when the cluster is dropped.
+    pub async fn launch(mut spec: LocalCluster, exe: PathBuf) -> anyhow::Result<ProcessCluster> {
+        let temp = if spec.dir.as_os_str().is_empty() {
+            let temp = tempfile::Builder::new().prefix("evpc-").tempdir()?;
+            spec.dir = temp.path().to_owned();
+            Some(temp)
+        } else {
+            None
+        };
+        let nodes = spec.spawn(&exe)?;
+        let mut cluster = ProcessCluster {
+            spec,
+            alive: vec![true; nodes.len()],
+            nodes,
+            exe,
+            _dir: temp,
+        };
+        if let Err(e) = cluster.spec.bootstrap(Duration::from_secs(30)).await {
+            cluster.stop().await;
             return Err(e);
         }
-    };
-    println!("evpc cluster of {} nodes in {}", cluster.nodes, cluster.dir.display());
-    print!("{}", table(&nodes, &status));
+        Ok(cluster)
+    }
+
+    /// Node ids.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.nodes.iter().map(|n| n.config.id)
+    }
+
+    /// Ids of nodes whose process runs.
+    pub fn alive_ids(&self) -> Vec<u64> {
+        self.ids().filter(|id| self.is_alive(*id)).collect()
+    }
+
+    /// Whether node `id`'s process runs (as far as the runner knows).
+    pub fn is_alive(&self, id: u64) -> bool {
+        self.alive[(id - 1) as usize]
+    }
+
+    fn node(&self, id: u64) -> &LocalNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// An admin client for node `id` only (reads its own applied state).
+    pub fn admin_of(&self, id: u64) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(
+            &[self.node(id).config.admin_addr.to_string()],
+            Duration::from_secs(5),
+        )?)
+    }
+
+    /// A cluster.v1 client for node `id` (to propose to it directly).
+    pub fn cluster_client(&self, id: u64) -> anyhow::Result<ClusterClient<Channel>> {
+        let addr = self.node(id).config.raft_addr.to_string();
+        let channel = crate::peers::endpoint(&addr, Duration::from_secs(1))?
+            .timeout(Duration::from_secs(3))
+            .connect_lazy();
+        Ok(ClusterClient::new(channel).max_decoding_message_size(64 << 20))
+    }
+
+    /// The leader, as a live node reports it, once one is elected (waits up to `timeout`).
+    pub async fn leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for id in self.alive_ids() {
+                let Ok(mut admin) = self.admin_of(id) else {
+                    continue;
+                };
+                if let Ok(status) = admin.status(false).await
+                    && let Some(leader) = status.leader_id
+                    && self.is_alive(leader)
+                {
+                    return Ok(leader);
+                }
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no leader among live nodes {:?} within {timeout:?}",
+                self.alive_ids()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub async fn sigkill(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = &mut self.nodes[(id - 1) as usize];
+        node.child.kill().await.context("SIGKILL")?;
+        self.alive[(id - 1) as usize] = false;
+        Ok(())
+    }
+
+    /// Starts node `id` again on its data directory.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let dir = self.spec.dir.join(format!("node{id}"));
+        let node = &mut self.nodes[(id - 1) as usize];
+        node.child = spawn_node(&self.exe, &dir.join("node.toml"), &node.log)?;
+        self.alive[(id - 1) as usize] = true;
+        Ok(())
+    }
+
+    /// Waits until every live node agrees on the leader and has applied the leader's whole log
+    /// (a restarted node may resume below what was committed before the crash until the leader
+    /// re-commits it). Returns that index.
+    pub async fn converged(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for id in self.alive_ids() {
+                if let Ok(mut admin) = self.admin_of(id)
+                    && let Ok(status) = admin.status(false).await
+                {
+                    seen.push(status);
+                }
+            }
+            let leader = seen.first().and_then(|s| s.leader_id);
+            let leader_log = seen
+                .iter()
+                .find(|s| Some(s.node_id) == leader)
+                .map(|s| s.last_log_index);
+            if seen.len() == self.alive_ids().len()
+                && let Some(log) = leader_log
+                && seen
+                    .iter()
+                    .all(|s| s.leader_id == leader && s.last_applied_index == log)
+            {
+                return Ok(log);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "live nodes did not converge within {timeout:?}: {:?}",
+                seen.iter()
+                    .map(|s| (s.node_id, s.leader_id, s.last_log_index, s.last_applied_index))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `(node, applied index, state digest)` of every live replica, taken at one applied index.
+    pub async fn digests(&self) -> anyhow::Result<Vec<(u64, u64, String)>> {
+        for _ in 0..20 {
+            let index = self.converged(Duration::from_secs(60)).await?;
+            let mut all = Vec::new();
+            for id in self.alive_ids() {
+                let status = self.admin_of(id)?.status(true).await?;
+                all.push((id, status.last_applied_index, status.state_digest));
+            }
+            if all.iter().all(|(_, i, _)| *i == index) {
+                return Ok(all);
+            }
+        }
+        anyhow::bail!("replicas kept applying while digests were taken")
+    }
+
+    /// An admin client over every node's endpoint.
+    pub fn admin(&self) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(
+            &self.spec.admin_endpoints(),
+            Duration::from_secs(5),
+        )?)
+    }
+
+    /// Stops every live node with SIGTERM (SIGKILL after a grace period).
+    pub async fn stop(&mut self) {
+        stop_all(&mut self.nodes, Duration::from_secs(10)).await;
+        self.alive.iter_mut().for_each(|a| *a = false);
+    }
+}
+
+/// `evpc-node local`: start, bootstrap, print, wait for a signal, stop.
+pub async fn run(spec: LocalCluster) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the evpc-node executable")?;
+    std::fs::create_dir_all(&spec.dir)
+        .with_context(|| format!("creating {}", spec.dir.display()))?;
+    let mut cluster = ProcessCluster::launch(spec.clone(), exe).await?;
+    let status = cluster.admin_of(1)?.follow_leader().await?;
+    println!(
+        "evpc cluster of {} nodes in {}",
+        spec.nodes,
+        spec.dir.display()
+    );
+    print!("{}", table(&cluster.nodes, &status));
     println!(
         "\ntry: evpcctl --endpoints {} status\nlogs: {}/node*/node.log — Ctrl-C stops the cluster",
-        cluster.admin_endpoints().join(","),
-        cluster.dir.display()
+        spec.admin_endpoints().join(","),
+        spec.dir.display()
     );
 
     let signal = crate::server::wait_for_signal();
@@ -227,7 +434,7 @@ pub async fn run(cluster: LocalCluster) -> anyhow::Result<()> {
                 break;
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                for node in nodes.iter_mut() {
+                for node in cluster.nodes.iter_mut() {
                     if let Ok(Some(status)) = node.child.try_wait()
                         && exited.insert(node.config.id)
                     {
@@ -242,6 +449,6 @@ pub async fn run(cluster: LocalCluster) -> anyhow::Result<()> {
         }
     }
     println!("stopping the cluster");
-    stop_all(&mut nodes, Duration::from_secs(10)).await;
+    cluster.stop().await;
     Ok(())
 }

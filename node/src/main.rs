@@ -39,7 +39,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     evpc_node::init_tracing();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("evpc-node: cannot start the runtime: {e}");
@@ -56,14 +59,7 @@ fn main() -> std::process::ExitCode {
                 nodes,
                 dir,
                 base_port,
-            } => {
-                evpc_node::local::run(LocalCluster {
-                    nodes,
-                    dir,
-                    base_port,
-                })
-                .await
-            }
+            } => evpc_node::local::run(LocalCluster::new(nodes, dir, base_port)).await,
         }
     });
     match result {

@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use evpc_proto::cluster::v1::Proposal;
 use evpc_raft_store::raft::Raft;
 use evpc_raft_store::{Command, Member, NodeId, Response, StateReader};
-use openraft::rt::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::rt::WatchReceiver;
 
 use crate::config::NodeConfig;
 use crate::peers::Peers;
@@ -45,7 +45,9 @@ pub enum ProposeError {
     NoLeader(Duration),
     /// The leader changed while the entry was in flight: it may or may not have been committed.
     /// Read the state before retrying.
-    #[error("leadership changed before the outcome was known; the command may or may not have been applied")]
+    #[error(
+        "leadership changed before the outcome was known; the command may or may not have been applied"
+    )]
     OutcomeUnknown,
     /// Forwarding to the leader failed.
     #[error("forwarding to leader {leader} failed: {status}")]

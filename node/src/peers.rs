@@ -33,7 +33,11 @@ impl Peers {
     }
 
     /// A client for `node` at `addr` (`host:port`), reusing a live channel.
-    pub fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, tonic::Status> {
+    pub fn client(
+        &self,
+        node: NodeId,
+        addr: &str,
+    ) -> Result<ClusterClient<Channel>, tonic::Status> {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((cached_addr, client)) = map.get(&node)
             && cached_addr == addr
@@ -75,6 +79,9 @@ pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic
 pub fn is_transport_error(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
     )
 }

@@ -101,8 +101,15 @@ mod tests {
         assert_eq!(balance(&mut state, &[1, 2, 3]), 1024);
         let c = counts(&state, &[1, 2, 3]);
         assert_eq!(c.iter().sum::<usize>(), 1024);
-        assert!(c.iter().max().unwrap() - c.iter().min().unwrap() <= 1, "{c:?}");
-        assert_eq!(balance(&mut state, &[1, 2, 3]), 0, "a balanced map stays put");
+        assert!(
+            c.iter().max().unwrap() - c.iter().min().unwrap() <= 1,
+            "{c:?}"
+        );
+        assert_eq!(
+            balance(&mut state, &[1, 2, 3]),
+            0,
+            "a balanced map stays put"
+        );
     }
 
     #[test]

@@ -82,22 +82,23 @@ impl PeerNetwork {
             .client(self.target, &self.addr)
             .map_err(|e| unreachable(&e))?;
         let deadline = option.hard_ttl().max(Duration::from_millis(50));
-        let reply = match tokio::time::timeout(deadline, send(client, RaftMessage { payload })).await {
-            Err(_) => {
-                self.peers.reset(self.target);
-                return Err(unreachable(&WireError(format!(
-                    "no answer from node {} within {deadline:?}",
-                    self.target
-                ))));
-            }
-            Ok(Err(status)) => {
-                if is_transport_error(&status) {
+        let reply =
+            match tokio::time::timeout(deadline, send(client, RaftMessage { payload })).await {
+                Err(_) => {
                     self.peers.reset(self.target);
+                    return Err(unreachable(&WireError(format!(
+                        "no answer from node {} within {deadline:?}",
+                        self.target
+                    ))));
                 }
-                return Err(unreachable(&status));
-            }
-            Ok(Ok(reply)) => reply.into_inner(),
-        };
+                Ok(Err(status)) => {
+                    if is_transport_error(&status) {
+                        self.peers.reset(self.target);
+                    }
+                    return Err(unreachable(&status));
+                }
+                Ok(Ok(reply)) => reply.into_inner(),
+            };
         let result: Result<Resp, E> = wire::decode(&reply.payload).map_err(|e| network(&e))?;
         // The peer's Raft answered with an error (it is shutting down): treat it as unreachable
         // so replication backs off instead of spinning.

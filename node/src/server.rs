@@ -42,12 +42,16 @@ impl RunningNode {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let admin = AdminServer::new(AdminService::new(node.clone()));
         let mut tasks = Vec::new();
-        tasks.push(serve(raft_listener, shutdown.subscribe(), move |mut server| {
-            server.add_service(cluster)
-        }));
-        tasks.push(serve(admin_listener, shutdown.subscribe(), move |mut server| {
-            server.add_service(admin)
-        }));
+        tasks.push(serve(
+            raft_listener,
+            shutdown.subscribe(),
+            move |mut server| server.add_service(cluster),
+        ));
+        tasks.push(serve(
+            admin_listener,
+            shutdown.subscribe(),
+            move |mut server| server.add_service(admin),
+        ));
         let reconcile = reconciler::run(node.clone(), shutdown.subscribe());
         tasks.push(tokio::spawn(async move {
             reconcile.await;

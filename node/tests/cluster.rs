@@ -1,0 +1,337 @@
+//! Multi-process tests: real `evpc-node` processes on loopback, driven through admin.v1 and the
+//! evpcctl command line.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use evpc_api::AdminClient;
+use evpc_node::config::RaftTuning;
+use evpc_node::local::{LocalCluster, ProcessCluster};
+use evpc_raft_store::{
+    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaId,
+    SaTimes, SealedKeys,
+};
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_evpc-node"))
+}
+
+async fn launch(nodes: u64, base_port: u16, raft: RaftTuning) -> ProcessCluster {
+    let mut spec = LocalCluster::new(nodes, PathBuf::new(), base_port);
+    spec.raft = raft;
+    ProcessCluster::launch(spec, exe())
+        .await
+        .expect("cluster starts")
+}
+
+/// Runs an evpcctl command in-process and returns what it printed.
+async fn evpcctl(cluster: &ProcessCluster, args: &[&str]) -> anyhow::Result<String> {
+    use clap::Parser;
+    let endpoints = cluster.spec.admin_endpoints().join(",");
+    let mut argv = vec!["evpcctl", "--endpoints", &endpoints];
+    argv.extend_from_slice(args);
+    let cli = evpc_api::cli::Cli::try_parse_from(argv)?;
+    let mut out = Vec::new();
+    evpc_api::cli::run(cli, &mut out).await?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// An SA context as another cluster would export it.
+fn foreign_sa(id: u64) -> Vec<u8> {
+    let child = ChildSa {
+        in_spi: id as u32,
+        out_spi: !(id as u32),
+        suite: ChildSuite {
+            encryption: 20,
+            key_bits: 256,
+            esn: true,
+        },
+        keys: SealedKeys(vec![1; 72]),
+        ts_local: vec![],
+        ts_remote: vec![],
+        out_hwm: 5_000 + id,
+        in_checkpoint: 4_000,
+        rekey_generation: 2,
+        times: SaTimes::default(),
+    };
+    let sa = IkeSa {
+        id: SaId(id),
+        spi_i: id.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        spi_r: id,
+        role: Role::Responder,
+        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 4500),
+        peer: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 4500),
+        local_id: Identity::fqdn("gw.example"),
+        peer_id: Identity::fqdn("branch.example"),
+        suite: IkeSuite {
+            encryption: 20,
+            key_bits: 256,
+            prf: 7,
+            integrity: None,
+            dh_group: 19,
+        },
+        keys: SealedKeys(vec![2; 252]),
+        msg: MessageIds {
+            next_peer_request: 17,
+            next_local_request: 3,
+        },
+        last_response: None,
+        pending_request: None,
+        times: SaTimes::default(),
+        last_peer_activity_ms: 0,
+        rekey_generation: 1,
+        virtual_ip: None,
+        slot: 0,
+        owner: 99,
+        epoch: Epoch(7),
+        children: BTreeMap::from([(id as u32, child)]),
+    };
+    SaContext::new(sa).to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_a_leader_and_evpcctl_shows_them() {
+    let mut cluster = launch(3, 17_000, RaftTuning::default()).await;
+    let json: serde_json::Value =
+        serde_json::from_str(&evpcctl(&cluster, &["--json", "status"]).await.unwrap()).unwrap();
+    let members = json["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m["voter"] == true));
+    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1);
+    assert_eq!(json["role"], "leader", "evpcctl follows the leader");
+    // Slots are spread over the three gateways by the leader's reconciler.
+    let slots: u64 = members.iter().map(|m| m["slots"].as_u64().unwrap()).sum();
+    assert_eq!(slots, 1024);
+
+    let text = evpcctl(&cluster, &["status"]).await.unwrap();
+    assert!(
+        text.contains("leader") && text.contains("127.0.0.1:17101"),
+        "{text}"
+    );
+
+    // A bad request gets a clear error, not a crash.
+    let err = evpcctl(&cluster, &["sa", "get", "not-hex"])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("invalid SA id"), "{err:#}");
+    let err = evpcctl(&cluster, &["sa", "delete", "00000000000000aa"])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("no IKE SA"), "{err:#}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
+    let mut cluster = launch(3, 17_200, RaftTuning::default()).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let follower = cluster
+        .alive_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+
+    // A write sent to a follower is forwarded to the leader.
+    let mut via_follower = cluster.admin_of(follower).unwrap();
+    let imported = via_follower
+        .import_sa(foreign_sa(0x51), None)
+        .await
+        .unwrap();
+    assert_eq!(imported.id, "0000000000000051");
+    cluster.converged(Duration::from_secs(5)).await.unwrap();
+    for id in cluster.alive_ids() {
+        let sa = cluster
+            .admin_of(id)
+            .unwrap()
+            .get_sa(&imported.id)
+            .await
+            .unwrap();
+        assert_eq!(sa.epoch, 1, "ownership restarts in this cluster");
+        assert_eq!(sa.owner, imported.owner);
+        assert_eq!(sa.next_peer_request, 17);
+        assert_eq!(sa.children[0].out_hwm, 5_000 + 0x51);
+    }
+
+    // Importing the same SA again is refused with a reason.
+    let err = via_follower
+        .import_sa(foreign_sa(0x51), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::AlreadyExists), "{err}");
+    // Garbage is refused too.
+    let err = via_follower
+        .import_sa(vec![1, 2, 3], None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+
+    // Export with removal through evpcctl, then import it back from the file.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let out = evpcctl(
+        &cluster,
+        &["sa", "export", &imported.id, "--remove", "--out", path],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("removed"), "{out}");
+    let mut admin = cluster.admin().unwrap();
+    assert_eq!(
+        admin.get_sa(&imported.id).await.unwrap_err().code(),
+        Some(tonic::Code::NotFound)
+    );
+    let out = evpcctl(&cluster, &["sa", "import", path]).await.unwrap();
+    assert!(out.contains("imported"), "{out}");
+    for i in 1..=20 {
+        admin.import_sa(foreign_sa(0x1000 + i), None).await.unwrap();
+    }
+    evpcctl(&cluster, &["sa", "delete", "0000000000001001"])
+        .await
+        .unwrap();
+    let listed = evpcctl(&cluster, &["--json", "sa", "list", "--limit", "0"])
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 20);
+
+    let before = cluster.digests().await.unwrap();
+    assert!(
+        before.iter().all(|(_, _, d)| *d == before[0].2),
+        "{before:?}"
+    );
+
+    // SIGKILL every node, restart them on their data directories: same state.
+    for id in cluster.alive_ids() {
+        cluster.sigkill(id).await.unwrap();
+    }
+    for id in 1..=3 {
+        cluster.restart(id).unwrap();
+    }
+    cluster.leader(Duration::from_secs(10)).await.unwrap();
+    let after = cluster.digests().await.unwrap();
+    for (id, _, digest) in &after {
+        assert_eq!(
+            *digest, before[0].2,
+            "node {id} came back with a different state"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
+    // Small snapshots so the log a stopped node missed is purged while it is away.
+    let tuning = RaftTuning {
+        snapshot_every: 40,
+        keep_behind_snapshot: 5,
+    };
+    let mut cluster = launch(3, 17_400, tuning.clone()).await;
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let lagging = cluster
+        .alive_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+    cluster.sigkill(lagging).await.unwrap();
+
+    let mut admin = cluster.admin().unwrap();
+    for i in 1..=150 {
+        admin.import_sa(foreign_sa(0x2000 + i), None).await.unwrap();
+    }
+    cluster.restart(lagging).unwrap();
+    let digests = cluster.digests().await.unwrap();
+    assert!(
+        digests.iter().all(|(_, _, d)| *d == digests[0].2),
+        "{digests:?}"
+    );
+    let status = cluster
+        .admin_of(lagging)
+        .unwrap()
+        .status(false)
+        .await
+        .unwrap();
+    assert!(
+        status.snapshot_index > 0,
+        "the lagging node installed a snapshot: {status:?}"
+    );
+    assert_eq!(status.ike_sas, 150);
+
+    // The leader dies: a new one is elected and writes go on.
+    cluster.sigkill(leader).await.unwrap();
+    let new_leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    assert_ne!(new_leader, leader);
+    let mut admin = cluster.admin().unwrap();
+    admin.import_sa(foreign_sa(0x3000), None).await.unwrap();
+    cluster.restart(leader).unwrap();
+    cluster.converged(Duration::from_secs(10)).await.unwrap();
+
+    // Grow to four voters online, then shrink back.
+    let mut fourth = LocalCluster::new(4, cluster.spec.dir.clone(), 17_400);
+    fourth.raft = tuning;
+    let config = fourth.node_config(4);
+    let dir = fourth.dir.join("node4");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("node.toml"), toml::to_string(&config).unwrap()).unwrap();
+    let mut child =
+        evpc_node::local::spawn_node(&exe(), &dir.join("node.toml"), &dir.join("node.log"))
+            .unwrap();
+    let added = evpcctl(
+        &cluster,
+        &[
+            "member",
+            "add",
+            "--id",
+            "4",
+            "--raft-addr",
+            &config.raft_addr.to_string(),
+            "--admin-addr",
+            &config.admin_addr.to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(added.contains("voters [1, 2, 3, 4]"), "{added}");
+    let mut fourth_admin =
+        AdminClient::new(&[config.admin_addr.to_string()], Duration::from_secs(5)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = fourth_admin.status(false).await.unwrap();
+        if s.ike_sas == 151
+            && s.members
+                .iter()
+                .any(|m| m.id == 4 && m.gateway_state == "active" && m.slots > 0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 4 never caught up: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let removed = evpcctl(&cluster, &["member", "remove", "4"]).await.unwrap();
+    assert!(removed.contains("voters [1, 2, 3]"), "{removed}");
+    let _ = child.kill().await;
+    cluster.stop().await;
+}
+
+#[test]
+fn a_bad_config_file_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        "id = 1\nraft_addr = \"127.0.0.1:1\"\nadmin_addr = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(exe())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different ports"), "{stderr}");
+}
