@@ -9,8 +9,12 @@ use serde::Serialize;
 pub struct Percentiles {
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 99th percentile.
     pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
     /// Maximum.
     pub max: f64,
     /// Number of samples.
@@ -34,7 +38,9 @@ impl Percentiles {
         let round = |v: f64| (v * 1000.0).round() / 1000.0;
         Percentiles {
             p50: round(rank(0.50)),
+            p90: round(rank(0.90)),
             p99: round(rank(0.99)),
+            p999: round(rank(0.999)),
             max: round(ms[ms.len() - 1]),
             count: ms.len(),
         }

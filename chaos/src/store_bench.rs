@@ -30,6 +30,7 @@ use tonic::transport::Channel;
 
 use crate::cluster::{LocalCluster, ProcessCluster};
 use crate::stats::Percentiles;
+use evpc_api::AdminClient;
 use crate::synthetic;
 
 /// Options of one run.
@@ -128,9 +129,57 @@ struct Shared {
     first_ack_after_kill: Mutex<Option<Instant>>,
 }
 
-struct Leader {
-    id: u64,
-    clients: Vec<ClusterClient<Channel>>,
+/// Which node the workers send to, kept by one task: workers report a leader that failed them
+/// and wait for the tracker to publish the next one, instead of all polling the cluster.
+#[derive(Clone)]
+struct LeaderTracker {
+    leader: tokio::sync::watch::Receiver<u64>,
+    suspect: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+impl LeaderTracker {
+    fn start(cluster: Arc<RwLock<ProcessCluster>>, admins: Vec<AdminClient>, first: u64) -> Self {
+        let (publish, leader) = tokio::sync::watch::channel(first);
+        let (suspect, mut suspects) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        tokio::spawn(async move {
+            while let Some(failed) = suspects.recv().await {
+                if *publish.borrow() != failed {
+                    continue; // already moved on
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                'search: while Instant::now() < deadline {
+                    let alive = cluster.read().await.alive_ids();
+                    for id in &alive {
+                        let mut admin = admins[(*id - 1) as usize].clone();
+                        if let Ok(status) = admin.status(false).await
+                            && let Some(leader) = status.leader_id
+                            && alive.contains(&leader)
+                            && (leader != failed || status.role == "leader" && leader == *id)
+                        {
+                            publish.send_replace(leader);
+                            break 'search;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        LeaderTracker { leader, suspect }
+    }
+
+    fn current(&self) -> u64 {
+        *self.leader.borrow()
+    }
+
+    /// Reports that `failed` did not serve a request and waits (bounded) for a new leader.
+    async fn replace(&mut self, failed: u64) {
+        let _ = self.suspect.send(failed);
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.leader.wait_for(|l| *l != failed),
+        )
+        .await;
+    }
 }
 
 async fn propose(
@@ -141,22 +190,6 @@ async fn propose(
         postcard::to_stdvec(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
     let reply = client.propose(Proposal { command }).await?.into_inner();
     postcard::from_bytes(&reply.response).map_err(|e| tonic::Status::internal(e.to_string()))
-}
-
-/// Finds the leader again after `failed` stopped answering.
-async fn refresh_leader(cluster: &RwLock<ProcessCluster>, leader: &RwLock<Leader>, failed: u64) {
-    {
-        if leader.read().await.id != failed {
-            return; // someone else already moved on
-        }
-    }
-    let found = cluster.read().await.leader(Duration::from_secs(10)).await;
-    if let Ok(id) = found {
-        let mut l = leader.write().await;
-        if l.id == failed {
-            l.id = id;
-        }
-    }
 }
 
 fn model_from(info: &pb::SaInfo, stale_model: &SaModel) -> SaModel {
@@ -177,8 +210,9 @@ async fn worker(
     options: StoreBench,
     index: usize,
     mut models: Vec<SaModel>,
-    cluster: Arc<RwLock<ProcessCluster>>,
-    leader: Arc<RwLock<Leader>>,
+    clients: Vec<ClusterClient<Channel>>,
+    admins: Vec<AdminClient>,
+    mut leader: LeaderTracker,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Vec<SaModel>> {
     let mut rng =
@@ -186,20 +220,27 @@ async fn worker(
     while !shared.done.load(Ordering::Relaxed) {
         let k = rng.random_range(0..models.len());
         let model = &mut models[k];
-        let (leader_id, mut client) = {
-            let l = leader.read().await;
-            (l.id, l.clients[(l.id - 1) as usize].clone())
-        };
+        let leader_id = leader.current();
+        let mut client = clients[(leader_id - 1) as usize].clone();
         if model.stale {
-            // The leader has every committed update: read the SA there.
-            let info = match cluster.read().await.admin_of(leader_id) {
-                Ok(mut admin) => admin.get_sa(&model.id.to_string()).await,
-                Err(e) => return Err(e),
-            };
-            match info {
+            // The leader has every committed update once it has applied its commit index (a
+            // new leader may still be applying what the old one committed).
+            let mut admin = admins[(leader_id - 1) as usize].clone();
+            match admin.status(false).await {
+                Ok(s) if s.role == "leader" && s.last_applied_index >= s.committed_index => {}
+                Ok(s) if s.role == "leader" => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                _ => {
+                    leader.replace(leader_id).await;
+                    continue;
+                }
+            }
+            match admin.get_sa(&model.id.to_string()).await {
                 Ok(info) => *model = model_from(&info, model),
                 Err(_) => {
-                    refresh_leader(&cluster, &leader, leader_id).await;
+                    leader.replace(leader_id).await;
                     continue;
                 }
             }
@@ -259,6 +300,9 @@ async fn worker(
         match result {
             Ok(Ok(Ok(_))) => {
                 let latency = started.elapsed();
+                if latency > Duration::from_millis(100) {
+                    tracing::debug!(sa = %model.id, ms = latency.as_millis() as u64, "slow commit");
+                }
                 match field {
                     Field::MessageId => {
                         model.next_peer_request = value as u32;
@@ -284,7 +328,14 @@ async fn worker(
                     .lock()
                     .expect("samples lock")
                     .push((started, latency));
-                if shared.kill_at.lock().expect("kill lock").is_some() {
+                // The first update *sent* after the kill and acknowledged marks the new leader's
+                // first commit (one sent before could still be answered by the old leader).
+                if shared
+                    .kill_at
+                    .lock()
+                    .expect("kill lock")
+                    .is_some_and(|kill| started > kill)
+                {
                     let mut first = shared.first_ack_after_kill.lock().expect("lock");
                     if first.is_none() {
                         *first = Some(Instant::now());
@@ -298,12 +349,12 @@ async fn worker(
             }
             Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                 // Not the leader: nothing was appended, so the update can simply be retried.
-                refresh_leader(&cluster, &leader, leader_id).await;
+                leader.replace(leader_id).await;
             }
             Ok(Err(_)) | Err(_) => {
                 shared.unknown.fetch_add(1, Ordering::Relaxed);
                 model.stale = true;
-                refresh_leader(&cluster, &leader, leader_id).await;
+                leader.replace(leader_id).await;
             }
         }
     }
@@ -445,19 +496,20 @@ async fn run_on(
         .context("creating SAs")?;
     let create_secs = create_started.elapsed().as_secs_f64();
 
-    let (leader_id, clients) = {
+    let (leader_id, clients, admins) = {
         let c = cluster.read().await;
         let leader = c.leader(Duration::from_secs(10)).await?;
         let clients = c
             .ids()
             .map(|id| c.cluster_client(id))
             .collect::<Result<Vec<_>, _>>()?;
-        (leader, clients)
+        let admins = c
+            .ids()
+            .map(|id| c.admin_of(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        (leader, clients, admins)
     };
-    let leader = Arc::new(RwLock::new(Leader {
-        id: leader_id,
-        clients,
-    }));
+    let leader = LeaderTracker::start(cluster.clone(), admins.clone(), leader_id);
     let shared = Arc::new(Shared::default());
 
     // Share the SAs out: worker k owns SA j when j % concurrency == k.
@@ -475,7 +527,8 @@ async fn run_on(
             options.clone(),
             k,
             share,
-            cluster.clone(),
+            clients.clone(),
+            admins.clone(),
             leader.clone(),
             shared.clone(),
         )));
@@ -503,7 +556,7 @@ async fn run_on(
             break;
         }
         if killed.is_none() && kill_threshold.is_some_and(|t| acked >= t) {
-            let victim = leader.read().await.id;
+            let victim = leader.current();
             *shared.kill_at.lock().expect("lock") = Some(Instant::now());
             cluster.write().await.sigkill(victim).await?;
             tracing::info!(node = victim, acked, "SIGKILLed the leader");

@@ -32,8 +32,40 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status
     }))
 }
 
+/// The answers of a pipelined append stream.
+type AppendReplies =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    type StreamAppendStream = AppendReplies;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<AppendReplies>, Status> {
+        // A request that does not decode ends the input; the leader sees the stream close and
+        // falls back to a fresh one.
+        let requests = request.into_inner().map_while(|message| {
+            let message = message.ok()?;
+            match wire::decode(&message.payload) {
+                Ok(rpc) => Some(rpc),
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable append request; closing the stream");
+                    None
+                }
+            }
+        });
+        let replies = self
+            .node
+            .raft
+            .stream_append(requests)
+            .map(|result| Ok(RaftMessage {
+                payload: wire::encode(&result)?,
+            }));
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<RaftMessage>,

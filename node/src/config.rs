@@ -13,8 +13,8 @@
 //!
 //! [timeouts]                       # all optional, milliseconds
 //! heartbeat_ms = 50
-//! election_min_ms = 300
-//! election_max_ms = 600
+//! election_min_ms = 200
+//! election_max_ms = 400
 //! rpc_ms = 1000
 //!
 //! [raft]                           # optional
@@ -81,8 +81,8 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             heartbeat_ms: 50,
-            election_min_ms: 300,
-            election_max_ms: 600,
+            election_min_ms: 200,
+            election_max_ms: 400,
             rpc_ms: 1000,
         }
     }

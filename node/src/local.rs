@@ -118,7 +118,7 @@ impl LocalCluster {
     }
 
     /// Initializes the cluster through node 1 if it is new, then waits until every node is a
-    /// voter and a leader is elected.
+    /// voter, a leader is elected and every placement slot has an owner.
     pub async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<pb::StatusResponse> {
         let deadline = tokio::time::Instant::now() + timeout;
         let first = self.node_config(1).admin_addr.to_string();
@@ -138,9 +138,13 @@ impl LocalCluster {
         }
         let mut client = AdminClient::new(&self.admin_endpoints(), Duration::from_secs(2))?;
         loop {
+            // Ready means a leader, every node a voter, and every placement slot owned, so new
+            // SAs can be created at once.
             if let Ok(status) = client.status(false).await
                 && status.leader_id.is_some()
                 && status.members.iter().filter(|m| m.voter).count() as u64 == self.nodes
+                && status.members.iter().map(|m| m.slots).sum::<u32>()
+                    == u32::from(evpc_raft_store::SLOT_COUNT)
             {
                 return Ok(status);
             }

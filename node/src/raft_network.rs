@@ -13,6 +13,9 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use futures::StreamExt;
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::raft::StreamAppendResult;
 use openraft::{AnyError, RaftNetworkV2};
 
 use crate::peers::{Peers, is_transport_error};
@@ -57,6 +60,12 @@ pub struct PeerNetwork {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct WireError(String);
+
+impl WireError {
+    fn into_status(self) -> tonic::Status {
+        tonic::Status::deadline_exceeded(self.0)
+    }
+}
 
 impl PeerNetwork {
     /// Sends one unary Raft RPC and decodes the peer's `Result<Resp, E>`.
@@ -116,6 +125,65 @@ fn network(e: &(impl std::error::Error + 'static)) -> RPCError<TypeConfig> {
 
 impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     type SnapshotData = Cursor<Vec<u8>>;
+
+    /// Pipelined replication over one bidirectional gRPC stream: openraft keeps feeding batches
+    /// while the follower's acknowledgements come back in order, so a batch does not wait for
+    /// the previous one's round trip and flush.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + openraft::OptionalSend
+            + Unpin
+            + 'static,
+    {
+        Box::pin(async move {
+            let target = self.target;
+            let mut client = self
+                .peers
+                .client(target, &self.addr)
+                .map_err(|e| unreachable(&e))?;
+            let requests = input.filter_map(|rpc| {
+                std::future::ready(match wire::encode(&rpc) {
+                    Ok(payload) => Some(RaftMessage { payload }),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode an append request");
+                        None
+                    }
+                })
+            });
+            let deadline = option.hard_ttl().max(Duration::from_millis(50));
+            let opened = match tokio::time::timeout(deadline, client.stream_append(requests)).await {
+                Err(_) => Err(WireError(format!("node {target}: no answer within {deadline:?}")).into_status()),
+                Ok(result) => result,
+            };
+            let replies = match opened {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    if is_transport_error(&status) {
+                        self.peers.reset(target);
+                    }
+                    return Err(unreachable(&status));
+                }
+            };
+            let peers = self.peers.clone();
+            let results = replies.map(move |reply| {
+                let reply = reply.map_err(|status| {
+                    if is_transport_error(&status) {
+                        peers.reset(target);
+                    }
+                    unreachable(&status)
+                })?;
+                let result: Result<StreamAppendResult<TypeConfig>, openraft::error::Fatal<TypeConfig>> =
+                    wire::decode(&reply.payload).map_err(|e| network(&e))?;
+                result.map_err(|e| unreachable(&WireError(format!("node {target}: {e}"))))
+            });
+            Ok(Box::pin(results) as BoxStream<'s, _>)
+        })
+    }
 
     async fn append_entries(
         &mut self,

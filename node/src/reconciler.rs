@@ -16,33 +16,28 @@ use tokio::sync::watch;
 use crate::node::{Node, now_ms};
 use crate::placement::plan_slots;
 
-/// How often the reconciler looks even when nothing was applied.
-const PERIOD: Duration = Duration::from_millis(250);
+/// How often the reconciler looks. Membership changes are rare and a new SA can wait this long
+/// for its slot's first owner, so there is no need to react to every metrics update (under load
+/// those arrive thousands of times a second).
+const PERIOD: Duration = Duration::from_millis(200);
 
 /// Runs until `shutdown` turns true.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let mut applied = node.state.applied_index();
-    let mut metrics = node.raft.metrics();
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = tick.tick() => {}
+        }
         if node.is_leader()
             && let Some(command) = plan(&node)
         {
             tracing::info!(%command, "reconciling registry and slots");
             match node.propose_local(command).await {
-                Ok(p) => {
-                    tracing::debug!(log_index = p.log_index, response = ?p.response, "reconciled")
-                }
+                Ok(p) => tracing::debug!(log_index = p.log_index, response = ?p.response, "reconciled"),
                 Err(e) => tracing::warn!(error = %e, "reconcile proposal failed"),
             }
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = applied.changed() => {}
-            _ = metrics.changed() => {}
-            _ = tokio::time::sleep(PERIOD) => {}
-        }
-        if *shutdown.borrow() {
-            return;
         }
     }
 }

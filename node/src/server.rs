@@ -14,12 +14,17 @@ use crate::peers::MAX_MESSAGE_BYTES;
 use crate::reconciler;
 
 /// A node with its servers running.
-#[derive(Debug)]
 pub struct RunningNode {
     /// The node.
     pub node: Arc<Node>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl std::fmt::Debug for RunningNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningNode").field("node", &self.node.id).finish()
+    }
 }
 
 impl RunningNode {
@@ -57,6 +62,7 @@ impl RunningNode {
             reconcile.await;
             Ok(())
         }));
+        tasks.push(tokio::spawn(log_leader_changes(node.clone(), shutdown.subscribe())));
         Ok(RunningNode {
             node,
             shutdown,
@@ -80,6 +86,32 @@ impl RunningNode {
     }
 }
 
+/// Logs each change of leader or term as this node sees it: operators read elections off the
+/// log. Polls the metrics (cheap) rather than waking on each of their many updates under load.
+async fn log_leader_changes(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    use openraft::rt::WatchReceiver;
+    let mut seen = (None, 0);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = {
+            let m = node.raft.metrics();
+            let m = m.borrow_watched();
+            (m.current_leader, m.current_term)
+        };
+        if now != seen {
+            match now.0 {
+                Some(leader) => tracing::info!(leader, term = now.1, "leader elected"),
+                None => tracing::info!(term = now.1, "no leader"),
+            }
+            seen = now;
+        }
+    }
+}
+
 fn serve<F>(
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
@@ -90,7 +122,19 @@ where
 {
     let router = services(tonic::transport::Server::builder().tcp_nodelay(true));
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // tonic's tcp_nodelay only applies to listeners it binds itself; without TCP_NODELAY
+        // on accepted sockets, small responses meet Nagle and delayed ACKs: ~40 ms stalls.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |stream| {
+                if let Ok(stream) = &stream
+                    && let Err(e) = stream.set_nodelay(true)
+                {
+                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+                }
+                stream
+            },
+        );
         router
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;

@@ -16,7 +16,12 @@
 /// Node-to-node protocol.
 pub mod cluster {
     /// Version 1.
-    #[allow(missing_docs, clippy::all, missing_debug_implementations, unreachable_pub)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        missing_debug_implementations,
+        unreachable_pub
+    )]
     pub mod v1 {
         tonic::include_proto!("evpc.cluster.v1");
     }
@@ -25,7 +30,12 @@ pub mod cluster {
 /// Operators' protocol.
 pub mod admin {
     /// Version 1.
-    #[allow(missing_docs, clippy::all, missing_debug_implementations, unreachable_pub)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        missing_debug_implementations,
+        unreachable_pub
+    )]
     pub mod v1 {
         tonic::include_proto!("evpc.admin.v1");
     }

@@ -114,6 +114,9 @@ mod tests {
         }
         let max = *counts.iter().max().unwrap();
         let min = *counts.iter().min().unwrap();
-        assert!(min > 20 && max < 120, "uneven slot spread: min {min}, max {max}");
+        assert!(
+            min > 20 && max < 120,
+            "uneven slot spread: min {min}, max {max}"
+        );
     }
 }

@@ -13,9 +13,9 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 
-use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -34,6 +34,28 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    flusher: std::sync::mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+/// Makes appended entries durable, one flush at a time, on a thread of its own (fsync blocks):
+/// each flush covers every append written before it started, so all callbacks waiting at that
+/// moment complete together (group commit). Ends when every [`LogStore`] clone is dropped.
+fn flush_appends(db: sled::Db, pending: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    while let Ok(first) = pending.recv() {
+        let mut batch = vec![first];
+        batch.extend(pending.try_iter());
+        let flushed = db.flush().map(|_| ()).map_err(io_err);
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "flushing the Raft log failed");
+        }
+        for callback in batch {
+            let result = match &flushed {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            callback.io_completed(result);
+        }
+    }
 }
 
 impl std::fmt::Debug for LogStore {
@@ -62,12 +84,18 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `db`.
+    /// Opens (or creates) the log in `db`, starting the thread that flushes appends.
     pub fn open(db: &sled::Db) -> io::Result<Self> {
+        let (flusher, pending) = std::sync::mpsc::channel();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flush_appends(flush_db, pending))?;
         Ok(LogStore {
             db: db.clone(),
             log: db.open_tree(LOG_TREE).map_err(io_err)?,
             meta: db.open_tree(META_TREE).map_err(io_err)?,
+            flusher,
         })
     }
 
@@ -166,6 +194,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
+    /// Writes the entries and hands the callback to the flusher: openraft replicates the entries
+    /// to followers while the local flush runs, and counts this node's copy only once the
+    /// callback reports it durable.
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
@@ -176,13 +207,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.index())[..], encode(&entry)?);
         }
         self.log.apply_batch(batch).map_err(io_err)?;
-        let flushed = self.flush().await;
-        let failed = flushed.as_ref().err().map(|e| io::Error::new(e.kind(), e.to_string()));
-        callback.io_completed(flushed);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.flusher
+            .send(callback)
+            .map_err(|_| io_err("the log flusher has stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

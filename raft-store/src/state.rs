@@ -101,7 +101,10 @@ impl State {
             }
             for (spi, child) in &sa.children {
                 if child.in_spi != *spi {
-                    return Err(format!("child stored under {spi:08x} has SPI {:08x}", child.in_spi));
+                    return Err(format!(
+                        "child stored under {spi:08x} has SPI {:08x}",
+                        child.in_spi
+                    ));
                 }
                 if children.insert(*spi, *id).is_some() {
                     return Err(format!("inbound SPI {spi:08x} used twice"));
@@ -115,7 +118,9 @@ impl State {
             if let Some(last) = &sa.last_response
                 && last.msg_id.checked_add(1) != Some(sa.msg.next_peer_request)
             {
-                return Err(format!("SA {id}: stored response is not for the last request"));
+                return Err(format!(
+                    "SA {id}: stored response is not for the last request"
+                ));
             }
             if let Some(pending) = &sa.pending_request
                 && pending.msg_id != sa.msg.next_local_request
@@ -133,7 +138,9 @@ impl State {
             if let Some(node) = owner
                 && self.nodes.get(&node).map(|n| n.state) != Some(NodeState::Active)
             {
-                return Err(format!("slot {slot} points at node {node}, which is not active"));
+                return Err(format!(
+                    "slot {slot} points at node {node}, which is not active"
+                ));
             }
         }
         Ok(())
@@ -148,17 +155,17 @@ pub fn apply(state: &mut State, command: &Command) -> Response {
     match command {
         Command::CreateSa(sa) => create_sa(state, sa),
         Command::ImportSa(sa) => import_sa(state, sa),
-        Command::Update {
-            sa,
-            epoch,
-            updates,
-        } => update_sa(state, *sa, *epoch, updates),
+        Command::Update { sa, epoch, updates } => update_sa(state, *sa, *epoch, updates),
         Command::DeleteSa { sa, epoch } => delete_sa(state, *sa, *epoch),
         Command::AssignOwners(moves) => Ok(Applied::Moves(
             moves.iter().map(|m| assign_owner(state, m)).collect(),
         )),
         Command::SetSlots(assignments) => set_slots(state, assignments),
-        Command::SetNodeState { node, state: s, at_ms } => {
+        Command::SetNodeState {
+            node,
+            state: s,
+            at_ms,
+        } => {
             set_node_state(state, *node, *s, *at_ms);
             Ok(Applied::Done)
         }
@@ -559,7 +566,10 @@ fn allocate_address(state: &mut State, id: SaId, epoch: Epoch, addr: IpAddr) -> 
     let sa = state.sas.get(&id).ok_or(Rejection::UnknownSa(id))?;
     check_epoch(sa, epoch)?;
     if let Some(current) = sa.virtual_ip {
-        return Err(Rejection::SaHasAddress { sa: id, addr: current });
+        return Err(Rejection::SaHasAddress {
+            sa: id,
+            addr: current,
+        });
     }
     if let Some(holder) = state.addresses.get(&addr) {
         return Err(Rejection::AddressInUse {

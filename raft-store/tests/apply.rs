@@ -59,12 +59,21 @@ fn create_requires_the_slot_owner_and_epoch_one() {
     );
     create(&mut state, 1, 5, &[100]);
     assert_eq!(
-        { let c = create_command(&state, 1, 5, &[101]); refused(&mut state, c) },
+        {
+            let c = create_command(&state, 1, 5, &[101]);
+            refused(&mut state, c)
+        },
         Rejection::SaExists(SaId(1))
     );
     assert!(matches!(
-        { let c = create_command(&state, 2, 5, &[100]); refused(&mut state, c) },
-        Rejection::ChildSpiInUse { in_spi: 100, by: SaId(1) }
+        {
+            let c = create_command(&state, 2, 5, &[100]);
+            refused(&mut state, c)
+        },
+        Rejection::ChildSpiInUse {
+            in_spi: 100,
+            by: SaId(1)
+        }
     ));
     let mut bad_slot = sa(&state, 3, 5, &[]);
     bad_slot.slot = 1024;
@@ -169,13 +178,23 @@ fn leases_only_grow_and_stay_in_the_counter_space() {
         refused(&mut state, update(1, 1, vec![lease(1 << 32, None)])),
         Rejection::HwmBeyondCounterSpace { .. }
     ));
-    accepted(&mut state, update(1, 1, vec![lease(u64::from(u32::MAX), None)]));
+    accepted(
+        &mut state,
+        update(1, 1, vec![lease(u64::from(u32::MAX), None)]),
+    );
     let c = state.child(100).unwrap().1;
     assert_eq!((c.out_hwm, c.in_checkpoint), (u64::from(u32::MAX), 10));
     assert_eq!(
         refused(
             &mut state,
-            update(1, 1, vec![SaUpdate::ReplayCheckpoint { in_spi: 100, in_seq: 3 }])
+            update(
+                1,
+                1,
+                vec![SaUpdate::ReplayCheckpoint {
+                    in_spi: 100,
+                    in_seq: 3
+                }]
+            )
         ),
         Rejection::CheckpointRegression {
             current: 10,
@@ -185,7 +204,14 @@ fn leases_only_grow_and_stay_in_the_counter_space() {
     assert_eq!(
         refused(
             &mut state,
-            update(1, 1, vec![SaUpdate::ReplayCheckpoint { in_spi: 7, in_seq: 3 }])
+            update(
+                1,
+                1,
+                vec![SaUpdate::ReplayCheckpoint {
+                    in_spi: 7,
+                    in_seq: 3
+                }]
+            )
         ),
         Rejection::UnknownChild {
             sa: SaId(1),
@@ -343,7 +369,11 @@ fn ike_rekey_moves_children_and_address_to_the_successor() {
     assert!(matches!(
         refused(
             &mut state,
-            update(1, 1, vec![SaUpdate::IkeRekeyed(Box::new(successor.clone()))])
+            update(
+                1,
+                1,
+                vec![SaUpdate::IkeRekeyed(Box::new(successor.clone()))]
+            )
         ),
         Rejection::RekeyGenerationRegression { .. }
     ));
@@ -352,7 +382,11 @@ fn ike_rekey_moves_children_and_address_to_the_successor() {
     assert_eq!(
         refused(
             &mut state,
-            update(1, 1, vec![SaUpdate::IkeRekeyed(Box::new(successor.clone()))])
+            update(
+                1,
+                1,
+                vec![SaUpdate::IkeRekeyed(Box::new(successor.clone()))]
+            )
         ),
         Rejection::RekeyWithChildren
     );
@@ -488,13 +522,13 @@ fn a_node_leaving_active_gives_up_its_slots() {
 fn batches_apply_each_command_and_do_not_nest() {
     let mut state = cluster(3);
     let batch = Command::Batch(vec![
-            create_command(&state, 1, 0, &[]),
-            Command::DeleteSa {
-                sa: SaId(7),
-                epoch: None,
-            },
-            Command::Batch(vec![]),
-        ]);
+        create_command(&state, 1, 0, &[]),
+        Command::DeleteSa {
+            sa: SaId(7),
+            epoch: None,
+        },
+        Command::Batch(vec![]),
+    ]);
     let applied = accepted(&mut state, batch);
     assert_eq!(
         applied,

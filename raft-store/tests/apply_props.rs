@@ -53,9 +53,8 @@ fn sa_update() -> impl Strategy<Value = SaUpdate> {
             datagrams: vec![vec![0xaa; 8]],
         })),
         (0u32..4).prop_map(|msg_id| SaUpdate::LocalRequestCompleted { msg_id }),
-        (spi(), any::<bool>()).prop_map(|(spi, esn)| SaUpdate::ChildCreated(Box::new(
-            common::child(spi, esn)
-        ))),
+        (spi(), any::<bool>())
+            .prop_map(|(spi, esn)| SaUpdate::ChildCreated(Box::new(common::child(spi, esn)))),
         (spi(), spi(), 0u32..3).prop_map(|(old, new, generation)| {
             let mut child = common::child(new, false);
             child.rekey_generation = generation;
@@ -79,10 +78,8 @@ fn sa_update() -> impl Strategy<Value = SaUpdate> {
                 in_checkpoint: None,
             }
         }),
-        (spi(), 0u64..3000).prop_map(|(in_spi, in_seq)| SaUpdate::ReplayCheckpoint {
-            in_spi,
-            in_seq
-        }),
+        (spi(), 0u64..3000)
+            .prop_map(|(in_spi, in_seq)| SaUpdate::ReplayCheckpoint { in_spi, in_seq }),
         (0u64..10_000).prop_map(|at_ms| SaUpdate::PeerSeen { at_ms }),
     ]
 }
@@ -256,7 +253,10 @@ fn check_monotonic(before: &State, after: &State) -> Result<(), TestCaseError> {
         for (spi, child) in &old.children {
             // A child keeps its counters wherever it lives (it may move to a rekeyed IKE SA).
             if let Some((_, now)) = after.child(*spi) {
-                prop_assert!(now.out_hwm >= child.out_hwm, "out_hwm regressed on {spi:08x}");
+                prop_assert!(
+                    now.out_hwm >= child.out_hwm,
+                    "out_hwm regressed on {spi:08x}"
+                );
                 prop_assert!(now.in_checkpoint >= child.in_checkpoint);
                 prop_assert!(now.rekey_generation >= child.rekey_generation);
                 if !child.suite.esn {

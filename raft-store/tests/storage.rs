@@ -94,7 +94,9 @@ async fn apply_all(sm: &mut StateMachineStore, commands: Vec<Command>) {
         .enumerate()
         .map(|(i, c)| Ok((entry(i as u64 + 1, c), None)))
         .collect();
-    sm.apply(futures::stream::iter(entries)).await.expect("apply");
+    sm.apply(futures::stream::iter(entries))
+        .await
+        .expect("apply");
 }
 
 #[tokio::test]
@@ -107,12 +109,17 @@ async fn snapshot_of_10k_sas_builds_and_installs_elsewhere() -> anyhow::Result<(
 
     let mut builder = source.get_snapshot_builder().await;
     let snapshot = builder.build_snapshot().await?;
-    assert_eq!(snapshot.meta.last_log_id.as_ref().map(|l| l.index), Some(20_004));
+    assert_eq!(
+        snapshot.meta.last_log_id.as_ref().map(|l| l.index),
+        Some(20_004)
+    );
     assert!(snapshot.snapshot.get_ref().len() > 10_000 * 200);
 
     let target_dir = tempfile::tempdir()?;
     let (_, mut target) = evpc_raft_store::open(target_dir.path())?;
-    target.install_snapshot(&snapshot.meta, snapshot.snapshot).await?;
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await?;
     assert_eq!(target.reader().read().digest(), digest);
     let (applied, _) = target.applied_state().await?;
     assert_eq!(applied.map(|l| l.index), Some(20_004));
@@ -121,7 +128,10 @@ async fn snapshot_of_10k_sas_builds_and_installs_elsewhere() -> anyhow::Result<(
     drop(target);
     let (_, mut reopened) = evpc_raft_store::open(target_dir.path())?;
     assert_eq!(reopened.reader().read().digest(), digest);
-    let current = reopened.get_current_snapshot().await?.expect("snapshot kept");
+    let current = reopened
+        .get_current_snapshot()
+        .await?
+        .expect("snapshot kept");
     assert_eq!(current.meta.last_log_id, snapshot.meta.last_log_id);
     Ok(())
 }
@@ -155,9 +165,13 @@ async fn log_vote_and_committed_survive_reopening() -> anyhow::Result<()> {
             .enumerate()
             .map(|(i, c)| entry(i as u64 + 1, c))
             .collect();
-        // `append` returns once the entries are flushed; the callback is for openraft.
-        log.append(entries, openraft::storage::IOFlushed::noop())
+        // `append` returns once the entries are written; the callback fires once they are
+        // durable.
+        use openraft::type_config::TypeConfigExt;
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(entries, openraft::storage::IOFlushed::signal(tx))
             .await?;
+        rx.await??;
         log.save_committed(Some(log_id(1, 7))).await?;
         log.save_vote(&openraft::Vote::new_committed(1, 1)).await?;
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Command, Epoch, IkeSa, IkeSuite, Identity, MessageIds, NodeId, NodeState,
+    ChildSa, ChildSuite, Command, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, NodeState,
     Role, SLOT_COUNT, SaId, SaTimes, SealedKeys, SlotAssignment, State, TrafficSelector, apply,
 };
 
