@@ -18,7 +18,7 @@
 //! rpc_ms = 1000
 //!
 //! [raft]                           # optional
-//! snapshot_every = 20000           # log entries between snapshots
+//! snapshot_every = 100000          # log entries between snapshots
 //! ```
 
 use std::collections::BTreeSet;
@@ -102,7 +102,7 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
-            snapshot_every: 20_000,
+            snapshot_every: 100_000,
             keep_behind_snapshot: 5_000,
         }
     }

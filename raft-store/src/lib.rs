@@ -8,7 +8,7 @@
 //!   ([`apply`]), which enforces the invariants that keep counters moving forward and answers
 //!   a refused command with a typed [`Rejection`];
 //! - the **openraft storage**: the log and vote on sled ([`LogStore`]) and the state machine
-//!   with its snapshots ([`StateMachineStore`]).
+//!   with its snapshots ([`StateMachineStore`]), which are files written atomically.
 //!
 //! ```text
 //!  node (proposer)                 openraft                       this crate
@@ -22,7 +22,7 @@
 //!                                    │                        │
 //!  Response (Applied | Rejection) ◄──┘                        └─► StateReader (node reads)
 //!
-//!  every N entries: build_snapshot ─► postcard(State) ─► sled `raft-snapshot`
+//!  every N entries: build_snapshot ─► postcard(State) ─► file `state.snapshot`
 //! ```
 //!
 //! `apply` reads no clock, draws no randomness and does no I/O: the proposer puts SPIs, times,
@@ -52,13 +52,16 @@ pub use state::{State, apply};
 pub use state_machine::{StateGuard, StateMachineStore, StateReader};
 pub use types::{Member, TypeConfig, raft};
 
-/// Opens a node's storage in `dir`: one sled database holding the log, the vote, the committed
-/// index and the state machine's snapshot.
+/// Opens a node's storage in `dir`: a sled database (`dir/log`) holding the Raft log, the vote
+/// and the committed index, and the state machine's snapshot file (`dir/state.snapshot`).
+/// Must be called inside a tokio runtime.
 pub fn open(dir: &std::path::Path) -> std::io::Result<(LogStore, StateMachineStore)> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
     let db = sled::Config::new()
-        .path(dir)
+        .path(dir.join("log"))
         .mode(sled::Mode::HighThroughput)
         .open()
-        .map_err(|e| std::io::Error::other(format!("opening {}: {e}", dir.display())))?;
-    Ok((LogStore::open(&db)?, StateMachineStore::open(&db)?))
+        .map_err(|e| std::io::Error::other(format!("opening {}: {e}", dir.join("log").display())))?;
+    Ok((LogStore::open(&db)?, StateMachineStore::open(dir)?))
 }

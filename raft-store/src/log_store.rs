@@ -1,13 +1,16 @@
 //! The Raft log and vote on sled.
 //!
 //! Layout in the node's sled database:
-//! - tree `raft-log`: key = log index (u64, big-endian, so sled's order is log order),
-//!   value = postcard-encoded entry;
+//! - tree `raft-log`: one record per append: key = index of the *last* entry in it (u64,
+//!   big-endian, so sled's order is log order), value = the postcard-encoded entries, which
+//!   are contiguous. One sled insert per append rather than per entry keeps sled's per-key
+//!   work (node copies, page consolidation) off the commit path; the entry containing index
+//!   `i` is in the first record whose key is `>= i`.
 //! - tree `raft-meta`: `vote`, `committed`, `last-purged`.
 //!
-//! Durability: an append or a vote is acknowledged to openraft only after `flush_async` has
-//! made it durable, so a node that crashes never forgets an entry it helped commit or a vote
-//! it cast.
+//! Durability: an append is acknowledged to openraft (through its callback) only after a flush
+//! has made it durable, and a vote only once flushed, so a node that crashes never forgets an
+//! entry it helped commit or a vote it cast. Appends share flushes (group commit).
 
 use std::fmt::Debug;
 use std::io;
@@ -28,13 +31,55 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last-purged";
 
-/// The Raft log storage. Cheap to clone: clones share the same sled trees.
+/// The Raft log storage. Cheap to clone: clones share the same sled trees and threads.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: std::sync::mpsc::Sender<IOFlushed<TypeConfig>>,
+    purger: std::sync::mpsc::Sender<u64>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("records", &self.log.len())
+            .finish()
+    }
+}
+
+pub(crate) fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|e| io_err(format!("encoding: {e}")))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("corrupt record in the data directory: {e}"),
+        )
+    })
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Decodes a log record: a non-empty run of contiguous entries.
+fn decode_record(bytes: &[u8]) -> io::Result<Vec<Entry>> {
+    let entries: Vec<Entry> = decode(bytes)?;
+    if entries.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "corrupt record in the data directory: empty log record",
+        ));
+    }
+    Ok(entries)
 }
 
 /// Makes appended entries durable, one flush at a time, on a thread of its own (fsync blocks):
@@ -58,44 +103,57 @@ fn flush_appends(db: sled::Db, pending: std::sync::mpsc::Receiver<IOFlushed<Type
     }
 }
 
-impl std::fmt::Debug for LogStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore")
-            .field("entries", &self.log.len())
-            .finish()
+/// Deletes purged records in the background, in small batches, so a purge never holds up
+/// appends. Records wholly at or below the recorded purge point are never read again, so they
+/// may linger a while (after a crash, until the next purge, which removes everything below its
+/// point).
+fn remove_purged(log: sled::Tree, requests: std::sync::mpsc::Receiver<u64>) {
+    const CHUNK: usize = 256;
+    while let Ok(first) = requests.recv() {
+        let upto = requests.try_iter().fold(first, u64::max);
+        loop {
+            let keys: Result<Vec<_>, _> = log.range(..=index_key(upto)).keys().take(CHUNK).collect();
+            let keys = match keys {
+                Ok(keys) if keys.is_empty() => break,
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading purged log records failed");
+                    break;
+                }
+            };
+            let mut batch = sled::Batch::default();
+            for key in keys {
+                batch.remove(key);
+            }
+            if let Err(e) = log.apply_batch(batch) {
+                tracing::error!(error = %e, "removing purged log records failed");
+                break;
+            }
+        }
     }
 }
 
-pub(crate) fn io_err(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-pub(crate) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    postcard::to_stdvec(value).map_err(|e| io_err(format!("encoding: {e}")))
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("corrupt record in the data directory: {e}"),
-        )
-    })
-}
-
 impl LogStore {
-    /// Opens (or creates) the log in `db`, starting the thread that flushes appends.
+    /// Opens (or creates) the log in `db`, starting the threads that flush appends and remove
+    /// purged records.
     pub fn open(db: &sled::Db) -> io::Result<Self> {
+        let log = db.open_tree(LOG_TREE).map_err(io_err)?;
         let (flusher, pending) = std::sync::mpsc::channel();
         let flush_db = db.clone();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flush_appends(flush_db, pending))?;
+        let (purger, purges) = std::sync::mpsc::channel();
+        let purge_log = log.clone();
+        std::thread::Builder::new()
+            .name("raft-log-purge".into())
+            .spawn(move || remove_purged(purge_log, purges))?;
         Ok(LogStore {
             db: db.clone(),
-            log: db.open_tree(LOG_TREE).map_err(io_err)?,
+            log,
             meta: db.open_tree(META_TREE).map_err(io_err)?,
             flusher,
+            purger,
         })
     }
 
@@ -117,28 +175,9 @@ impl LogStore {
         Ok(())
     }
 
-    /// Removes entries with index in `range` (a half-open range of indexes).
-    fn remove_range(&self, from: Bound<u64>, to: Bound<u64>) -> io::Result<()> {
-        let keys = self
-            .log
-            .range(key_range(from, to))
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err)?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(io_err)
+    fn last_purged(&self) -> io::Result<Option<LogId>> {
+        self.get_meta(KEY_LAST_PURGED)
     }
-}
-
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-fn key_range(from: Bound<u64>, to: Bound<u64>) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
-    (from.map(index_key), to.map(index_key))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -146,12 +185,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let range = key_range(range.start_bound().cloned(), range.end_bound().cloned());
-        self.log
-            .range(range)
-            .values()
-            .map(|value| decode(&value.map_err(io_err)?))
-            .collect()
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        // Entries at or below the purge point may still sit in a record being removed; they
+        // are gone as far as openraft is concerned.
+        let floor = self.last_purged()?.map_or(0, |p| p.index() + 1);
+        let start = start.max(floor);
+        let mut entries = Vec::new();
+        for record in self.log.range(index_key(start)..) {
+            let (_, value) = record.map_err(io_err)?;
+            let mut past_end = false;
+            for entry in decode_record(&value)? {
+                let index = entry.index();
+                if index < start {
+                    continue;
+                }
+                if !range.contains(&index) {
+                    past_end = true;
+                    break;
+                }
+                entries.push(entry);
+            }
+            if past_end {
+                break;
+            }
+        }
+        Ok(entries)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -163,10 +225,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        let last_log_id = match self.log.last().map_err(io_err)? {
-            Some((_, value)) => Some(decode::<Entry>(&value)?.log_id().clone()),
-            None => last_purged_log_id.clone(),
+        let last_purged_log_id = self.last_purged()?;
+        let last_in_log = match self.log.last().map_err(io_err)? {
+            Some((_, value)) => decode_record(&value)?.last().map(|e| e.log_id().clone()),
+            None => None,
+        };
+        // A record wholly below the purge point may linger; the purge point then wins.
+        let last_log_id = match (last_in_log, &last_purged_log_id) {
+            (Some(last), Some(purged)) if last.index() <= purged.index() => Some(purged.clone()),
+            (Some(last), _) => Some(last),
+            (None, purged) => purged.clone(),
         };
         Ok(LogState {
             last_purged_log_id,
@@ -184,8 +252,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// The committed index lets a restarted node re-apply its log up to where it was without
-    /// waiting for a quorum. It is not flushed on its own: losing the latest value only means
-    /// re-applying a little less at start-up, never more than was committed.
+    /// waiting for a quorum. It is not flushed on its own (the next append's flush, or sled's
+    /// periodic one, carries it): losing the latest value only means re-applying a little less
+    /// at start-up, never more than was committed.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.put_meta(KEY_COMMITTED, &committed)
     }
@@ -194,38 +263,64 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    /// Writes the entries and hands the callback to the flusher: openraft replicates the entries
-    /// to followers while the local flush runs, and counts this node's copy only once the
-    /// callback reports it durable.
+    /// Writes the entries as one record and hands the callback to the flusher: openraft
+    /// replicates them to followers while the local flush runs, and counts this node's copy
+    /// only once the callback reports it durable.
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&index_key(entry.index())[..], encode(&entry)?);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            if let Some(gap) = entries
+                .windows(2)
+                .find(|w| w[1].index() != w[0].index() + 1)
+            {
+                return Err(io_err(format!(
+                    "append of non-contiguous entries {} and {}",
+                    gap[0].index(),
+                    gap[1].index()
+                )));
+            }
+            self.log
+                .insert(index_key(last.index()), encode(&entries)?)
+                .map_err(io_err)?;
         }
-        self.log.apply_batch(batch).map_err(io_err)?;
         self.flusher
             .send(callback)
             .map_err(|_| io_err("the log flusher has stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
-        let from = match &last_log_id {
-            Some(log_id) => Bound::Excluded(log_id.index()),
-            None => Bound::Unbounded,
-        };
-        self.remove_range(from, Bound::Unbounded)?;
+        let keep = last_log_id.map(|id| id.index());
+        let first_removed = keep.map_or(0, |k| k + 1);
+        let mut batch = sled::Batch::default();
+        for record in self.log.range(index_key(first_removed)..) {
+            let (key, value) = record.map_err(io_err)?;
+            batch.remove(key);
+            // The record straddling the cut keeps its head under a new key.
+            if let Some(keep) = keep {
+                let head: Vec<Entry> = decode_record(&value)?
+                    .into_iter()
+                    .filter(|e| e.index() <= keep)
+                    .collect();
+                if !head.is_empty() {
+                    batch.insert(&index_key(keep)[..], encode(&head)?);
+                }
+            }
+        }
+        self.log.apply_batch(batch).map_err(io_err)?;
         self.flush().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        // Record the purge point first: if we crash halfway, the log state still says the
-        // purged prefix is gone and openraft never reads the half-removed entries.
+        // Record the purge point durably first: from then on openraft never reads the purged
+        // prefix, and the background removal of its records may take its time.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
         self.flush().await?;
-        self.remove_range(Bound::Unbounded, Bound::Included(log_id.index()))
+        self.purger
+            .send(log_id.index())
+            .map_err(|_| io_err("the log purger has stopped"))
     }
 }

@@ -88,6 +88,21 @@ fn workload(n: u64) -> Vec<Command> {
     commands
 }
 
+/// Opens a store again in the same process. Its flusher and purger threads let go of the
+/// database just after the last handle is dropped; a restarted process never sees that, an
+/// in-process reopen may, so it retries briefly.
+async fn reopen(dir: &std::path::Path) -> std::io::Result<(LogStore, StateMachineStore)> {
+    let mut reopened = evpc_raft_store::open(dir);
+    for _ in 0..100 {
+        if reopened.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        reopened = evpc_raft_store::open(dir);
+    }
+    reopened
+}
+
 async fn apply_all(sm: &mut StateMachineStore, commands: Vec<Command>) {
     let entries: Vec<_> = commands
         .into_iter()
@@ -126,7 +141,7 @@ async fn snapshot_of_10k_sas_builds_and_installs_elsewhere() -> anyhow::Result<(
 
     // The installed snapshot survives a restart of the target.
     drop(target);
-    let (_, mut reopened) = evpc_raft_store::open(target_dir.path())?;
+    let (_, mut reopened) = reopen(target_dir.path()).await?;
     assert_eq!(reopened.reader().read().digest(), digest);
     let current = reopened
         .get_current_snapshot()
@@ -175,7 +190,7 @@ async fn log_vote_and_committed_survive_reopening() -> anyhow::Result<()> {
         log.save_committed(Some(log_id(1, 7))).await?;
         log.save_vote(&openraft::Vote::new_committed(1, 1)).await?;
     }
-    let (mut log, _) = evpc_raft_store::open(dir.path())?;
+    let (mut log, _) = reopen(dir.path()).await?;
     let state = log.get_log_state().await?;
     assert_eq!(state.last_log_id, Some(log_id(1, commands.len() as u64)));
     assert_eq!(log.read_committed().await?, Some(log_id(1, 7)));
