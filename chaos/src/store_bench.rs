@@ -30,8 +30,8 @@ use tonic::transport::Channel;
 
 use crate::cluster::{LocalCluster, ProcessCluster};
 use crate::stats::Percentiles;
-use evpc_api::AdminClient;
 use crate::synthetic;
+use evpc_api::AdminClient;
 
 /// Options of one run.
 #[derive(Clone, Debug)]
@@ -545,7 +545,7 @@ async fn run_on(
         bar
     });
     let kill_threshold = (options.kill_leader_at > 0.0 && options.kill_leader_at < 1.0)
-        .then(|| (options.ops as f64 * options.kill_leader_at) as u64);
+        .then_some((options.ops as f64 * options.kill_leader_at) as u64);
     let mut killed = None;
     loop {
         let acked = shared.acked.load(Ordering::Relaxed);

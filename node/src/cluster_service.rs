@@ -56,13 +56,11 @@ impl Cluster for ClusterService {
                 }
             }
         });
-        let replies = self
-            .node
-            .raft
-            .stream_append(requests)
-            .map(|result| Ok(RaftMessage {
+        let replies = self.node.raft.stream_append(requests).map(|result| {
+            Ok(RaftMessage {
                 payload: wire::encode(&result)?,
-            }));
+            })
+        });
         Ok(Response::new(Box::pin(replies)))
     }
 

@@ -122,7 +122,7 @@ impl LocalCluster {
     pub async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<pb::StatusResponse> {
         let deadline = tokio::time::Instant::now() + timeout;
         let first = self.node_config(1).admin_addr.to_string();
-        let mut node1 = AdminClient::new(&[first.clone()], Duration::from_secs(2))?;
+        let mut node1 = AdminClient::new(std::slice::from_ref(&first), Duration::from_secs(2))?;
         let status = loop {
             match node1.status(false).await {
                 Ok(status) => break status,
@@ -371,7 +371,12 @@ impl ProcessCluster {
                 tokio::time::Instant::now() < deadline,
                 "live nodes did not converge within {timeout:?}: {:?}",
                 seen.iter()
-                    .map(|s| (s.node_id, s.leader_id, s.last_log_index, s.last_applied_index))
+                    .map(|s| (
+                        s.node_id,
+                        s.leader_id,
+                        s.last_log_index,
+                        s.last_applied_index
+                    ))
                     .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,10 +16,13 @@ use tonic::transport::{Channel, Endpoint};
 /// The largest message a node accepts from another (append batches, snapshot chunks).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// A peer's address and the client dialing it.
+type CachedClient = (String, ClusterClient<Channel>);
+
 /// Cached cluster.v1 clients by peer. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Peers {
-    inner: Arc<Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>>,
+    inner: Arc<Mutex<HashMap<NodeId, CachedClient>>>,
     connect_timeout: Duration,
 }
 

@@ -7,15 +7,15 @@ use std::time::Duration;
 use evpc_proto::cluster::v1::{RaftMessage, SnapshotChunk};
 use evpc_raft_store::raft::{Snapshot, Vote};
 use evpc_raft_store::{Member, NodeId, TypeConfig};
+use futures::StreamExt;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use futures::StreamExt;
-use openraft::base::{BoxFuture, BoxStream};
-use openraft::raft::StreamAppendResult;
 use openraft::{AnyError, RaftNetworkV2};
 
 use crate::peers::{Peers, is_transport_error};
@@ -133,7 +133,13 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         &'s mut self,
         input: S,
         option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
             + openraft::OptionalSend
@@ -156,8 +162,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 })
             });
             let deadline = option.hard_ttl().max(Duration::from_millis(50));
-            let opened = match tokio::time::timeout(deadline, client.stream_append(requests)).await {
-                Err(_) => Err(WireError(format!("node {target}: no answer within {deadline:?}")).into_status()),
+            let opened = match tokio::time::timeout(deadline, client.stream_append(requests)).await
+            {
+                Err(_) => Err(
+                    WireError(format!("node {target}: no answer within {deadline:?}"))
+                        .into_status(),
+                ),
                 Ok(result) => result,
             };
             let replies = match opened {
@@ -177,8 +187,10 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                     }
                     unreachable(&status)
                 })?;
-                let result: Result<StreamAppendResult<TypeConfig>, openraft::error::Fatal<TypeConfig>> =
-                    wire::decode(&reply.payload).map_err(|e| network(&e))?;
+                let result: Result<
+                    StreamAppendResult<TypeConfig>,
+                    openraft::error::Fatal<TypeConfig>,
+                > = wire::decode(&reply.payload).map_err(|e| network(&e))?;
                 result.map_err(|e| unreachable(&WireError(format!("node {target}: {e}"))))
             });
             Ok(Box::pin(results) as BoxStream<'s, _>)

@@ -35,7 +35,9 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         {
             tracing::info!(%command, "reconciling registry and slots");
             match node.propose_local(command).await {
-                Ok(p) => tracing::debug!(log_index = p.log_index, response = ?p.response, "reconciled"),
+                Ok(p) => {
+                    tracing::debug!(log_index = p.log_index, response = ?p.response, "reconciled")
+                }
                 Err(e) => tracing::warn!(error = %e, "reconcile proposal failed"),
             }
         }

@@ -23,7 +23,9 @@ pub struct RunningNode {
 
 impl std::fmt::Debug for RunningNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningNode").field("node", &self.node.id).finish()
+        f.debug_struct("RunningNode")
+            .field("node", &self.node.id)
+            .finish()
     }
 }
 
@@ -62,7 +64,10 @@ impl RunningNode {
             reconcile.await;
             Ok(())
         }));
-        tasks.push(tokio::spawn(log_leader_changes(node.clone(), shutdown.subscribe())));
+        tasks.push(tokio::spawn(log_leader_changes(
+            node.clone(),
+            shutdown.subscribe(),
+        )));
         Ok(RunningNode {
             node,
             shutdown,
@@ -88,7 +93,10 @@ impl RunningNode {
 
 /// Logs each change of leader or term as this node sees it: operators read elections off the
 /// log. Polls the metrics (cheap) rather than waking on each of their many updates under load.
-async fn log_leader_changes(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn log_leader_changes(
+    node: Arc<Node>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     use openraft::rt::WatchReceiver;
     let mut seen = (None, 0);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));

@@ -62,6 +62,8 @@ pub fn open(dir: &std::path::Path) -> std::io::Result<(LogStore, StateMachineSto
         .path(dir.join("log"))
         .mode(sled::Mode::HighThroughput)
         .open()
-        .map_err(|e| std::io::Error::other(format!("opening {}: {e}", dir.join("log").display())))?;
+        .map_err(|e| {
+            std::io::Error::other(format!("opening {}: {e}", dir.join("log").display()))
+        })?;
     Ok((LogStore::open(&db)?, StateMachineStore::open(dir)?))
 }

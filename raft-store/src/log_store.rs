@@ -112,7 +112,8 @@ fn remove_purged(log: sled::Tree, requests: std::sync::mpsc::Receiver<u64>) {
     while let Ok(first) = requests.recv() {
         let upto = requests.try_iter().fold(first, u64::max);
         loop {
-            let keys: Result<Vec<_>, _> = log.range(..=index_key(upto)).keys().take(CHUNK).collect();
+            let keys: Result<Vec<_>, _> =
+                log.range(..=index_key(upto)).keys().take(CHUNK).collect();
             let keys = match keys {
                 Ok(keys) if keys.is_empty() => break,
                 Ok(keys) => keys,
@@ -227,14 +228,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id = self.last_purged()?;
         let last_in_log = match self.log.last().map_err(io_err)? {
-            Some((_, value)) => decode_record(&value)?.last().map(|e| e.log_id().clone()),
+            Some((_, value)) => decode_record(&value)?.last().map(|e| e.log_id()),
             None => None,
         };
         // A record wholly below the purge point may linger; the purge point then wins.
         let last_log_id = match (last_in_log, &last_purged_log_id) {
-            (Some(last), Some(purged)) if last.index() <= purged.index() => Some(purged.clone()),
+            (Some(last), Some(purged)) if last.index() <= purged.index() => Some(*purged),
             (Some(last), _) => Some(last),
-            (None, purged) => purged.clone(),
+            (None, purged) => *purged,
         };
         Ok(LogState {
             last_purged_log_id,
@@ -266,7 +267,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Writes the entries as one record and hands the callback to the flusher: openraft
     /// replicates them to followers while the local flush runs, and counts this node's copy
     /// only once the callback reports it durable.
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

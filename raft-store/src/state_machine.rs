@@ -146,7 +146,10 @@ fn read_snapshot(path: &Path) -> io::Result<Option<StoredSnapshot>> {
     match std::fs::read(path) {
         Ok(bytes) => decode(&bytes).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io::Error::new(e.kind(), format!("reading {}: {e}", path.display()))),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("reading {}: {e}", path.display()),
+        )),
     }
 }
 
@@ -176,7 +179,7 @@ fn restore(meta: &SnapshotMeta, data: &[u8]) -> io::Result<AppliedState> {
     })?;
     Ok(AppliedState {
         state,
-        last_applied: meta.last_log_id.clone(),
+        last_applied: meta.last_log_id,
         membership: meta.last_membership.clone(),
     })
 }
@@ -190,7 +193,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (state, meta) = {
             let applied = self.read();
             let meta = SnapshotMeta {
-                last_log_id: applied.last_applied.clone(),
+                last_log_id: applied.last_applied,
                 last_membership: applied.membership.clone(),
             };
             (applied.state.clone(), meta)
@@ -217,7 +220,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let applied = self.read();
-        Ok((applied.last_applied.clone(), applied.membership.clone()))
+        Ok((applied.last_applied, applied.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -228,13 +231,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = {
                 let mut applied = self.write();
-                applied.last_applied = Some(entry.log_id.clone());
+                applied.last_applied = Some(entry.log_id);
                 match &entry.payload {
                     EntryPayload::Blank => Ok(Applied::Done),
                     EntryPayload::Normal(command) => apply(&mut applied.state, command),
                     EntryPayload::Membership(membership) => {
                         applied.membership =
-                            StoredMembership::new(Some(entry.log_id.clone()), membership.clone());
+                            StoredMembership::new(Some(entry.log_id), membership.clone());
                         Ok(Applied::Done)
                     }
                 }
