@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cluster;
+mod esp_bench;
 mod stats;
 mod store_bench;
 mod synthetic;
@@ -34,6 +35,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Userspace ESP throughput: TUN → ESP → UDP → ESP → TUN across two network namespaces
+    /// (needs root).
+    EspBench(esp_bench::Args),
     /// The replicated SA store under load, with a leader kill; checks nothing acknowledged is lost.
     StoreBench {
         /// Cluster size.
@@ -88,8 +92,12 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the command; `Ok(false)` when a guarantee was violated (exit status 2).
 async fn run(cli: Cli) -> anyhow::Result<bool> {
+    if let Command::EspBench(args) = cli.command {
+        return esp_bench::run(args).await;
+    }
     let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
     match cli.command {
+        Command::EspBench(_) => unreachable!("handled above"),
         Command::StoreBench {
             nodes,
             sas,

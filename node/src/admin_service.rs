@@ -552,19 +552,19 @@ impl Admin for AdminService {
         let mut sa = context.sa;
         // Placement and ownership are this cluster's own: the old epoch meant nothing here.
         sa.slot = slot_for_initiator_spi(sa.spi_i);
-        sa.owner = match request.owner {
-            Some(owner) => owner,
-            None => self
-                .node
-                .state
-                .read()
-                .slots()
-                .owner(sa.slot)
-                .ok_or_else(|| Status::unavailable(format!("no node owns slot {} yet", sa.slot)))?,
-        };
+        // Owner 0: the slot's owner as the leader applies it, not this node's possibly stale view.
+        sa.owner = request.owner.unwrap_or(0);
         sa.epoch = Epoch::FIRST;
-        let (id, owner) = (sa.id, sa.owner);
-        let (log_index, _) = self.propose(Command::ImportSa(Box::new(sa))).await?;
+        let id = sa.id;
+        let owner = match self.propose(Command::ImportSa(Box::new(sa))).await? {
+            (log_index, Applied::Placed { owner }) => (owner, log_index),
+            (_, other) => {
+                return Err(Status::internal(format!(
+                    "import answered {other:?} instead of the placement"
+                )));
+            }
+        };
+        let (owner, log_index) = owner;
         tracing::info!(sa = %id, owner, log_index, "SA imported");
         Ok(Response::new(pb::ImportSaResponse {
             id: id.to_string(),

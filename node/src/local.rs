@@ -136,16 +136,29 @@ impl LocalCluster {
         if status.members.is_empty() {
             node1.initialize(Vec::new()).await?;
         }
-        let mut client = AdminClient::new(&self.admin_endpoints(), Duration::from_secs(2))?;
         loop {
-            // Ready means a leader, every node a voter, and every placement slot owned, so new
-            // SAs can be created at once.
-            if let Ok(status) = client.status(false).await
-                && status.leader_id.is_some()
-                && status.members.iter().filter(|m| m.voter).count() as u64 == self.nodes
-                && status.members.iter().map(|m| m.slots).sum::<u32>()
-                    == u32::from(evpc_raft_store::SLOT_COUNT)
-            {
+            // Ready means a leader, every node a voter, and every placement slot owned — as
+            // every node sees it — so new SAs can be created at once, through any node.
+            let mut ready = None;
+            for endpoint in self.admin_endpoints() {
+                let mut node = AdminClient::new(&[endpoint], Duration::from_secs(2))?;
+                match node.status(false).await {
+                    Ok(status)
+                        if status.leader_id.is_some()
+                            && status.members.iter().filter(|m| m.voter).count() as u64
+                                == self.nodes
+                            && status.members.iter().map(|m| m.slots).sum::<u32>()
+                                == u32::from(evpc_raft_store::SLOT_COUNT) =>
+                    {
+                        ready.get_or_insert(status);
+                    }
+                    _ => {
+                        ready = None;
+                        break;
+                    }
+                }
+            }
+            if let Some(status) = ready {
                 return Ok(status);
             }
             anyhow::ensure!(

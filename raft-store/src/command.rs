@@ -19,7 +19,7 @@ pub enum Command {
     /// `sa.epoch` must be [`Epoch::FIRST`]. Reserves `sa.virtual_ip` if set.
     CreateSa(Box<IkeSa>),
     /// An SA moved in from another cluster (transfer across administrative domains). The
-    /// proposer picks its owner and epoch; no slot check, since the SA was placed elsewhere.
+    /// proposer picks its epoch and owner — or owner 0: the owner of `sa.slot` at apply time.
     ImportSa(Box<IkeSa>),
     /// Changes the owner of an SA makes, applied atomically: all of them or none.
     Update {
@@ -180,6 +180,11 @@ impl fmt::Display for Command {
 pub enum Applied {
     /// Done; nothing more to report.
     Done,
+    /// A new or imported SA was stored, owned by this node.
+    Placed {
+        /// The owner.
+        owner: NodeId,
+    },
     /// The SA as it was when this command removed it (an export that fences the SA reads it
     /// here, at its exact place in the log, so no later lease can be missed).
     Removed(Box<IkeSa>),

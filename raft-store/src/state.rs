@@ -202,12 +202,24 @@ fn create_sa(state: &mut State, sa: &IkeSa) -> Response {
     insert_new_sa(state, sa)
 }
 
+/// An imported SA with owner 0 goes to whoever owns its slot when the command applies (the
+/// leader's view, not a possibly stale follower's).
 fn import_sa(state: &mut State, sa: &IkeSa) -> Response {
     if sa.epoch < Epoch::FIRST {
         return Err(Rejection::BadInitialEpoch(sa.epoch));
     }
     if sa.slot >= SLOT_COUNT {
         return Err(Rejection::SlotOutOfRange(sa.slot));
+    }
+    if sa.owner == 0 {
+        let owner = state.slots.owner(sa.slot).ok_or(Rejection::NotSlotOwner {
+            slot: sa.slot,
+            owner: None,
+            claimed: 0,
+        })?;
+        let mut placed = sa.clone();
+        placed.owner = owner;
+        return insert_new_sa(state, &placed);
     }
     insert_new_sa(state, sa)
 }
@@ -264,7 +276,7 @@ fn insert_new_sa(state: &mut State, sa: &IkeSa) -> Response {
         state.addresses.insert(addr, sa.id);
     }
     state.sas.insert(sa.id, sa.clone());
-    Ok(Applied::Done)
+    Ok(Applied::Placed { owner: sa.owner })
 }
 
 fn check_active(state: &State, node: NodeId) -> Result<(), Rejection> {

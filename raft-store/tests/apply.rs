@@ -533,7 +533,9 @@ fn batches_apply_each_command_and_do_not_nest() {
     assert_eq!(
         applied,
         Applied::Batch(vec![
-            Ok(Applied::Done),
+            Ok(Applied::Placed {
+                owner: state.sa(SaId(1)).unwrap().owner
+            }),
             Err(Rejection::UnknownSa(SaId(7))),
             Err(Rejection::NestedBatch)
         ])
