@@ -56,10 +56,31 @@ pub enum Command {
     /// IKE SAs.
     #[command(subcommand)]
     Sa(SaCommand),
+    /// Gateway nodes' data-plane state.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Move every SA off a node (at a bounded rate) and stop placing new SAs there.
+    Drain {
+        /// Node id.
+        id: u64,
+    },
+    /// Make a drained or down node active again.
+    Activate {
+        /// Node id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
+    /// Even out SA ownership over the active nodes (at a bounded rate).
+    Rebalance,
+    /// Which node answers new SAs in each placement slot.
+    Slots,
     /// Bootstrap a new cluster through the first endpoint.
     Init {
         /// Initial voters as ID=RAFT_ADDR,ADMIN_ADDR (repeat); none: the node's configured peers.
@@ -116,6 +137,15 @@ pub enum SaCommand {
     Get {
         /// SA id (16 hex digits).
         id: String,
+    },
+    /// Move an SA to another node now (planned transfer): the new owner resumes above every
+    /// sequence number the old one could have used.
+    Transfer {
+        /// SA id.
+        id: String,
+        /// The new owner.
+        #[arg(long)]
+        to: u64,
     },
     /// Delete an SA.
     Delete {
@@ -210,6 +240,17 @@ fn print_status(out: &mut dyn Write, s: &pb::StatusResponse) -> std::io::Result<
         "IKE SAs {}  child SAs {}  inner addresses {}",
         s.ike_sas, s.child_sas, s.addresses
     )?;
+    writeln!(
+        out,
+        "data plane {}  running child SAs {}  {}",
+        s.dataplane,
+        s.running_children,
+        if s.fenced {
+            format!("FENCED ({})", s.fence_reason)
+        } else {
+            "not fenced".to_owned()
+        }
+    )?;
     if !s.state_digest.is_empty() {
         writeln!(
             out,
@@ -231,6 +272,8 @@ fn print_status(out: &mut dyn Write, s: &pb::StatusResponse) -> std::io::Result<
                     .map_or_else(|| "-".into(), |i| i.to_string()),
                 m.slots.to_string(),
                 m.owned_sas.to_string(),
+                m.silence_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
             ]
         })
         .collect();
@@ -440,6 +483,91 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 print_json(out, &sa)?;
             } else {
                 print_sa(out, &sa)?;
+            }
+        }
+        Command::Sa(SaCommand::Transfer { id, to }) => {
+            client.follow_leader().await?;
+            let r = client.transfer_sa(&id, to).await?;
+            if json {
+                print_json(out, &r)?;
+            } else {
+                writeln!(
+                    out,
+                    "SA {} moved from node {} to node {} (epoch {}, log index {})",
+                    r.id, r.from, r.to, r.epoch, r.log_index
+                )?;
+            }
+        }
+        Command::Node(NodeCommand::Drain { id }) | Command::Node(NodeCommand::Activate { id }) => {
+            client.follow_leader().await?;
+            let drain = matches!(cli.command, Command::Node(NodeCommand::Drain { .. }));
+            let r = if drain {
+                client.drain_node(id).await?
+            } else {
+                client.activate_node(id).await?
+            };
+            if json {
+                print_json(out, &r)?;
+            } else {
+                writeln!(
+                    out,
+                    "node {} is {}; it owns {} SAs{}",
+                    r.id,
+                    r.gateway_state,
+                    r.owned_sas,
+                    if drain && r.owned_sas > 0 {
+                        " (they move away at the configured rate: see `sa list --owner`)"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+        }
+        Command::Cluster(ClusterCommand::Rebalance) => {
+            client.follow_leader().await?;
+            let r = client.rebalance().await?;
+            if json {
+                print_json(out, &r)?;
+            } else {
+                let mut before: Vec<_> = r.owned_before.iter().collect();
+                before.sort();
+                let shown: Vec<String> = before
+                    .iter()
+                    .map(|(n, c)| format!("node {n}: {c}"))
+                    .collect();
+                writeln!(
+                    out,
+                    "rebalancing {} SAs ({}): about {} moves",
+                    r.owned_before.values().sum::<u64>(),
+                    shown.join(", "),
+                    r.moves_planned
+                )?;
+            }
+        }
+        Command::Cluster(ClusterCommand::Slots) => {
+            client.follow_leader().await?;
+            let r = client.list_slots().await?;
+            if json {
+                print_json(out, &r)?;
+            } else {
+                // Ranges of consecutive slots with the same owner.
+                let mut rows = Vec::new();
+                let mut start = 0usize;
+                for i in 1..=r.owners.len() {
+                    if i == r.owners.len() || r.owners[i] != r.owners[start] {
+                        let owner = r.owners[start];
+                        rows.push(vec![
+                            format!("{start}-{}", i - 1),
+                            if owner == 0 {
+                                "-".into()
+                            } else {
+                                owner.to_string()
+                            },
+                        ]);
+                        start = i;
+                    }
+                }
+                writeln!(out, "{}", table(&["SLOTS", "NODE"], &rows))?;
             }
         }
         Command::Sa(SaCommand::Delete { id }) => {

@@ -247,6 +247,37 @@ impl AdminClient {
             .await
     }
 
+    /// admin.v1 TransferSa.
+    pub async fn transfer_sa(
+        &mut self,
+        id: &str,
+        to: u64,
+    ) -> Result<pb::TransferSaResponse, ClientError> {
+        self.call(|mut c| {
+            let id = id.to_owned();
+            async move { c.transfer_sa(pb::TransferSaRequest { id, to }).await }
+        })
+        .await
+    }
+
+    /// admin.v1 DrainNode.
+    pub async fn drain_node(&mut self, id: u64) -> Result<pb::NodeStateResponse, ClientError> {
+        self.call(|mut c| async move { c.drain_node(pb::NodeRequest { id }).await })
+            .await
+    }
+
+    /// admin.v1 ActivateNode.
+    pub async fn activate_node(&mut self, id: u64) -> Result<pb::NodeStateResponse, ClientError> {
+        self.call(|mut c| async move { c.activate_node(pb::NodeRequest { id }).await })
+            .await
+    }
+
+    /// admin.v1 Rebalance.
+    pub async fn rebalance(&mut self) -> Result<pb::RebalanceResponse, ClientError> {
+        self.call(|mut c| async move { c.rebalance(pb::RebalanceRequest {}).await })
+            .await
+    }
+
     /// admin.v1 ListSlots: `owners[slot]`, 0 for none.
     pub async fn list_slots(&mut self) -> Result<pb::ListSlotsResponse, ClientError> {
         self.call(|mut c| async move { c.list_slots(pb::ListSlotsRequest {}).await })

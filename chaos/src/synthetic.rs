@@ -36,6 +36,7 @@ pub fn ike_sa(id: SaId, spi_i: u64, slot: Slot, owner: NodeId, child_spi: u32) -
             start_addr: IpAddr::V4(inner),
             end_addr: IpAddr::V4(inner),
         }],
+        out_start: 1,
         out_hwm: 0,
         in_checkpoint: 0,
         rekey_generation: 0,

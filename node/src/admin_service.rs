@@ -7,13 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::admin::v1::admin_server::Admin;
 use evpc_raft_store::{
-    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, Rejection, Role, SaContext,
-    SaId, TrafficSelector, slot_for_initiator_spi,
+    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, OwnerMove, Rejection, Role,
+    SaContext, SaId, TrafficSelector, slot_for_initiator_spi,
 };
 use openraft::ServerState;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
@@ -53,6 +54,37 @@ impl AdminService {
             status.metadata_mut().insert(LEADER_ADMIN_HINT, value);
         }
         Err(status)
+    }
+
+    async fn set_gateway_state(
+        &self,
+        id: NodeId,
+        state: NodeState,
+    ) -> Result<Response<pb::NodeStateResponse>, Status> {
+        if !self.node.voters().contains(&id) {
+            return Err(Status::not_found(format!("node {id} is not a voter")));
+        }
+        let (log_index, _) = self
+            .propose(Command::SetNodeState {
+                node: id,
+                state,
+                at_ms: crate::node::now_ms(),
+            })
+            .await?;
+        tracing::info!(node = id, %state, "gateway state set by an operator");
+        let owned_sas = self
+            .node
+            .state
+            .read()
+            .sas()
+            .filter(|sa| sa.owner == id)
+            .count() as u64;
+        Ok(Response::new(pb::NodeStateResponse {
+            id,
+            gateway_state: state.to_string(),
+            owned_sas,
+            log_index,
+        }))
     }
 
     async fn propose(&self, command: Command) -> Result<(u64, Applied), Status> {
@@ -196,6 +228,7 @@ impl Admin for AdminService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let include_digest = request.into_inner().include_digest;
+        let fence = self.node.fence_reason();
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -228,6 +261,13 @@ impl Admin for AdminService {
                         .map(|m| m.as_ref().map_or(0, |l| l.index)),
                     owned_sas: owned.get(id).copied().unwrap_or(0),
                     slots: state.slots().count_for(*id) as u32,
+                    silence_ms: Some(
+                        self.node
+                            .liveness
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .silence_ms(*id, self.node.gate.now_ms()),
+                    ),
                 }
             })
             .collect();
@@ -255,6 +295,14 @@ impl Admin for AdminService {
                 String::new()
             },
             addresses: state.addresses().len() as u64,
+            fenced: fence.is_some(),
+            fence_reason: fence.map(|r| format!("{r:?}")).unwrap_or_default(),
+            dataplane: if self.node.config.dataplane.backend.is_empty() {
+                "none".into()
+            } else {
+                self.node.config.dataplane.backend.clone()
+            },
+            running_children: self.node.running_children.load(Ordering::Relaxed),
         }))
     }
 
@@ -429,6 +477,99 @@ impl Admin for AdminService {
             )));
         }
         Ok(Response::new(pb::TransferLeaderResponse { leader_id }))
+    }
+
+    async fn transfer_sa(
+        &self,
+        request: Request<pb::TransferSaRequest>,
+    ) -> Result<Response<pb::TransferSaResponse>, Status> {
+        let request = request.into_inner();
+        let id = parse_sa_id(&request.id)?;
+        let (from, epoch) = {
+            let state = self.node.state.read();
+            let sa = state
+                .sa(id)
+                .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
+            (sa.owner, sa.epoch)
+        };
+        if from == request.to {
+            return Err(Status::failed_precondition(format!(
+                "IKE SA {id} is already owned by node {from}"
+            )));
+        }
+        let command = Command::AssignOwners(vec![OwnerMove {
+            sa: id,
+            from_epoch: epoch,
+            to: request.to,
+            lease: self.node.config.ownership.move_lease,
+        }]);
+        match self.propose(command).await? {
+            (log_index, Applied::Moves(results)) => match results.into_iter().next() {
+                Some(Ok(epoch)) => {
+                    tracing::info!(sa = %id, from, to = request.to, %epoch, "SA transferred");
+                    Ok(Response::new(pb::TransferSaResponse {
+                        id: id.to_string(),
+                        from,
+                        to: request.to,
+                        epoch: epoch.0,
+                        log_index,
+                    }))
+                }
+                Some(Err(rejection)) => Err(rejection_status(rejection)),
+                None => Err(Status::internal("the move answered nothing")),
+            },
+            (_, other) => Err(Status::internal(format!("the move answered {other:?}"))),
+        }
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::NodeStateResponse>, Status> {
+        self.set_gateway_state(request.into_inner().id, NodeState::Draining)
+            .await
+    }
+
+    async fn activate_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::NodeStateResponse>, Status> {
+        self.set_gateway_state(request.into_inner().id, NodeState::Active)
+            .await
+    }
+
+    async fn rebalance(
+        &self,
+        _request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        // The leader's reconciler works it off at the configured rate.
+        self.require_leader()?;
+        let state = self.node.state.read();
+        let active: Vec<NodeId> = state
+            .nodes()
+            .iter()
+            .filter(|(_, r)| r.state == NodeState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut owned_before: std::collections::HashMap<u64, u64> =
+            active.iter().map(|n| (*n, 0)).collect();
+        for sa in state.sas() {
+            if let Some(count) = owned_before.get_mut(&sa.owner) {
+                *count += 1;
+            }
+        }
+        let total: u64 = owned_before.values().sum();
+        let share = total / (active.len().max(1) as u64);
+        let moves_planned = owned_before
+            .values()
+            .map(|c| c.saturating_sub(share + 1))
+            .sum();
+        drop(state);
+        self.node.rebalance_requested.store(true, Ordering::Relaxed);
+        Ok(Response::new(pb::RebalanceResponse {
+            owned_before,
+            moves_planned,
+        }))
     }
 
     async fn list_slots(

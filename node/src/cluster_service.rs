@@ -4,7 +4,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use evpc_proto::cluster::v1::cluster_server::Cluster;
-use evpc_proto::cluster::v1::{Proposal, ProposalResult, RaftMessage, SnapshotChunk};
+use evpc_proto::cluster::v1::{PingMessage, Proposal, ProposalResult, RaftMessage, SnapshotChunk};
 use evpc_raft_store::Command;
 use evpc_raft_store::raft::{Snapshot, SnapshotMeta, Vote};
 use tokio_stream::StreamExt;
@@ -119,6 +119,15 @@ impl Cluster for ClusterService {
             snapshot: Cursor::new(data),
         };
         reply(&self.node.raft.install_full_snapshot(vote, snapshot).await)
+    }
+
+    async fn ping(&self, request: Request<PingMessage>) -> Result<Response<PingMessage>, Status> {
+        let message = request.into_inner();
+        if message.from == 0 {
+            return Err(Status::invalid_argument("ping from node 0"));
+        }
+        crate::pinger::heard(&self.node, &message);
+        Ok(Response::new(crate::pinger::message(&self.node)))
     }
 
     async fn propose(

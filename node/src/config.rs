@@ -23,6 +23,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+
 use std::path::{Path, PathBuf};
 
 use evpc_raft_store::NodeId;
@@ -49,6 +50,96 @@ pub struct NodeConfig {
     /// Raft tuning.
     #[serde(default)]
     pub raft: RaftTuning,
+    /// SA ownership: failure detection, fencing, leases, checkpoints, planned moves.
+    #[serde(default)]
+    pub ownership: OwnershipConfig,
+    /// The data plane this node runs.
+    #[serde(default)]
+    pub dataplane: DataplaneConfig,
+    /// File holding the cluster key (64 hex digits) that seals SA keys in the replicated log.
+    /// Every node of a cluster needs the same key; without one, SAs carry no keys this node
+    /// can open (enough for the probe data plane, not for ESP).
+    #[serde(default)]
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+/// SA ownership settings (milliseconds unless noted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OwnershipConfig {
+    /// A voter silent this long is declared down and its SAs move to the survivors.
+    pub failover_ms: u64,
+    /// A node that hears no quorum (or not a live leader) this long stops its data plane.
+    /// Must be below `failover_ms`, so a silent node has stopped before anyone takes over.
+    pub fence_ms: u64,
+    /// Smallest sequence-number lease.
+    pub lease_min: u64,
+    /// Largest sequence-number lease.
+    pub lease_max: u64,
+    /// A busy SA commits a lease about this often.
+    pub lease_interval_ms: u64,
+    /// Inbound replay checkpoint after this many packets...
+    pub checkpoint_packets: u64,
+    /// ...or this long.
+    pub checkpoint_ms: u64,
+    /// Where a taken-over child's replay window starts: "accept" (at the checkpoint; packets
+    /// after it may be accepted once more) or "jump" (`replay_jump` above it; no replay, that
+    /// many fresh packets dropped).
+    pub replay_gap: String,
+    /// Margin for `replay_gap = "jump"`.
+    pub replay_jump: u64,
+    /// Sequence numbers granted to the new owner with each move.
+    pub move_lease: u64,
+    /// Drain and rebalance move at most this many SAs per second.
+    pub moves_per_second: u64,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        OwnershipConfig {
+            failover_ms: 300,
+            fence_ms: 200,
+            lease_min: 1024,
+            lease_max: 1 << 24,
+            lease_interval_ms: 1_000,
+            checkpoint_packets: 4_096,
+            checkpoint_ms: 1_000,
+            replay_gap: "accept".into(),
+            replay_jump: 1024,
+            move_lease: 4_096,
+            moves_per_second: 500,
+        }
+    }
+}
+
+/// Which data plane runs, and its settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// "none" (control plane only), "probe" (test traffic to a collector).
+    pub backend: String,
+    /// Probe settings.
+    pub probe: ProbeConfig,
+}
+
+/// The probe data plane: consumes sequence numbers like real traffic and reports every range
+/// it used to a collector, so a separate process can check all nodes' numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Where to send the reports (UDP).
+    pub collector: Option<SocketAddr>,
+    /// Packets per second per child SA.
+    pub pps_per_child: u64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            collector: None,
+            pps_per_child: 20,
+        }
+    }
 }
 
 /// Another member's addresses.
@@ -216,6 +307,45 @@ impl NodeConfig {
         if self.raft.snapshot_every == 0 {
             return Err("raft.snapshot_every must be positive".into());
         }
+        let o = &self.ownership;
+        if o.fence_ms >= o.failover_ms {
+            return Err(format!(
+                "ownership.fence_ms ({}) must be below failover_ms ({}): a silent node must have \
+                 stopped before its SAs are handed over",
+                o.fence_ms, o.failover_ms
+            ));
+        }
+        if o.fence_ms < 2 * t.heartbeat_ms {
+            return Err(format!(
+                "ownership.fence_ms ({}) must be at least twice timeouts.heartbeat_ms ({}), or \
+                 healthy nodes fence between two pings",
+                o.fence_ms, t.heartbeat_ms
+            ));
+        }
+        if o.lease_min == 0 || o.lease_min > o.lease_max {
+            return Err("ownership.lease_min must be positive and at most lease_max".into());
+        }
+        if o.moves_per_second == 0 || o.lease_interval_ms == 0 {
+            return Err("ownership.moves_per_second and lease_interval_ms must be positive".into());
+        }
+        if !matches!(o.replay_gap.as_str(), "accept" | "jump") {
+            return Err(format!(
+                "ownership.replay_gap is {:?}; expected \"accept\" or \"jump\"",
+                o.replay_gap
+            ));
+        }
+        match self.dataplane.backend.as_str() {
+            "" | "none" => {}
+            "probe" if self.dataplane.probe.collector.is_none() => {
+                return Err("dataplane.backend = \"probe\" needs dataplane.probe.collector".into());
+            }
+            "probe" => {}
+            other => {
+                return Err(format!(
+                    "dataplane.backend {other:?} is not known; expected \"none\" or \"probe\""
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -262,6 +392,7 @@ mod tests {
     fn a_good_config_parses_with_defaults() {
         let config = NodeConfig::parse(GOOD).unwrap();
         assert_eq!(config.id, 1);
+        assert_eq!(config.ownership, OwnershipConfig::default());
         assert_eq!(config.peers.len(), 1);
         assert_eq!(config.timeouts, Timeouts::default());
         config.raft_config().unwrap();
@@ -279,5 +410,15 @@ mod tests {
                 .contains("twice heartbeat_ms")
         );
         assert!(invalid("id = 1").contains("missing field"));
+        assert!(
+            invalid(&format!("{GOOD}\n[ownership]\nfence_ms = 400")).contains("below failover_ms")
+        );
+        assert!(
+            invalid(&format!("{GOOD}\n[ownership]\nreplay_gap = \"maybe\"")).contains("replay_gap")
+        );
+        assert!(
+            invalid(&format!("{GOOD}\n[dataplane]\nbackend = \"probe\"")).contains("collector")
+        );
+        assert!(invalid(&format!("{GOOD}\n[dataplane]\nbackend = \"warp\"")).contains("not known"));
     }
 }

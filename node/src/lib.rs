@@ -24,10 +24,15 @@ pub mod cluster_service;
 pub mod config;
 pub mod local;
 pub mod node;
+pub mod owner;
+pub mod ownership;
 pub mod peers;
+pub mod pinger;
 pub mod placement;
+pub mod probe;
 pub mod raft_network;
 pub mod reconciler;
+pub mod sealing;
 pub mod server;
 pub mod wire;
 

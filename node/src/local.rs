@@ -13,7 +13,9 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::config::{NodeConfig, PeerConfig, RaftTuning, Timeouts};
+use crate::config::{
+    DataplaneConfig, NodeConfig, OwnershipConfig, PeerConfig, RaftTuning, Timeouts,
+};
 
 /// What `local` runs.
 #[derive(Clone, Debug)]
@@ -28,6 +30,12 @@ pub struct LocalCluster {
     pub timeouts: Timeouts,
     /// Raft tuning for every node.
     pub raft: RaftTuning,
+    /// Ownership settings for every node.
+    pub ownership: OwnershipConfig,
+    /// Data plane for every node.
+    pub dataplane: DataplaneConfig,
+    /// The cluster key file every node uses.
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 impl LocalCluster {
@@ -39,6 +47,9 @@ impl LocalCluster {
             base_port,
             timeouts: Timeouts::default(),
             raft: RaftTuning::default(),
+            ownership: OwnershipConfig::default(),
+            dataplane: DataplaneConfig::default(),
+            cluster_key_file: None,
         }
     }
 }
@@ -78,6 +89,9 @@ impl LocalCluster {
                 .collect(),
             timeouts: self.timeouts.clone(),
             raft: self.raft.clone(),
+            ownership: self.ownership.clone(),
+            dataplane: self.dataplane.clone(),
+            cluster_key_file: self.cluster_key_file.clone(),
         }
     }
 

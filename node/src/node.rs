@@ -1,8 +1,10 @@
 //! One gateway node: its Raft member, its view of the replicated state, and the way it gets a
 //! command committed from wherever it runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use evpc_proto::cluster::v1::Proposal;
@@ -13,9 +15,12 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::rt::WatchReceiver;
 
 use crate::config::NodeConfig;
+use crate::ownership::liveness::{FenceReason, Liveness};
 use crate::peers::Peers;
 use crate::raft_network::NetworkFactory;
+use crate::sealing::ClusterKey;
 use crate::wire;
+use evpc_dataplane::FenceGate;
 
 /// How long `propose` keeps trying to find a leader before it gives up.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(5);
@@ -115,6 +120,18 @@ pub struct Node {
     pub state: StateReader,
     /// Channels to the other members.
     pub peers: Peers,
+    /// Whether the data plane may run; also this node's monotonic clock (`gate.now_ms()`).
+    pub gate: Arc<FenceGate>,
+    /// Who this node hears, kept by the pinger.
+    pub liveness: Mutex<Liveness>,
+    /// Why the data plane is fenced, if it is.
+    pub fence: Mutex<Option<FenceReason>>,
+    /// Seals and opens SA keys; `None` without `cluster_key_file`.
+    pub cluster_key: Option<ClusterKey>,
+    /// An operator asked for a rebalance (the leader's reconciler works it off).
+    pub rebalance_requested: AtomicBool,
+    /// Child SAs the data plane drives now.
+    pub running_children: AtomicU64,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the times proposers put into commands.
@@ -130,6 +147,11 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
+        let cluster_key = config
+            .cluster_key_file
+            .as_deref()
+            .map(ClusterKey::load)
+            .transpose()?;
         let (log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
         let state = state_machine.reader();
         let peers = Peers::new(Duration::from_millis(config.timeouts.rpc_ms));
@@ -149,12 +171,23 @@ impl Node {
             applied = *state.applied_index().borrow(),
             "raft member started"
         );
+        let gate = Arc::new(FenceGate::new());
+        let liveness = Mutex::new(Liveness::new(config.id, gate.now_ms()));
         Ok(Arc::new(Node {
             id: config.id,
             config,
             raft,
             state,
             peers,
+            gate,
+            liveness,
+            fence: Mutex::new(Some(FenceReason::NoQuorum {
+                heard: 1,
+                needed: 1,
+            })),
+            cluster_key,
+            rebalance_requested: AtomicBool::new(false),
+            running_children: AtomicU64::new(0),
         }))
     }
 
@@ -187,6 +220,22 @@ impl Node {
         let leader = metrics.current_leader?;
         let member = metrics.membership_config.get_node(&leader)?.clone();
         Some((leader, member))
+    }
+
+    /// The Raft voters as this node knows them.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Why the data plane is fenced now, if it is.
+    pub fn fence_reason(&self) -> Option<FenceReason> {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether this node is the leader right now.

@@ -11,7 +11,9 @@ use crate::cluster_service::ClusterService;
 use crate::config::NodeConfig;
 use crate::node::Node;
 use crate::peers::MAX_MESSAGE_BYTES;
-use crate::reconciler;
+use crate::probe::ProbeDriver;
+use crate::{owner, pinger, reconciler};
+use evpc_dataplane::SaDriver;
 
 /// A node with its servers running.
 pub struct RunningNode {
@@ -59,11 +61,24 @@ impl RunningNode {
             shutdown.subscribe(),
             move |mut server| server.add_service(admin),
         ));
-        let reconcile = reconciler::run(node.clone(), shutdown.subscribe());
-        tasks.push(tokio::spawn(async move {
-            reconcile.await;
-            Ok(())
-        }));
+        tasks.push(tokio::spawn(reconciler::run(
+            node.clone(),
+            shutdown.subscribe(),
+        )));
+        tasks.push(tokio::spawn(pinger::run(
+            node.clone(),
+            shutdown.subscribe(),
+        )));
+        if let Some(driver) = dataplane(&node)? {
+            tracing::info!(backend = driver.name(), "data plane running");
+            tasks.push(tokio::spawn(owner::run(
+                node.clone(),
+                driver,
+                shutdown.subscribe(),
+            )));
+        } else {
+            tracing::info!("no data plane (dataplane.backend = \"none\"): control plane only");
+        }
         tasks.push(tokio::spawn(log_leader_changes(
             node.clone(),
             shutdown.subscribe(),
@@ -89,6 +104,27 @@ impl RunningNode {
         tracing::info!(node = self.node.id, "stopped");
         Ok(())
     }
+}
+
+/// The data-plane backend the configuration asks for.
+fn dataplane(node: &Arc<Node>) -> anyhow::Result<Option<Arc<dyn SaDriver>>> {
+    let config = &node.config.dataplane;
+    Ok(match config.backend.as_str() {
+        "" | "none" => None,
+        "probe" => {
+            let collector = config
+                .probe
+                .collector
+                .ok_or_else(|| anyhow::anyhow!("dataplane.probe.collector is required"))?;
+            Some(Arc::new(ProbeDriver::start(
+                node.id,
+                collector,
+                config.probe.pps_per_child,
+                node.gate.clone(),
+            )?))
+        }
+        other => anyhow::bail!("unknown data plane backend {other:?}"),
+    })
 }
 
 /// Logs each change of leader or term as this node sees it: operators read elections off the

@@ -51,6 +51,7 @@ fn foreign_sa(id: u64) -> Vec<u8> {
         keys: SealedKeys(vec![1; 72]),
         ts_local: vec![],
         ts_remote: vec![],
+        out_start: 1,
         out_hwm: 5_000 + id,
         in_checkpoint: 4_000,
         rekey_generation: 2,

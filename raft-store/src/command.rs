@@ -137,6 +137,10 @@ pub enum SaUpdate {
 }
 
 /// Move one SA to a new owner, fenced by the epoch the proposer saw.
+///
+/// Each child's range restarts above the old owner's mark: `out_start = out_hwm + 1`, and the
+/// new owner gets a first lease of `lease` sequence numbers in the same entry, so it can send at
+/// once without another commit.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerMove {
     /// The SA.
@@ -145,6 +149,8 @@ pub struct OwnerMove {
     pub from_epoch: Epoch,
     /// The new owner.
     pub to: NodeId,
+    /// Sequence numbers granted to the new owner for each child.
+    pub lease: u64,
 }
 
 /// Point one slot at a node (or at nobody).

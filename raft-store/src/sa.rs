@@ -177,8 +177,11 @@ pub struct ChildSa {
     pub ts_local: Vec<TrafficSelector>,
     /// The peer's traffic selectors.
     pub ts_remote: Vec<TrafficSelector>,
+    /// First outbound sequence number of the current owner's range: 1 for a new child; on a
+    /// change of owner, one above the previous owner's last mark.
+    pub out_start: u64,
     /// Outbound sequence-number lease: the owner never sends a sequence number above this.
-    /// A new owner starts at `out_hwm + 1`.
+    /// A new owner starts at `out_start`, above everything an earlier owner could have used.
     pub out_hwm: u64,
     /// Highest authenticated inbound sequence number the owner reported; a new owner's replay
     /// window refuses everything at or below it.

@@ -527,12 +527,23 @@ fn delete_sa(state: &mut State, id: SaId, epoch: Option<Epoch>) -> Response {
 }
 
 /// Invariant: ownership only moves to an active node, and each move bumps the epoch by one.
+/// Invariant: the new owner's range starts above everything the old owner could have used.
 fn assign_owner(state: &mut State, m: &OwnerMove) -> Result<Epoch, Rejection> {
     check_active(state, m.to)?;
     let sa = state.sas.get_mut(&m.sa).ok_or(Rejection::UnknownSa(m.sa))?;
     check_epoch(sa, m.from_epoch)?;
     sa.owner = m.to;
     sa.epoch = sa.epoch.next();
+    for child in sa.children.values_mut() {
+        let max = if child.suite.esn {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        // An exhausted counter stays exhausted (out_start > out_hwm): the child must be rekeyed.
+        child.out_start = child.out_hwm.saturating_add(1);
+        child.out_hwm = child.out_hwm.saturating_add(m.lease).min(max);
+    }
     Ok(sa.epoch)
 }
 

@@ -233,11 +233,13 @@ fn a_stale_epoch_is_fenced_off_after_a_move() {
                 sa: SaId(1),
                 from_epoch: Epoch(1),
                 to,
+                lease: 1000,
             },
             OwnerMove {
                 sa: SaId(99),
                 from_epoch: Epoch(1),
                 to,
+                lease: 1000,
             },
         ]),
     );
@@ -246,9 +248,12 @@ fn a_stale_epoch_is_fenced_off_after_a_move() {
         Applied::Moves(vec![Ok(Epoch(2)), Err(Rejection::UnknownSa(SaId(99)))])
     );
     assert_eq!(state.sa(SaId(1)).unwrap().owner, to);
+    // The new owner's range starts above the old mark, with a first lease granted in the move.
+    let child = state.child(100).unwrap().1;
+    assert_eq!((child.out_start, child.out_hwm), (1, 1000));
     let lease = SaUpdate::SeqLease {
         in_spi: 100,
-        out_hwm: 500,
+        out_hwm: 1500,
         in_checkpoint: None,
     };
     assert_eq!(
@@ -268,6 +273,7 @@ fn a_stale_epoch_is_fenced_off_after_a_move() {
                 sa: SaId(1),
                 from_epoch: Epoch(1),
                 to: owner,
+                lease: 1000,
             }])
         ),
         Applied::Moves(vec![Err(Rejection::StaleEpoch {

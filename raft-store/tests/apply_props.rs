@@ -207,6 +207,7 @@ fn to_command(state: &State, op: &Op) -> Command {
             sa: SaId(*id),
             from_epoch: Epoch(*from),
             to: *to,
+            lease: 700,
         }]),
         Op::Slots(slots) => Command::SetSlots(
             slots
@@ -232,9 +233,22 @@ fn to_command(state: &State, op: &Op) -> Command {
     }
 }
 
+/// SAs a command deletes (a batch may delete an SA and create another with the same id).
+fn deleted_by(command: &Command) -> Vec<SaId> {
+    match command {
+        Command::DeleteSa { sa, .. } => vec![*sa],
+        Command::Batch(commands) => commands.iter().flat_map(deleted_by).collect(),
+        _ => vec![],
+    }
+}
+
 /// Counters of one SA that must never move backwards while the SA exists.
-fn check_monotonic(before: &State, after: &State) -> Result<(), TestCaseError> {
+fn check_monotonic(before: &State, after: &State, command: &Command) -> Result<(), TestCaseError> {
+    let deleted = deleted_by(command);
     for old in before.sas() {
+        if deleted.contains(&old.id) {
+            continue;
+        }
         let Some(new) = after.sa(old.id) else {
             continue;
         };
@@ -252,11 +266,21 @@ fn check_monotonic(before: &State, after: &State) -> Result<(), TestCaseError> {
         prop_assert!(new.rekey_generation >= old.rekey_generation);
         for (spi, child) in &old.children {
             // A child keeps its counters wherever it lives (it may move to a rekeyed IKE SA).
-            if let Some((_, now)) = after.child(*spi) {
+            if let Some((sa, now)) = after.child(*spi) {
+                if deleted.contains(&sa.id) {
+                    continue;
+                }
                 prop_assert!(
                     now.out_hwm >= child.out_hwm,
                     "out_hwm regressed on {spi:08x}"
                 );
+                // A change of owner starts the new range above the old mark.
+                if sa.epoch != old.epoch && sa.id == old.id {
+                    prop_assert!(
+                        now.out_start > child.out_hwm,
+                        "the new owner's range overlaps the old one on {spi:08x}"
+                    );
+                }
                 prop_assert!(now.in_checkpoint >= child.in_checkpoint);
                 prop_assert!(now.rekey_generation >= child.rekey_generation);
                 if !child.suite.esn {
@@ -287,7 +311,7 @@ proptest! {
             if let Err(broken) = state.check_invariants() {
                 return Err(TestCaseError::fail(format!("after {command}: {broken}")));
             }
-            check_monotonic(&before, &state)?;
+            check_monotonic(&before, &state, &command)?;
         }
         // Not a vacuous run: the generators must reach accepted commands.
         prop_assume!(accepted > 0);

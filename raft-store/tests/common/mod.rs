@@ -53,6 +53,7 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
         keys: SealedKeys(vec![7; 60]),
         ts_local: vec![any],
         ts_remote: vec![any],
+        out_start: 1,
         out_hwm: 0,
         in_checkpoint: 0,
         rekey_generation: 0,

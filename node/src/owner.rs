@@ -1,0 +1,156 @@
+//! Runs the owner runtime against this node's data plane: reacts to the applied state (start,
+//! extend, stop), ticks leases and checkpoints, forwards fence changes to the backend.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use evpc_dataplane::SaDriver;
+use evpc_raft_store::{Applied, Response};
+use tokio::sync::{mpsc, watch};
+
+use crate::node::Node;
+use crate::ownership::runtime::{Action, OwnerConfig, OwnerRuntime, ReplayGapPolicy};
+use crate::sealing::Opener;
+
+/// How often leases and checkpoints are looked at.
+const TICK: Duration = Duration::from_millis(20);
+/// Applied-state changes closer together than this are handled together.
+const DEBOUNCE: Duration = Duration::from_millis(2);
+
+/// The owner runtime's settings from the node configuration.
+pub fn owner_config(node: &Node) -> OwnerConfig {
+    let o = &node.config.ownership;
+    OwnerConfig {
+        lease_min: o.lease_min,
+        lease_max: o.lease_max,
+        lease_interval_ms: o.lease_interval_ms,
+        checkpoint_packets: o.checkpoint_packets,
+        checkpoint_ms: o.checkpoint_ms,
+        replay_gap: if o.replay_gap == "jump" {
+            ReplayGapPolicy::Jump {
+                margin: o.replay_jump,
+            }
+        } else {
+            ReplayGapPolicy::Accept
+        },
+        retry_ms: 500,
+    }
+}
+
+fn refused(response: &Response) -> bool {
+    match response {
+        Err(_) => true,
+        Ok(Applied::Batch(results)) => results.iter().any(refused),
+        Ok(_) => false,
+    }
+}
+
+/// Drives `driver` for `node` until `shutdown`.
+pub async fn run(
+    node: Arc<Node>,
+    driver: Arc<dyn SaDriver>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // Wait until the state machine has re-applied what was committed before a restart, so the
+    // first view is not older than this node's last incarnation.
+    if let Err(e) = node
+        .raft
+        .wait_for_recovery(Some(Duration::from_secs(30)))
+        .await
+    {
+        tracing::warn!(error = %e, "state machine recovery not confirmed; starting anyway");
+    }
+    let mut runtime = OwnerRuntime::new(node.id, owner_config(&node));
+    let mut applied = node.state.applied_index();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<()>();
+    let mut fenced = None;
+    let mut state_changed = true;
+    loop {
+        if state_changed {
+            let actions = {
+                let state = node.state.read();
+                runtime.on_state(
+                    &state,
+                    node.gate.now_ms(),
+                    &Opener(node.cluster_key.as_ref()),
+                )
+            };
+            execute(&node, &*driver, actions, &failed_tx);
+            node.running_children
+                .store(runtime.running().count() as u64, Ordering::Relaxed);
+            state_changed = false;
+        }
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                state_changed = true;
+            }
+            _ = tick.tick() => {
+                let now_fenced = node.fence_reason().is_some();
+                if fenced != Some(now_fenced) {
+                    driver.set_fenced(now_fenced);
+                    fenced = Some(now_fenced);
+                }
+                let actions = runtime.on_tick(node.gate.now_ms(), &|spi| driver.counters(spi));
+                execute(&node, &*driver, actions, &failed_tx);
+            }
+            Some(()) = failed_rx.recv() => runtime.on_proposal_failed(),
+        }
+    }
+    for (in_spi, _, _) in runtime.running().collect::<Vec<_>>() {
+        driver.stop(in_spi);
+    }
+    Ok(())
+}
+
+fn execute(
+    node: &Arc<Node>,
+    driver: &dyn SaDriver,
+    actions: Vec<Action>,
+    failed: &mpsc::UnboundedSender<()>,
+) {
+    for action in actions {
+        match action {
+            Action::Start(child) => {
+                let in_spi = child.in_spi;
+                if let Err(e) = driver.start(*child) {
+                    tracing::error!(in_spi = format_args!("{in_spi:08x}"), error = %e, "data plane refused a child SA");
+                }
+            }
+            Action::Extend { in_spi, limit } => driver.extend(in_spi, limit),
+            Action::Stop { in_spi } => {
+                if let Some(c) = driver.stop(in_spi) {
+                    tracing::info!(
+                        in_spi = format_args!("{in_spi:08x}"),
+                        highest_out = c.highest_out,
+                        highest_in = c.highest_in,
+                        "stopped child SA"
+                    );
+                }
+            }
+            Action::Propose(command) => {
+                let (node, failed) = (node.clone(), failed.clone());
+                tokio::spawn(async move {
+                    match node.propose(command).await {
+                        Ok(p) if !refused(&p.response) => {}
+                        Ok(p) => {
+                            tracing::debug!(response = ?p.response, "lease or checkpoint refused");
+                            let _ = failed.send(());
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "lease or checkpoint not committed");
+                            let _ = failed.send(());
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

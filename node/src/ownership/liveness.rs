@@ -1,0 +1,283 @@
+//! Who this node can hear, and whether it may keep processing its SAs (the fence).
+//!
+//! Every node pings every voter each heartbeat and records when it last heard from each (a ping
+//! *or* a ping answer), together with what the peer said about its own contact with the leader.
+//! From that table come two decisions, both pure functions of (table, now):
+//!
+//! - **the fence** (every node, for itself): this node may process packets only while it hears
+//!   a quorum of voters, and — when some peer it hears is in contact with a leader other than
+//!   this node — only while it hears that leader too. A node cut off from the cluster therefore
+//!   stops within `fence_ms`, while during an election (no leader anywhere) healthy nodes that
+//!   still hear each other keep their tunnels running;
+//! - **failure detection** (the leader, for the others): a voter not heard from for
+//!   `failover_ms` is declared down. With `fence_ms < failover_ms`, such a node has fenced
+//!   itself before its SAs are handed to anyone else.
+//!
+//! Times are milliseconds on a monotonic clock the caller chooses (virtual in tests).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use evpc_raft_store::NodeId;
+
+/// What a node tells its peers in each ping and ping answer.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerView {
+    /// The leader it follows (or is), if any.
+    pub leader: Option<NodeId>,
+    /// How long ago it last heard that leader (0 when it is the leader); `None` if never.
+    pub leader_contact_age_ms: Option<u64>,
+}
+
+#[derive(Copy, Clone, Debug)]
+struct Contact {
+    last_heard_ms: u64,
+    view: PeerView,
+}
+
+/// Why the fence is closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceReason {
+    /// Fewer than a majority of voters (this node included) heard within the fence timeout.
+    NoQuorum {
+        /// Voters heard (this node included).
+        heard: usize,
+        /// Voters needed.
+        needed: usize,
+    },
+    /// A peer is in contact with leader `leader`, which this node has not heard from.
+    LeaderUnreachable {
+        /// The leader.
+        leader: NodeId,
+    },
+}
+
+/// The contact table of one node.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    me: NodeId,
+    started_ms: u64,
+    contacts: BTreeMap<NodeId, Contact>,
+}
+
+impl Liveness {
+    /// A table for node `me`, started at `now_ms` (silence is counted from there for peers
+    /// never heard from).
+    pub fn new(me: NodeId, now_ms: u64) -> Liveness {
+        Liveness {
+            me,
+            started_ms: now_ms,
+            contacts: BTreeMap::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Records that `peer` was heard at `now_ms` (its ping, or its answer to ours).
+    pub fn heard(&mut self, peer: NodeId, now_ms: u64, view: PeerView) {
+        if peer == self.me {
+            return;
+        }
+        let contact = self.contacts.entry(peer).or_insert(Contact {
+            last_heard_ms: now_ms,
+            view,
+        });
+        contact.last_heard_ms = contact.last_heard_ms.max(now_ms);
+        contact.view = view;
+    }
+
+    /// How long `peer` has been silent: since its last message, or since this table started if
+    /// it was never heard. Zero for this node.
+    pub fn silence_ms(&self, peer: NodeId, now_ms: u64) -> u64 {
+        if peer == self.me {
+            return 0;
+        }
+        let since = self
+            .contacts
+            .get(&peer)
+            .map_or(self.started_ms, |c| c.last_heard_ms);
+        now_ms.saturating_sub(since)
+    }
+
+    /// What this node tells its peers, given the leader it knows.
+    pub fn view(&self, leader: Option<NodeId>, now_ms: u64) -> PeerView {
+        PeerView {
+            leader,
+            leader_contact_age_ms: leader.map(|l| self.silence_ms(l, now_ms)),
+        }
+    }
+
+    /// Whether this node must stop processing packets now, and why.
+    ///
+    /// Invariant: a node that has heard nobody for `fence_ms` is fenced (it cannot hear a
+    /// quorum), so a leader that declares it down after `failover_ms > fence_ms` of silence
+    /// never hands its SAs to another owner while it still processes them.
+    pub fn fence(
+        &self,
+        voters: &BTreeSet<NodeId>,
+        now_ms: u64,
+        fence_ms: u64,
+    ) -> Option<FenceReason> {
+        let hears = |node: NodeId| self.silence_ms(node, now_ms) < fence_ms;
+        let needed = voters.len() / 2 + 1;
+        let heard =
+            voters.iter().filter(|v| hears(**v)).count() + usize::from(!voters.contains(&self.me));
+        if heard < needed {
+            return Some(FenceReason::NoQuorum { heard, needed });
+        }
+        for (peer, contact) in &self.contacts {
+            if !hears(*peer) || !voters.contains(peer) {
+                continue;
+            }
+            if let (Some(leader), Some(age)) =
+                (contact.view.leader, contact.view.leader_contact_age_ms)
+                && leader != self.me
+                && age < fence_ms
+                && !hears(leader)
+            {
+                return Some(FenceReason::LeaderUnreachable { leader });
+            }
+        }
+        None
+    }
+
+    /// Until when (on the same clock) the fence stays open if nothing more is heard: the moment
+    /// the quorum condition would fail. `None` if it is closed now.
+    pub fn open_until(&self, voters: &BTreeSet<NodeId>, now_ms: u64, fence_ms: u64) -> Option<u64> {
+        if self.fence(voters, now_ms, fence_ms).is_some() {
+            return None;
+        }
+        let needed = voters.len() / 2 + 1;
+        // Deadlines of each voter's contact, this node's own never expiring.
+        let mut deadlines: Vec<u64> = voters
+            .iter()
+            .map(|v| {
+                if *v == self.me {
+                    u64::MAX
+                } else {
+                    now_ms.saturating_sub(self.silence_ms(*v, now_ms)) + fence_ms
+                }
+            })
+            .collect();
+        deadlines.sort_unstable_by(|a, b| b.cmp(a));
+        // The quorum holds until the `needed`-th freshest contact expires.
+        deadlines
+            .get(needed.saturating_sub(1))
+            .copied()
+            .or(Some(u64::MAX))
+    }
+
+    /// Voters silent for longer than `failover_ms`: the leader declares them down.
+    pub fn silent_voters(
+        &self,
+        voters: &BTreeSet<NodeId>,
+        now_ms: u64,
+        failover_ms: u64,
+    ) -> BTreeSet<NodeId> {
+        voters
+            .iter()
+            .copied()
+            .filter(|v| *v != self.me && self.silence_ms(*v, now_ms) > failover_ms)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn voters() -> BTreeSet<NodeId> {
+        BTreeSet::from([1, 2, 3])
+    }
+
+    fn view(leader: NodeId, age: u64) -> PeerView {
+        PeerView {
+            leader: Some(leader),
+            leader_contact_age_ms: Some(age),
+        }
+    }
+
+    #[test]
+    fn a_node_that_hears_nobody_fences_itself() {
+        let mut l = Liveness::new(1, 0);
+        l.heard(2, 100, view(2, 0));
+        l.heard(3, 100, view(2, 10));
+        assert_eq!(l.fence(&voters(), 150, 200), None);
+        assert_eq!(l.open_until(&voters(), 150, 200), Some(300));
+        // One peer still heard: 2 of 3 is a quorum.
+        l.heard(2, 250, view(2, 0));
+        assert_eq!(l.fence(&voters(), 350, 200), None);
+        // Nobody for 200 ms: fenced.
+        assert_eq!(
+            l.fence(&voters(), 451, 200),
+            Some(FenceReason::NoQuorum {
+                heard: 1,
+                needed: 2
+            })
+        );
+        assert_eq!(l.open_until(&voters(), 451, 200), None);
+    }
+
+    #[test]
+    fn during_an_election_nodes_that_hear_each_other_keep_running() {
+        // Leader 3 died; 1 and 2 hear each other and no leader.
+        let mut l = Liveness::new(1, 0);
+        l.heard(2, 1_000, PeerView::default());
+        assert_eq!(l.fence(&voters(), 1_050, 200), None);
+    }
+
+    #[test]
+    fn a_node_cut_off_from_a_live_leader_fences_even_with_a_quorum() {
+        // 1 hears 2, 2 is in contact with leader 3, 1 has not heard 3 for long.
+        let mut l = Liveness::new(1, 0);
+        l.heard(3, 100, view(3, 0));
+        l.heard(2, 1_000, view(3, 20));
+        assert_eq!(
+            l.fence(&voters(), 1_010, 200),
+            Some(FenceReason::LeaderUnreachable { leader: 3 })
+        );
+        // The peer's own contact with the leader is stale too: an election is on, keep going.
+        l.heard(2, 1_000, view(3, 500));
+        assert_eq!(l.fence(&voters(), 1_010, 200), None);
+    }
+
+    #[test]
+    fn the_leader_declares_down_only_after_the_failover_timeout() {
+        let mut l = Liveness::new(1, 0);
+        l.heard(2, 1_000, view(1, 0));
+        l.heard(3, 1_000, view(1, 0));
+        assert!(l.silent_voters(&voters(), 1_300, 300).is_empty());
+        l.heard(2, 1_250, view(1, 0));
+        assert_eq!(l.silent_voters(&voters(), 1_301, 300), BTreeSet::from([3]));
+        // Never heard: silent since the table started.
+        let fresh = Liveness::new(1, 5_000);
+        assert!(fresh.silent_voters(&voters(), 5_200, 300).is_empty());
+        assert_eq!(fresh.silent_voters(&voters(), 5_301, 300).len(), 2);
+    }
+
+    #[test]
+    fn fence_before_failover_for_any_silent_node() {
+        // For any last-contact time, the silent node's own fence closes before the leader's
+        // failure detector fires (fence 200 ms < failover 300 ms).
+        for last in [0u64, 17, 250, 999] {
+            let mut silent = Liveness::new(3, 0);
+            silent.heard(1, last, view(1, 0));
+            silent.heard(2, last, view(1, 5));
+            let mut leader = Liveness::new(1, 0);
+            leader.heard(2, 10_000, view(1, 0));
+            leader.heard(3, last, view(1, 0));
+            let declared_at = (last..)
+                .find(|t| leader.silent_voters(&voters(), *t, 300).contains(&3))
+                .unwrap();
+            let fenced_at = (last..)
+                .find(|t| silent.fence(&voters(), *t, 200).is_some())
+                .unwrap();
+            assert!(
+                fenced_at < declared_at,
+                "last {last}: fenced {fenced_at} declared {declared_at}"
+            );
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! What the leader proposes to keep placement right: registry, failure takeover, drain,
+//! rebalance and slots, as one batch. A pure function of the applied state, the Raft
+//! membership and the leader's contact table.
+//!
+//! In order, within one [`Command::Batch`]:
+//! 1. voters missing from the registry are registered active; registered nodes that left the
+//!    membership are marked down;
+//! 2. voters silent for longer than `failover_ms` are marked down (which frees their slots);
+//!    down voters heard again are active again;
+//! 3. every SA owned by a node that is down (or gone) moves — all of them, in this batch — to
+//!    the active nodes, least loaded first, so each survivor takes about 1/(n−1);
+//! 4. SAs of draining nodes, and (when asked) SAs of overloaded nodes, move at most
+//!    `moves_per_round` per round, so the cluster stays responsive;
+//! 5. the slot map is rebalanced over the active nodes.
+//!
+//! Every move carries a first lease for the new owner (`OwnerMove::lease`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use evpc_raft_store::{Command, NodeId, NodeState, OwnerMove, SaId, State};
+
+use super::liveness::Liveness;
+use crate::placement::plan_slots;
+
+/// Planner settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannerConfig {
+    /// A voter silent this long is declared down.
+    pub failover_ms: u64,
+    /// Sequence numbers granted to a new owner per child with each move.
+    pub move_lease: u64,
+    /// Planned moves (drain, rebalance) per round.
+    pub moves_per_round: usize,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            failover_ms: 300,
+            move_lease: 4_096,
+            moves_per_round: 100,
+        }
+    }
+}
+
+/// The leader's view this round.
+#[derive(Debug)]
+pub struct PlanInput<'a> {
+    /// The applied state.
+    pub state: &'a State,
+    /// Raft voters.
+    pub voters: &'a BTreeSet<NodeId>,
+    /// The leader's contact table.
+    pub liveness: &'a Liveness,
+    /// Monotonic ms (the contact table's clock).
+    pub now_ms: u64,
+    /// Wall-clock ms, for the registry's `since_ms`.
+    pub wall_ms: u64,
+    /// Move SAs from overloaded to underloaded nodes this round.
+    pub rebalance: bool,
+}
+
+/// What the planner decided.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// The batch to propose, if anything is to change.
+    pub command: Option<Command>,
+    /// Nodes declared down this round.
+    pub declared_down: Vec<NodeId>,
+    /// SAs moved because their owner is down.
+    pub takeovers: usize,
+    /// SAs moved for drain or rebalance.
+    pub planned_moves: usize,
+    /// Whether a rebalance still has work after this round.
+    pub rebalance_pending: bool,
+}
+
+/// Plans one round.
+pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
+    let state = input.state;
+    let mut commands = Vec::new();
+    let mut effective: BTreeMap<NodeId, NodeState> =
+        state.nodes().iter().map(|(id, r)| (*id, r.state)).collect();
+    let mut set_state = |commands: &mut Vec<Command>, node: NodeId, s: NodeState| {
+        commands.push(Command::SetNodeState {
+            node,
+            state: s,
+            at_ms: input.wall_ms,
+        });
+        effective.insert(node, s);
+    };
+
+    let silent = input
+        .liveness
+        .silent_voters(input.voters, input.now_ms, config.failover_ms);
+    let mut declared_down = Vec::new();
+    for voter in input.voters {
+        let current = state.nodes().get(voter).map(|r| r.state);
+        let is_silent = silent.contains(voter);
+        match current {
+            None => set_state(
+                &mut commands,
+                *voter,
+                if is_silent {
+                    NodeState::Down
+                } else {
+                    NodeState::Active
+                },
+            ),
+            Some(NodeState::Active | NodeState::Draining) if is_silent => {
+                declared_down.push(*voter);
+                set_state(&mut commands, *voter, NodeState::Down);
+            }
+            Some(NodeState::Down) if !is_silent => {
+                set_state(&mut commands, *voter, NodeState::Active)
+            }
+            Some(_) => {}
+        }
+    }
+    for (node, record) in state.nodes() {
+        if !input.voters.contains(node) && record.state != NodeState::Down {
+            set_state(&mut commands, *node, NodeState::Down);
+        }
+    }
+
+    let active: Vec<NodeId> = input
+        .voters
+        .iter()
+        .copied()
+        .filter(|v| effective.get(v) == Some(&NodeState::Active))
+        .collect();
+    let mut load: BTreeMap<NodeId, usize> = active.iter().map(|n| (*n, 0)).collect();
+    for sa in state.sas() {
+        if let Some(count) = load.get_mut(&sa.owner) {
+            *count += 1;
+        }
+    }
+
+    let mut moves = Vec::new();
+    let mut take = |sa: SaId, from_epoch, load: &mut BTreeMap<NodeId, usize>| -> bool {
+        let Some((&to, _)) = load.iter().min_by_key(|(node, count)| (**count, **node)) else {
+            return false;
+        };
+        *load.get_mut(&to).expect("chosen from the map") += 1;
+        moves.push(OwnerMove {
+            sa,
+            from_epoch,
+            to,
+            lease: config.move_lease,
+        });
+        true
+    };
+
+    // Takeover: everything owned by a node that is down or gone, at once.
+    let mut takeovers = 0;
+    for sa in state.sas() {
+        let owner_state = effective.get(&sa.owner).copied();
+        let orphan = !input.voters.contains(&sa.owner)
+            || owner_state == Some(NodeState::Down)
+            || owner_state.is_none();
+        if orphan && take(sa.id, sa.epoch, &mut load) {
+            takeovers += 1;
+        }
+    }
+
+    // Drain, at a bounded rate.
+    let mut planned = 0;
+    for sa in state.sas() {
+        if planned >= config.moves_per_round {
+            break;
+        }
+        if effective.get(&sa.owner) == Some(&NodeState::Draining)
+            && input.voters.contains(&sa.owner)
+            && take(sa.id, sa.epoch, &mut load)
+        {
+            planned += 1;
+        }
+    }
+
+    // Rebalance, at a bounded rate: from the most to the least loaded until within one.
+    let mut rebalance_pending = false;
+    if input.rebalance && !load.is_empty() {
+        let mut by_owner: BTreeMap<NodeId, Vec<&evpc_raft_store::IkeSa>> = BTreeMap::new();
+        for sa in state.sas() {
+            if load.contains_key(&sa.owner) && !moves.iter().any(|m| m.sa == sa.id) {
+                by_owner.entry(sa.owner).or_default().push(sa);
+            }
+        }
+        loop {
+            let (&max_node, &max) = load
+                .iter()
+                .max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))
+                .expect("not empty");
+            let (&min_node, &min) = load
+                .iter()
+                .min_by_key(|(n, c)| (**c, **n))
+                .expect("not empty");
+            if max <= min + 1 {
+                break;
+            }
+            if planned >= config.moves_per_round {
+                rebalance_pending = true;
+                break;
+            }
+            let Some(sa) = by_owner.get_mut(&max_node).and_then(|v| v.pop()) else {
+                break;
+            };
+            *load.get_mut(&max_node).expect("present") -= 1;
+            *load.get_mut(&min_node).expect("present") += 1;
+            moves.push(OwnerMove {
+                sa: sa.id,
+                from_epoch: sa.epoch,
+                to: min_node,
+                lease: config.move_lease,
+            });
+            planned += 1;
+        }
+    }
+
+    if !moves.is_empty() {
+        commands.push(Command::AssignOwners(moves));
+    }
+    let assignments = plan_slots(state.slots(), &active);
+    if !assignments.is_empty() {
+        commands.push(Command::SetSlots(assignments));
+    }
+    let command = match commands.len() {
+        0 => None,
+        1 => commands.pop(),
+        _ => Some(Command::Batch(commands)),
+    };
+    Plan {
+        command,
+        declared_down,
+        takeovers,
+        planned_moves: planned,
+        rebalance_pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ownership::liveness::PeerView;
+    use evpc_raft_store::{Applied, Epoch, apply};
+
+    /// A 3-node cluster with `n` SAs spread by slot, as the planner itself would set it up.
+    fn cluster(n: u64) -> (State, BTreeSet<NodeId>) {
+        let voters = BTreeSet::from([1, 2, 3]);
+        let mut state = State::default();
+        let liveness = heard_all(0);
+        let first = plan(
+            &input(&state, &voters, &liveness, 0, false),
+            &PlannerConfig::default(),
+        );
+        apply(&mut state, &first.command.unwrap()).unwrap();
+        for id in 1..=n {
+            let mut sa = crate::ownership::test_support::sa(id, 0x1000 + id as u32);
+            sa.slot = ((id * 337) % 1024) as u16;
+            sa.owner = state.slots().owner(sa.slot).unwrap();
+            apply(&mut state, &Command::CreateSa(Box::new(sa))).unwrap();
+        }
+        (state, voters)
+    }
+
+    fn heard_all(now: u64) -> Liveness {
+        let mut l = Liveness::new(1, 0);
+        for peer in [2, 3] {
+            l.heard(peer, now, PeerView::default());
+        }
+        l
+    }
+
+    fn input<'a>(
+        state: &'a State,
+        voters: &'a BTreeSet<NodeId>,
+        liveness: &'a Liveness,
+        now: u64,
+        rebalance: bool,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            state,
+            voters,
+            liveness,
+            now_ms: now,
+            wall_ms: 1_700_000_000_000 + now,
+            rebalance,
+        }
+    }
+
+    fn owned(state: &State) -> BTreeMap<NodeId, usize> {
+        let mut m = BTreeMap::new();
+        for sa in state.sas() {
+            *m.entry(sa.owner).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn a_silent_node_loses_everything_in_one_batch_spread_over_the_survivors() {
+        let (mut state, voters) = cluster(300);
+        let before = owned(&state);
+        // Node 3 silent since 0; node 2 heard just now.
+        let mut l = Liveness::new(1, 0);
+        l.heard(2, 1_000, PeerView::default());
+        l.heard(3, 0, PeerView::default());
+        let early = plan(
+            &input(&state, &voters, &l, 250, false),
+            &PlannerConfig::default(),
+        );
+        assert!(
+            early.declared_down.is_empty() && early.takeovers == 0,
+            "{early:?}"
+        );
+        let p = plan(
+            &input(&state, &voters, &l, 1_000, false),
+            &PlannerConfig::default(),
+        );
+        assert_eq!(p.declared_down, vec![3]);
+        assert_eq!(p.takeovers, before[&3]);
+        let applied = apply(&mut state, &p.command.unwrap()).unwrap();
+        let Applied::Batch(results) = applied else {
+            panic!()
+        };
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let after = owned(&state);
+        assert_eq!(after.get(&3), None);
+        assert!(after[&1].abs_diff(after[&2]) <= 1, "{after:?}");
+        assert_eq!(state.slots().count_for(3), 0);
+        assert!(
+            state
+                .sas()
+                .all(|sa| sa.owner == 3 || sa.epoch >= Epoch::FIRST)
+        );
+        // Nothing more to do until node 3 comes back.
+        assert!(
+            plan(
+                &input(&state, &voters, &l, 1_010, false),
+                &PlannerConfig::default()
+            )
+            .command
+            .is_none()
+        );
+        l.heard(3, 1_020, PeerView::default());
+        let back = plan(
+            &input(&state, &voters, &l, 1_030, false),
+            &PlannerConfig::default(),
+        );
+        apply(&mut state, &back.command.unwrap()).unwrap();
+        assert_eq!(state.nodes()[&3].state, NodeState::Active);
+        assert!(
+            state.slots().count_for(3) > 300,
+            "slots rebalance to the returning node"
+        );
+    }
+
+    #[test]
+    fn drain_and_rebalance_move_at_a_bounded_rate() {
+        let (mut state, voters) = cluster(300);
+        let l = heard_all(10);
+        apply(
+            &mut state,
+            &Command::SetNodeState {
+                node: 2,
+                state: NodeState::Draining,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        let config = PlannerConfig {
+            moves_per_round: 40,
+            ..PlannerConfig::default()
+        };
+        let mut rounds = 0;
+        while owned(&state).get(&2).copied().unwrap_or(0) > 0 {
+            let p = plan(&input(&state, &voters, &l, 10, false), &config);
+            assert!(p.planned_moves <= 40);
+            apply(&mut state, &p.command.unwrap()).unwrap();
+            rounds += 1;
+        }
+        assert!(rounds >= 100 / 40, "{rounds} rounds");
+        // Back to active, then rebalance evens it out again, 40 at a time.
+        apply(
+            &mut state,
+            &Command::SetNodeState {
+                node: 2,
+                state: NodeState::Active,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        loop {
+            let p = plan(&input(&state, &voters, &l, 10, true), &config);
+            let Some(command) = p.command else { break };
+            assert!(p.planned_moves <= 40);
+            apply(&mut state, &command).unwrap();
+            if !p.rebalance_pending && p.planned_moves == 0 {
+                break;
+            }
+        }
+        let counts = owned(&state);
+        assert!(
+            counts.values().max().unwrap() - counts.values().min().unwrap() <= 1,
+            "{counts:?}"
+        );
+    }
+}

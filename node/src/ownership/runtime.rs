@@ -1,0 +1,553 @@
+//! The owner runtime: which child SAs this node drives, from which sequence number, and when to
+//! commit the next lease or replay checkpoint. Sans-IO: it reads the applied state and the
+//! data plane's counters and returns [`Action`]s; the caller runs them.
+//!
+//! Call order:
+//! 1. [`OwnerRuntime::on_state`] after the applied state changed (at most every few
+//!    milliseconds): starts children this node now owns, stops those it no longer owns, and
+//!    raises limits when a lease was committed;
+//! 2. [`OwnerRuntime::on_tick`] periodically with each running child's counters: proposes
+//!    leases when half of the current one is used, and checkpoints;
+//! 3. [`OwnerRuntime::on_proposal_failed`] when a proposal could not be committed.
+//!
+//! The rules that keep outbound sequence numbers unique across owners:
+//! - a child is only ever started with `limit` = the committed `out_hwm`, and its limit only
+//!   rises through `Extend` from a *committed* `out_hwm`;
+//! - a child is started at `out_start` (the first number of this owner's range) only if this
+//!   process saw the range granted — it took the SA over, or the SA is new — and at
+//!   `out_hwm + 1` otherwise (after a restart this node may already have used part of its own
+//!   range);
+//! - on any change of epoch the child is stopped and started again in the new range.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use evpc_dataplane::{ChildCounters, ChildKeymat, ChildStart};
+use evpc_raft_store::{ChildSa, Command, Epoch, IkeSa, NodeId, SaId, SaUpdate, State};
+
+/// How the replay window of a child taken over from another node starts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "policy")]
+pub enum ReplayGapPolicy {
+    /// Start at the checkpoint: packets the old owner accepted after its last checkpoint can be
+    /// accepted once more (a bounded exposure: at most one checkpoint interval).
+    Accept,
+    /// Start `margin` above the checkpoint: no replay, but that many fresh packets are dropped.
+    Jump {
+        /// Sequence numbers skipped.
+        margin: u64,
+    },
+}
+
+/// Lease and checkpoint policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnerConfig {
+    /// Smallest lease, in sequence numbers.
+    pub lease_min: u64,
+    /// Largest lease.
+    pub lease_max: u64,
+    /// The lease is sized so a busy SA commits about once per this many milliseconds.
+    pub lease_interval_ms: u64,
+    /// Checkpoint after this many inbound packets...
+    pub checkpoint_packets: u64,
+    /// ...or this many milliseconds, whichever comes first.
+    pub checkpoint_ms: u64,
+    /// Where a taken-over child's replay window starts.
+    pub replay_gap: ReplayGapPolicy,
+    /// Re-propose a lease that was not committed after this long.
+    pub retry_ms: u64,
+}
+
+impl Default for OwnerConfig {
+    fn default() -> Self {
+        OwnerConfig {
+            lease_min: 1024,
+            lease_max: 1 << 24,
+            lease_interval_ms: 1_000,
+            checkpoint_packets: 4_096,
+            checkpoint_ms: 1_000,
+            replay_gap: ReplayGapPolicy::Accept,
+            retry_ms: 500,
+        }
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Start driving a child.
+    Start(Box<ChildStart>),
+    /// A lease was committed: raise a running child's limit.
+    Extend {
+        /// The child.
+        in_spi: u32,
+        /// The committed `out_hwm`.
+        limit: u64,
+    },
+    /// Stop driving a child at once.
+    Stop {
+        /// The child.
+        in_spi: u32,
+    },
+    /// Commit this (leases and checkpoints, batched).
+    Propose(Command),
+}
+
+#[derive(Clone, Debug)]
+struct Running {
+    ike: SaId,
+    epoch: Epoch,
+    limit: u64,
+    /// First sequence number this run may use (what was started).
+    first: u64,
+    /// A proposed lease not yet committed: the mark it asked for and when.
+    pending: Option<(u64, u64)>,
+    last_checkpoint: u64,
+    last_checkpoint_ms: u64,
+    last_in_packets: u64,
+    /// Rate estimate (packets per second, smoothed) and the sample it was last updated from.
+    rate: f64,
+    sample: Option<(u64, u64)>,
+}
+
+/// Opens a child's sealed keys (the node holds the cluster key).
+pub trait KeyOpener {
+    /// The child's keys, or `None` if there are none this node can open.
+    fn open(&self, sa: &IkeSa, child: &ChildSa) -> Option<ChildKeymat>;
+}
+
+/// The owner runtime of one node.
+#[derive(Debug)]
+pub struct OwnerRuntime {
+    me: NodeId,
+    config: OwnerConfig,
+    running: BTreeMap<u32, Running>,
+    /// (owner, epoch) of every SA at the last `on_state`; `None` before the first.
+    known: Option<BTreeMap<SaId, (NodeId, Epoch)>>,
+}
+
+impl OwnerRuntime {
+    /// A runtime for node `me`.
+    pub fn new(me: NodeId, config: OwnerConfig) -> OwnerRuntime {
+        OwnerRuntime {
+            me,
+            config,
+            running: BTreeMap::new(),
+            known: None,
+        }
+    }
+
+    /// The children being driven, by inbound SPI, with their epoch.
+    pub fn running(&self) -> impl Iterator<Item = (u32, SaId, Epoch)> + '_ {
+        self.running.iter().map(|(spi, r)| (*spi, r.ike, r.epoch))
+    }
+
+    /// Whether this process saw `sa`'s current range granted: the SA changed owner or epoch
+    /// since the last state, or appeared after the first.
+    fn range_is_fresh(&self, sa: &IkeSa) -> bool {
+        match &self.known {
+            None => false,
+            Some(known) => known.get(&sa.id) != Some(&(sa.owner, sa.epoch)),
+        }
+    }
+
+    /// Reconciles the running children with the applied state.
+    pub fn on_state(&mut self, state: &State, now_ms: u64, keys: &dyn KeyOpener) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut owned: BTreeSet<u32> = BTreeSet::new();
+        for sa in state.sas().filter(|sa| sa.owner == self.me) {
+            let fresh = self.range_is_fresh(sa);
+            for child in sa.children.values() {
+                owned.insert(child.in_spi);
+                match self.running.get_mut(&child.in_spi) {
+                    Some(run) if run.ike == sa.id && run.epoch == sa.epoch => {
+                        if child.out_hwm > run.limit {
+                            run.limit = child.out_hwm;
+                            if run.pending.is_some_and(|(mark, _)| mark <= child.out_hwm) {
+                                run.pending = None;
+                            }
+                            actions.push(Action::Extend {
+                                in_spi: child.in_spi,
+                                limit: child.out_hwm,
+                            });
+                        }
+                        continue;
+                    }
+                    Some(_) => {
+                        // Same SPI, another epoch (or IKE SA): the old run ends first.
+                        self.running.remove(&child.in_spi);
+                        actions.push(Action::Stop {
+                            in_spi: child.in_spi,
+                        });
+                    }
+                    None => {}
+                }
+                let first = if fresh {
+                    child.out_start
+                } else {
+                    child.out_hwm.saturating_add(1)
+                };
+                let replay_floor = match self.config.replay_gap {
+                    ReplayGapPolicy::Accept => child.in_checkpoint,
+                    ReplayGapPolicy::Jump { margin } => child.in_checkpoint.saturating_add(margin),
+                };
+                tracing::info!(
+                    sa = %sa.id,
+                    in_spi = format_args!("{:08x}", child.in_spi),
+                    epoch = %sa.epoch,
+                    first,
+                    limit = child.out_hwm,
+                    replay_floor,
+                    fresh_range = fresh,
+                    "starting child SA"
+                );
+                self.running.insert(
+                    child.in_spi,
+                    Running {
+                        ike: sa.id,
+                        epoch: sa.epoch,
+                        limit: child.out_hwm,
+                        first,
+                        pending: None,
+                        last_checkpoint: child.in_checkpoint,
+                        last_checkpoint_ms: now_ms,
+                        last_in_packets: 0,
+                        rate: 0.0,
+                        sample: None,
+                    },
+                );
+                actions.push(Action::Start(Box::new(ChildStart {
+                    ike: sa.id,
+                    epoch: sa.epoch,
+                    in_spi: child.in_spi,
+                    out_spi: child.out_spi,
+                    suite: child.suite,
+                    keys: keys.open(sa, child),
+                    ts_local: child.ts_local.clone(),
+                    ts_remote: child.ts_remote.clone(),
+                    local: sa.local,
+                    peer: sa.peer,
+                    next_seq: first,
+                    limit: child.out_hwm,
+                    replay_floor,
+                })));
+            }
+        }
+        let gone: Vec<u32> = self
+            .running
+            .keys()
+            .copied()
+            .filter(|spi| !owned.contains(spi))
+            .collect();
+        for in_spi in gone {
+            self.running.remove(&in_spi);
+            actions.push(Action::Stop { in_spi });
+        }
+        self.known = Some(
+            state
+                .sas()
+                .map(|sa| (sa.id, (sa.owner, sa.epoch)))
+                .collect(),
+        );
+        actions
+    }
+
+    /// The lease size for a child sending `rate` packets per second: about one commit per
+    /// `lease_interval_ms` (a lease is renewed when half of it is used, hence the factor 2).
+    fn lease_size(&self, rate: f64) -> u64 {
+        let wanted = 2.0 * rate * self.config.lease_interval_ms as f64 / 1000.0;
+        (wanted as u64).clamp(self.config.lease_min, self.config.lease_max)
+    }
+
+    /// Looks at each running child's counters and proposes what is due, in one command.
+    pub fn on_tick(
+        &mut self,
+        now_ms: u64,
+        counters: &dyn Fn(u32) -> Option<ChildCounters>,
+    ) -> Vec<Action> {
+        let mut by_sa: BTreeMap<(SaId, Epoch), Vec<SaUpdate>> = BTreeMap::new();
+        let retry_ms = self.config.retry_ms;
+        let spis: Vec<u32> = self.running.keys().copied().collect();
+        for in_spi in spis {
+            let Some(c) = counters(in_spi) else {
+                continue;
+            };
+            let lease_size = {
+                let run = self.running.get_mut(&in_spi).expect("listed above");
+                let used = c.highest_out.max(run.first.saturating_sub(1));
+                if let Some((at, used_then)) = run.sample
+                    && now_ms > at
+                {
+                    let instant =
+                        (used.saturating_sub(used_then)) as f64 * 1000.0 / (now_ms - at) as f64;
+                    run.rate = 0.7 * run.rate + 0.3 * instant;
+                }
+                run.sample = Some((now_ms, used));
+                run.rate
+            };
+            let lease_size = self.lease_size(lease_size);
+            let run = self.running.get_mut(&in_spi).expect("listed above");
+            let used = c.highest_out.max(run.first.saturating_sub(1));
+            let remaining = run.limit.saturating_sub(used);
+            let pending_fresh = run
+                .pending
+                .is_some_and(|(_, at)| now_ms.saturating_sub(at) < retry_ms);
+            let mut checkpoint = None;
+            let checkpoint_due = c.highest_in > run.last_checkpoint
+                && (c.in_packets.saturating_sub(run.last_in_packets)
+                    >= self.config.checkpoint_packets
+                    || now_ms.saturating_sub(run.last_checkpoint_ms) >= self.config.checkpoint_ms);
+            let lease_due = remaining <= lease_size / 2 && !pending_fresh;
+            if lease_due || checkpoint_due {
+                if c.highest_in > run.last_checkpoint {
+                    checkpoint = Some(c.highest_in);
+                    run.last_checkpoint = c.highest_in;
+                    run.last_checkpoint_ms = now_ms;
+                    run.last_in_packets = c.in_packets;
+                }
+            }
+            let update = if lease_due {
+                let mark = run.limit.max(used).saturating_add(lease_size);
+                run.pending = Some((mark, now_ms));
+                Some(SaUpdate::SeqLease {
+                    in_spi,
+                    out_hwm: mark,
+                    in_checkpoint: checkpoint,
+                })
+            } else {
+                checkpoint.map(|in_seq| SaUpdate::ReplayCheckpoint { in_spi, in_seq })
+            };
+            if let Some(update) = update {
+                by_sa.entry((run.ike, run.epoch)).or_default().push(update);
+            }
+        }
+        let commands: Vec<Command> = by_sa
+            .into_iter()
+            .map(|((sa, epoch), updates)| Command::Update { sa, epoch, updates })
+            .collect();
+        match commands.len() {
+            0 => Vec::new(),
+            1 => commands.into_iter().map(Action::Propose).collect(),
+            _ => vec![Action::Propose(Command::Batch(commands))],
+        }
+    }
+
+    /// A proposal failed: clear pending leases so the next tick asks again.
+    pub fn on_proposal_failed(&mut self) {
+        for run in self.running.values_mut() {
+            run.pending = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evpc_raft_store::{
+        ChildSuite, Identity, IkeSuite, MessageIds, NodeState, OwnerMove, Role, SaTimes,
+        SealedKeys, SlotAssignment, apply,
+    };
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    struct NoKeys;
+    impl KeyOpener for NoKeys {
+        fn open(&self, _: &IkeSa, _: &ChildSa) -> Option<ChildKeymat> {
+            None
+        }
+    }
+
+    fn state_with_sa(owner: NodeId, out_hwm: u64) -> State {
+        let mut state = State::default();
+        for node in [1, 2] {
+            apply(
+                &mut state,
+                &Command::SetNodeState {
+                    node,
+                    state: NodeState::Active,
+                    at_ms: 0,
+                },
+            )
+            .unwrap();
+        }
+        apply(
+            &mut state,
+            &Command::SetSlots(vec![SlotAssignment {
+                slot: 0,
+                node: Some(owner),
+            }]),
+        )
+        .unwrap();
+        let child = ChildSa {
+            in_spi: 0x1000,
+            out_spi: 0x2000,
+            suite: ChildSuite {
+                encryption: 20,
+                key_bits: 128,
+                esn: true,
+            },
+            keys: SealedKeys::default(),
+            ts_local: vec![],
+            ts_remote: vec![],
+            out_start: 1,
+            out_hwm,
+            in_checkpoint: 50,
+            rekey_generation: 0,
+            times: SaTimes::default(),
+        };
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4500);
+        let sa = IkeSa {
+            id: SaId(7),
+            spi_i: 1,
+            spi_r: 7,
+            role: Role::Responder,
+            local: addr,
+            peer: addr,
+            local_id: Identity::fqdn("gw"),
+            peer_id: Identity::fqdn("peer"),
+            suite: IkeSuite {
+                encryption: 20,
+                key_bits: 128,
+                prf: 5,
+                integrity: None,
+                dh_group: 31,
+            },
+            keys: SealedKeys::default(),
+            msg: MessageIds::default(),
+            last_response: None,
+            pending_request: None,
+            times: SaTimes::default(),
+            last_peer_activity_ms: 0,
+            rekey_generation: 0,
+            virtual_ip: None,
+            slot: 0,
+            owner,
+            epoch: Epoch::FIRST,
+            children: BTreeMap::from([(0x1000, child)]),
+        };
+        apply(&mut state, &Command::CreateSa(Box::new(sa))).unwrap();
+        state
+    }
+
+    fn started(actions: &[Action]) -> Vec<(u64, u64, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start(c) => Some((c.next_seq, c.limit, c.replay_floor)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn after_a_restart_the_owner_starts_above_its_whole_lease() {
+        let state = state_with_sa(1, 1_000);
+        let mut rt = OwnerRuntime::new(1, OwnerConfig::default());
+        // First state seen by this process: part of [1, 1000] may have been used before.
+        assert_eq!(
+            started(&rt.on_state(&state, 0, &NoKeys)),
+            vec![(1_001, 1_000, 50)]
+        );
+        // With no room, the first tick asks for a lease at once.
+        let actions = rt.on_tick(10, &|_| Some(ChildCounters::default()));
+        let [Action::Propose(Command::Update { updates, .. })] = &actions[..] else {
+            panic!("expected one lease proposal, got {actions:?}");
+        };
+        assert!(
+            matches!(updates[0], SaUpdate::SeqLease { out_hwm, .. } if out_hwm >= 1_000 + 1_024)
+        );
+    }
+
+    #[test]
+    fn a_taken_over_child_starts_at_its_granted_range() {
+        let mut state = state_with_sa(2, 1_000);
+        let mut rt = OwnerRuntime::new(1, OwnerConfig::default());
+        assert!(
+            started(&rt.on_state(&state, 0, &NoKeys)).is_empty(),
+            "node 2 owns it"
+        );
+        apply(
+            &mut state,
+            &Command::AssignOwners(vec![OwnerMove {
+                sa: SaId(7),
+                from_epoch: Epoch::FIRST,
+                to: 1,
+                lease: 4_096,
+            }]),
+        )
+        .unwrap();
+        // Seen in-process: the range [1001, 5096] was granted to us and never used.
+        assert_eq!(
+            started(&rt.on_state(&state, 5, &NoKeys)),
+            vec![(1_001, 5_096, 50)]
+        );
+        // Moving it away stops it.
+        apply(
+            &mut state,
+            &Command::AssignOwners(vec![OwnerMove {
+                sa: SaId(7),
+                from_epoch: Epoch(2),
+                to: 2,
+                lease: 4_096,
+            }]),
+        )
+        .unwrap();
+        let actions = rt.on_state(&state, 9, &NoKeys);
+        assert!(
+            matches!(actions[..], [Action::Stop { in_spi: 0x1000 }]),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn leases_are_proposed_at_half_and_extend_only_when_committed() {
+        let mut state = state_with_sa(1, 0);
+        let mut rt = OwnerRuntime::new(1, OwnerConfig::default());
+        rt.known = Some(BTreeMap::new()); // as if the SA appeared after start: fresh range
+        assert_eq!(started(&rt.on_state(&state, 0, &NoKeys)), vec![(1, 0, 50)]);
+        let counters = |used: u64| {
+            move |_| {
+                Some(ChildCounters {
+                    highest_out: used,
+                    ..ChildCounters::default()
+                })
+            }
+        };
+        let mark = match &rt.on_tick(10, &counters(0))[..] {
+            [Action::Propose(Command::Update { updates, .. })] => match updates[0] {
+                SaUpdate::SeqLease { out_hwm, .. } => out_hwm,
+                _ => panic!(),
+            },
+            other => panic!("{other:?}"),
+        };
+        // Not again while pending.
+        assert!(rt.on_tick(20, &counters(0)).is_empty());
+        // Commit it: the runtime raises the limit.
+        apply(
+            &mut state,
+            &Command::Update {
+                sa: SaId(7),
+                epoch: Epoch::FIRST,
+                updates: vec![SaUpdate::SeqLease {
+                    in_spi: 0x1000,
+                    out_hwm: mark,
+                    in_checkpoint: None,
+                }],
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(rt.on_state(&state, 30, &NoKeys)[..], [Action::Extend { limit, .. }] if limit == mark)
+        );
+        // At a low rate the lease stays at its minimum. Less than half used: nothing; more
+        // than half: the next lease.
+        assert!(rt.on_tick(40_000, &counters(mark / 4)).is_empty());
+        assert!(!rt.on_tick(80_000, &counters(mark - mark / 4)).is_empty());
+    }
+
+    #[test]
+    fn lease_size_follows_the_packet_rate() {
+        let rt = OwnerRuntime::new(1, OwnerConfig::default());
+        assert_eq!(rt.lease_size(0.0), 1_024);
+        assert_eq!(rt.lease_size(100_000.0), 200_000);
+        assert_eq!(rt.lease_size(1e12), 1 << 24);
+    }
+}
