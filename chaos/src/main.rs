@@ -12,9 +12,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cluster;
 mod esp_bench;
+mod failover;
 mod stats;
 mod store_bench;
 mod synthetic;
+mod workload;
 
 /// Benchmarks and fault campaigns against a real evpc cluster.
 #[derive(Debug, Parser)]
@@ -38,6 +40,39 @@ enum Command {
     /// Userspace ESP throughput: TUN → ESP → UDP → ESP → TUN across two network namespaces
     /// (needs root).
     EspBench(esp_bench::Args),
+    /// Real nodes with the probe data plane under faults; checks every sequence number and
+    /// message ID, measures how fast SAs resume.
+    Failover {
+        /// Cluster size.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// SAs (one child SA each).
+        #[arg(long, default_value_t = 1000)]
+        sas: u64,
+        /// Probe packets per second over all SAs.
+        #[arg(long, default_value_t = 20_000)]
+        pps: u64,
+        /// Faults to inject each cycle, comma-separated: kill-owner, kill-leader, pause,
+        /// partition (needs root), transfer.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "kill-owner,kill-leader,pause,partition,transfer"
+        )]
+        faults: Vec<String>,
+        /// Cycles through the fault list.
+        #[arg(long, default_value_t = 20)]
+        cycles: u32,
+        /// SAs moved per transfer fault.
+        #[arg(long, default_value_t = 5)]
+        transfers: usize,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The replicated SA store under load, with a leader kill; checks nothing acknowledged is lost.
     StoreBench {
         /// Cluster size.
@@ -98,6 +133,40 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
     match cli.command {
         Command::EspBench(_) => unreachable!("handled above"),
+        Command::Failover {
+            nodes,
+            sas,
+            pps,
+            faults,
+            cycles,
+            transfers,
+            seed,
+            json,
+        } => {
+            let faults = faults
+                .iter()
+                .map(|f| failover::Fault::parse(f))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let options = failover::Options {
+                nodes,
+                sas,
+                pps,
+                faults,
+                cycles,
+                transfers_per_fault: transfers,
+                seed,
+                progress: !json || std::io::stderr().is_terminal(),
+            };
+            let report = failover::run(options, node_bin, cli.dir, cli.base_port).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            Ok(report.seq_reuse == 0
+                && report.seq_regressions == 0
+                && report.msgid_regressions == 0)
+        }
         Command::StoreBench {
             nodes,
             sas,

@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use crate::cluster::{LocalCluster, ProcessCluster};
 use crate::stats::Percentiles;
-use crate::synthetic;
+use crate::workload;
 use evpc_api::AdminClient;
 
 /// Options of one run.
@@ -182,16 +182,6 @@ impl LeaderTracker {
     }
 }
 
-async fn propose(
-    client: &mut ClusterClient<Channel>,
-    command: &Command,
-) -> Result<Response, tonic::Status> {
-    let command =
-        postcard::to_stdvec(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
-    let reply = client.propose(Proposal { command }).await?.into_inner();
-    postcard::from_bytes(&reply.response).map_err(|e| tonic::Status::internal(e.to_string()))
-}
-
 fn model_from(info: &pb::SaInfo, stale_model: &SaModel) -> SaModel {
     let child = info.children.first();
     SaModel {
@@ -295,8 +285,11 @@ async fn worker(
             updates: update.clone(),
         };
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(Duration::from_secs(3), propose(&mut client, &command)).await;
+        let result = tokio::time::timeout(
+            Duration::from_secs(3),
+            workload::propose(&mut client, &command),
+        )
+        .await;
         match result {
             Ok(Ok(Ok(_))) => {
                 let latency = started.elapsed();
@@ -361,54 +354,25 @@ async fn worker(
     Ok(models)
 }
 
-/// Creates the SAs with `concurrency` parallel proposals.
+/// Creates the SAs and starts a model for each.
 async fn create_sas(
     cluster: &ProcessCluster,
     options: &StoreBench,
 ) -> anyhow::Result<Vec<SaModel>> {
-    let leader = cluster.leader(Duration::from_secs(10)).await?;
-    let owners = cluster.admin_of(leader)?.list_slots().await?.owners;
-    let client = cluster.cluster_client(leader)?;
-    let next = Arc::new(AtomicU64::new(1));
-    let mut tasks = Vec::new();
-    for _ in 0..options.concurrency.max(1) {
-        let (next, owners, mut client, total) =
-            (next.clone(), owners.clone(), client.clone(), options.sas);
-        tasks.push(tokio::spawn(async move {
-            let mut made = Vec::new();
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n > total {
-                    return Ok::<_, anyhow::Error>(made);
-                }
-                let spi_i = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let slot = slot_for_initiator_spi(spi_i);
-                let owner = owners[usize::from(slot)];
-                anyhow::ensure!(owner != 0, "slot {slot} has no owner");
-                let child = n as u32;
-                let sa = synthetic::ike_sa(SaId(n), spi_i, slot, owner, child);
-                match propose(&mut client, &Command::CreateSa(Box::new(sa))).await? {
-                    Ok(_) => made.push(SaModel {
-                        id: SaId(n),
-                        child,
-                        next_peer_request: 2,
-                        response_sha256: String::new(),
-                        out_hwm: 0,
-                        in_checkpoint: 0,
-                        stale: false,
-                        acked: Vec::new(),
-                    }),
-                    Err(rejection) => anyhow::bail!("creating SA {n}: {rejection}"),
-                }
-            }
-        }));
-    }
-    let mut models = Vec::new();
-    for task in tasks {
-        models.extend(task.await??);
-    }
-    models.sort_by_key(|m| m.id);
-    Ok(models)
+    let created = workload::create_sas(cluster, options.sas, options.concurrency, 0).await?;
+    Ok(created
+        .into_iter()
+        .map(|(id, child)| SaModel {
+            id,
+            child,
+            next_peer_request: 2,
+            response_sha256: String::new(),
+            out_hwm: 0,
+            in_checkpoint: 0,
+            stale: false,
+            acked: Vec::new(),
+        })
+        .collect())
 }
 
 /// Counts acknowledged updates that a replica's SA does not reflect.

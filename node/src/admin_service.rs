@@ -303,6 +303,7 @@ impl Admin for AdminService {
                 self.node.config.dataplane.backend.clone()
             },
             running_children: self.node.running_children.load(Ordering::Relaxed),
+            lease_commits: self.node.lease_commits.load(Ordering::Relaxed),
         }))
     }
 

@@ -36,6 +36,9 @@ pub struct LocalCluster {
     pub dataplane: DataplaneConfig,
     /// The cluster key file every node uses.
     pub cluster_key_file: Option<PathBuf>,
+    /// Give node `i` its own loopback address `127.0.0.(10+i)` instead of sharing 127.0.0.1, so
+    /// a firewall rule can cut one node off (the chaos runner's partitions).
+    pub address_per_node: bool,
 }
 
 impl LocalCluster {
@@ -50,6 +53,16 @@ impl LocalCluster {
             ownership: OwnershipConfig::default(),
             dataplane: DataplaneConfig::default(),
             cluster_key_file: None,
+            address_per_node: false,
+        }
+    }
+
+    /// The loopback address of node `id`.
+    pub fn host(&self, id: u64) -> std::net::Ipv4Addr {
+        if self.address_per_node {
+            std::net::Ipv4Addr::new(127, 0, 0, 10 + id as u8)
+        } else {
+            std::net::Ipv4Addr::LOCALHOST
         }
     }
 }
@@ -70,9 +83,7 @@ impl LocalCluster {
     pub fn node_config(&self, id: u64) -> NodeConfig {
         let addr = |offset: u64, id: u64| -> std::net::SocketAddr {
             let port = u64::from(self.base_port) + offset + id;
-            format!("127.0.0.1:{port}")
-                .parse()
-                .expect("loopback address")
+            std::net::SocketAddr::new(self.host(id).into(), port as u16)
         };
         NodeConfig {
             id,
@@ -355,6 +366,16 @@ impl ProcessCluster {
         let node = &mut self.nodes[(id - 1) as usize];
         node.child.kill().await.context("SIGKILL")?;
         self.alive[(id - 1) as usize] = false;
+        Ok(())
+    }
+
+    /// Sends `signal` to node `id` (SIGSTOP / SIGCONT for pauses).
+    pub fn signal(&self, id: u64, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.nodes[(id - 1) as usize]
+            .child
+            .id()
+            .context("the node has exited")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
         Ok(())
     }
 

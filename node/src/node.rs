@@ -132,6 +132,8 @@ pub struct Node {
     pub rebalance_requested: AtomicBool,
     /// Child SAs the data plane drives now.
     pub running_children: AtomicU64,
+    /// Leases committed by this node since it started.
+    pub lease_commits: AtomicU64,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the times proposers put into commands.
@@ -154,7 +156,11 @@ impl Node {
             .transpose()?;
         let (log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
         let state = state_machine.reader();
-        let peers = Peers::new(Duration::from_millis(config.timeouts.rpc_ms));
+        let own_ip = config.raft_addr.ip();
+        let peers = Peers::new(
+            Duration::from_millis(config.timeouts.rpc_ms),
+            (!own_ip.is_unspecified()).then_some(own_ip),
+        );
         let raft = Raft::new(
             config.id,
             Arc::new(config.raft_config()?),
@@ -188,6 +194,7 @@ impl Node {
             cluster_key,
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),
+            lease_commits: AtomicU64::new(0),
         }))
     }
 

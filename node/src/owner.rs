@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use evpc_dataplane::SaDriver;
-use evpc_raft_store::{Applied, Response};
+use evpc_raft_store::{Applied, Command, Response, SaUpdate};
 use tokio::sync::{mpsc, watch};
 
 use crate::node::Node;
@@ -35,6 +35,17 @@ pub fn owner_config(node: &Node) -> OwnerConfig {
             ReplayGapPolicy::Accept
         },
         retry_ms: 500,
+    }
+}
+
+fn count_leases(command: &Command) -> u64 {
+    match command {
+        Command::Update { updates, .. } => updates
+            .iter()
+            .filter(|u| matches!(u, SaUpdate::SeqLease { .. }))
+            .count() as u64,
+        Command::Batch(commands) => commands.iter().map(count_leases).sum(),
+        _ => 0,
     }
 }
 
@@ -137,9 +148,12 @@ fn execute(
             }
             Action::Propose(command) => {
                 let (node, failed) = (node.clone(), failed.clone());
+                let leases = count_leases(&command);
                 tokio::spawn(async move {
                     match node.propose(command).await {
-                        Ok(p) if !refused(&p.response) => {}
+                        Ok(p) if !refused(&p.response) => {
+                            node.lease_commits.fetch_add(leases, Ordering::Relaxed);
+                        }
                         Ok(p) => {
                             tracing::debug!(response = ?p.response, "lease or checkpoint refused");
                             let _ = failed.send(());

@@ -24,14 +24,18 @@ type CachedClient = (String, ClusterClient<Channel>);
 pub struct Peers {
     inner: Arc<Mutex<HashMap<NodeId, CachedClient>>>,
     connect_timeout: Duration,
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl Peers {
-    /// An empty cache; `connect_timeout` bounds dialing.
-    pub fn new(connect_timeout: Duration) -> Peers {
+    /// An empty cache; `connect_timeout` bounds dialing. Connections leave from `local_ip`
+    /// when given (this node's own address, so a firewall rule on it isolates the node both
+    /// ways).
+    pub fn new(connect_timeout: Duration, local_ip: Option<std::net::IpAddr>) -> Peers {
         Peers {
             inner: Arc::default(),
             connect_timeout,
+            local_ip,
         }
     }
 
@@ -47,7 +51,9 @@ impl Peers {
         {
             return Ok(client.clone());
         }
-        let channel = endpoint(addr, self.connect_timeout)?.connect_lazy();
+        let channel = endpoint(addr, self.connect_timeout)?
+            .local_address(self.local_ip)
+            .connect_lazy();
         let client = ClusterClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

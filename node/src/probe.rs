@@ -111,8 +111,16 @@ struct ProbeChild {
     next: u64,
     limit: u64,
     peer_seq: u64,
-    carry: f64,
+    /// The traffic follows one schedule on every node (packet `k` is due at wall-clock
+    /// `k / pps`), as real traffic does not care who owns the SA: an owner sends the packets
+    /// due from when it starts. This is the next one.
+    next_packet: u64,
     counters: ChildCounters,
+}
+
+/// Index of the last packet due by wall-clock `now_ms` at `pps` packets per second.
+fn packets_due(now_ms: u64, pps: u64) -> u64 {
+    (u128::from(now_ms) * u128::from(pps) / 1000) as u64
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +132,7 @@ struct Children {
 #[derive(Debug, Clone)]
 pub struct ProbeDriver {
     children: Arc<Mutex<Children>>,
+    pps_per_child: u64,
 }
 
 impl ProbeDriver {
@@ -146,23 +155,24 @@ impl ProbeDriver {
         std::thread::Builder::new()
             .name("probe".into())
             .spawn(move || {
-                let mut last = std::time::Instant::now();
                 let mut batch = Vec::with_capacity(RECORDS_PER_DATAGRAM);
                 while let Some(children) = weak.upgrade() {
                     std::thread::sleep(TICK);
-                    let elapsed = last.elapsed().as_secs_f64();
-                    last = std::time::Instant::now();
+                    let sent_ms = crate::node::now_ms();
+                    let due = packets_due(sent_ms, pps_per_child);
+                    let mut guard = children.lock().unwrap_or_else(|e| e.into_inner());
                     // Checked before anything is used: a node resuming from a pause finds the
-                    // gate closed and sends nothing until it hears the cluster again.
+                    // gate closed and sends nothing until it hears the cluster again. Packets
+                    // due while fenced are lost, as they would be.
                     if !gate.is_open() {
+                        for child in guard.by_spi.values_mut() {
+                            child.next_packet = child.next_packet.max(due);
+                        }
                         continue;
                     }
-                    let sent_ms = crate::node::now_ms();
-                    let mut guard = children.lock().unwrap_or_else(|e| e.into_inner());
                     for (spi, child) in guard.by_spi.iter_mut() {
-                        let due = child.carry + pps_per_child as f64 * elapsed;
-                        let wanted = due.floor() as u64;
-                        child.carry = due - wanted as f64;
+                        let wanted = due.saturating_sub(child.next_packet);
+                        child.next_packet = child.next_packet.max(due);
                         let room = (child.limit + 1).saturating_sub(child.next);
                         let sent = wanted.min(room);
                         child.counters.lease_waits += wanted - sent;
@@ -194,7 +204,10 @@ impl ProbeDriver {
                     }
                 }
             })?;
-        Ok(ProbeDriver { children })
+        Ok(ProbeDriver {
+            children,
+            pps_per_child,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Children> {
@@ -219,7 +232,7 @@ impl SaDriver for ProbeDriver {
                 next: child.next_seq.max(1),
                 limit: child.limit,
                 peer_seq: child.replay_floor,
-                carry: 0.0,
+                next_packet: packets_due(crate::node::now_ms(), self.pps_per_child),
                 counters: ChildCounters {
                     highest_out: child.next_seq.saturating_sub(1),
                     highest_in: child.replay_floor,
