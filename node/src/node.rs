@@ -134,6 +134,19 @@ pub struct Node {
     pub running_children: AtomicU64,
     /// Leases committed by this node since it started.
     pub lease_commits: AtomicU64,
+    /// The applied index the owner runtime last acted on (what the data plane reflects).
+    pub reconciled_index: AtomicU64,
+    /// Latest committed index heard from the leader.
+    pub leader_committed: AtomicU64,
+}
+
+/// Whether a command changes who owns an SA.
+fn moves_owners(command: &Command) -> bool {
+    match command {
+        Command::AssignOwners(_) | Command::DeleteSa { .. } => true,
+        Command::Batch(commands) => commands.iter().any(moves_owners),
+        _ => false,
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the times proposers put into commands.
@@ -195,6 +208,8 @@ impl Node {
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),
             lease_commits: AtomicU64::new(0),
+            reconciled_index: AtomicU64::new(0),
+            leader_committed: AtomicU64::new(0),
         }))
     }
 
@@ -252,11 +267,22 @@ impl Node {
 
     /// Commits `command` through this node's Raft, which must be the leader.
     pub async fn propose_local(&self, command: Command) -> Result<Proposed, ProposeError> {
+        let moves_owners = moves_owners(&command);
         match self.raft.client_write(command).await {
-            Ok(written) => Ok(Proposed {
-                log_index: written.log_id.index,
-                response: written.data,
-            }),
+            Ok(written) => {
+                if moves_owners {
+                    // Followers learn a commit index with the next append or heartbeat; an SA
+                    // changing hands should not wait for that: the old owner stops and the new
+                    // one starts as soon as each applies the move.
+                    if let Err(e) = self.raft.trigger().heartbeat().await {
+                        tracing::debug!(error = %e, "could not trigger a heartbeat");
+                    }
+                }
+                Ok(Proposed {
+                    log_index: written.log_id.index,
+                    response: written.data,
+                })
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ProposeError::NotLeader {
                     this: self.id,

@@ -63,15 +63,9 @@ pub async fn run(
     driver: Arc<dyn SaDriver>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // Wait until the state machine has re-applied what was committed before a restart, so the
-    // first view is not older than this node's last incarnation.
-    if let Err(e) = node
-        .raft
-        .wait_for_recovery(Some(Duration::from_secs(30)))
-        .await
-    {
-        tracing::warn!(error = %e, "state machine recovery not confirmed; starting anyway");
-    }
+    // No waiting for the state machine to replay here: the node starts fenced, and the pinger
+    // reopens the gate only once this loop has acted on a state as new as the leader's commit
+    // index, so nothing runs on a stale view.
     let mut runtime = OwnerRuntime::new(node.id, owner_config(&node));
     let mut applied = node.state.applied_index();
     let mut tick = tokio::time::interval(TICK);
@@ -81,15 +75,17 @@ pub async fn run(
     let mut state_changed = true;
     loop {
         if state_changed {
-            let actions = {
+            let (actions, index) = {
                 let state = node.state.read();
-                runtime.on_state(
+                let actions = runtime.on_state(
                     &state,
                     node.gate.now_ms(),
                     &Opener(node.cluster_key.as_ref()),
-                )
+                );
+                (actions, state.applied_index())
             };
             execute(&node, &*driver, actions, &failed_tx);
+            node.reconciled_index.store(index, Ordering::Release);
             node.running_children
                 .store(runtime.running().count() as u64, Ordering::Relaxed);
             state_changed = false;

@@ -4,6 +4,11 @@
 //! pings it receives — in its contact table ([`Liveness`]). After each round it re-evaluates the
 //! fence and renews the [`FenceGate`](evpc_dataplane::FenceGate) until the moment the quorum
 //! condition would fail; if this process stalls (paused, starved), the gate closes by itself.
+//!
+//! Coming back from a fence, contact alone is not enough: while fenced, the node's SAs may have
+//! moved. It reopens only once its owner runtime has acted on a state at least as new as the
+//! leader's commit index when contact came back (the *barrier*), so it never resumes an SA that
+//! another node took over meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,16 +45,27 @@ pub fn my_view(node: &Node) -> PeerView {
 /// A ping message carrying this node's view.
 pub fn message(node: &Node) -> PingMessage {
     let view = my_view(node);
+    let committed_index = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .local_committed
+        .map_or(0, |l| l.index);
     PingMessage {
         from: node.id,
         leader: view.leader,
         leader_contact_age_ms: view.leader_contact_age_ms,
+        committed_index,
     }
 }
 
 /// Records a ping or a ping answer from a peer.
 pub fn heard(node: &Node, message: &PingMessage) {
     let now = node.gate.now_ms();
+    if message.leader == Some(message.from) {
+        node.leader_committed
+            .fetch_max(message.committed_index, std::sync::atomic::Ordering::AcqRel);
+    }
     node.liveness
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -64,24 +80,67 @@ pub fn heard(node: &Node, message: &PingMessage) {
 }
 
 /// Re-evaluates the fence: renews or closes the gate, records and logs transitions.
-pub fn evaluate_fence(node: &Node) {
+pub fn evaluate_fence(node: &Node, barrier: &mut Option<u64>) {
+    use crate::ownership::liveness::FenceReason;
+    use std::sync::atomic::Ordering;
     let voters = node.voters();
     let now = node.gate.now_ms();
     let fence_ms = node.config.ownership.fence_ms;
-    let (reason, until) = {
+    let (mut reason, until) = {
         let liveness = node.liveness.lock().unwrap_or_else(|e| e.into_inner());
         (
             liveness.fence(&voters, now, fence_ms),
             liveness.open_until(&voters, now, fence_ms),
         )
     };
-    match until {
-        Some(until) => node.gate.renew_until(until),
-        None => node.gate.close(),
+    // A gate that ran out (this process was paused or starved past its deadline) counts as a
+    // fence too, even if the contact table looks fresh again by now.
+    let was_fenced = node
+        .fence
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+        || !node.gate.is_open();
+    if reason.is_some() {
+        *barrier = None;
+    } else if was_fenced {
+        // Back in contact: hold until the data plane reflects what the leader has committed.
+        let leader_committed = node.leader_committed.load(Ordering::Acquire);
+        let is_leader = node.is_leader();
+        let target = *barrier.get_or_insert(if is_leader {
+            node.raft
+                .metrics()
+                .borrow_watched()
+                .local_committed
+                .map_or(0, |l| l.index)
+        } else {
+            leader_committed
+        });
+        let reflected = if node.config.dataplane.backend.is_empty()
+            || node.config.dataplane.backend == "none"
+        {
+            node.state.read().applied_index()
+        } else {
+            node.reconciled_index.load(Ordering::Acquire)
+        };
+        let known_leader = is_leader || leader_committed > 0;
+        if !known_leader || reflected < target {
+            reason = Some(FenceReason::CatchingUp {
+                reflected,
+                committed: target,
+            });
+        } else {
+            *barrier = None;
+        }
+    }
+    match (until, &reason) {
+        (Some(until), None) => node.gate.renew_until(until),
+        _ => node.gate.close(),
     }
     let mut current = node.fence.lock().unwrap_or_else(|e| e.into_inner());
     if *current != reason {
         match &reason {
+            Some(FenceReason::CatchingUp { .. }) => {}
             Some(r) => {
                 tracing::warn!(reason = ?r, "data plane fenced: out of contact with the cluster")
             }
@@ -112,6 +171,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
     let period = Duration::from_millis(node.config.timeouts.heartbeat_ms);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut barrier = None;
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return Ok(()),
@@ -130,6 +190,6 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
         for (peer, addr) in targets {
             tokio::spawn(ping(node.clone(), peer, addr, period * 2));
         }
-        evaluate_fence(&node);
+        evaluate_fence(&node, &mut barrier);
     }
 }

@@ -49,6 +49,14 @@ pub enum FenceReason {
         /// The leader.
         leader: NodeId,
     },
+    /// Back in contact, but the data plane does not yet reflect what the leader committed
+    /// meanwhile (SAs may have moved while this node was cut off).
+    CatchingUp {
+        /// The applied index the data plane reflects.
+        reflected: u64,
+        /// The leader's commit index it must reach.
+        committed: u64,
+    },
 }
 
 /// The contact table of one node.
@@ -101,6 +109,16 @@ impl Liveness {
         now_ms.saturating_sub(since)
     }
 
+    /// Whether `node` was heard within `window_ms`. A peer never heard is not heard: a node
+    /// that just (re)started is fenced until it has heard a quorum.
+    fn hears(&self, node: NodeId, now_ms: u64, window_ms: u64) -> bool {
+        node == self.me
+            || self
+                .contacts
+                .get(&node)
+                .is_some_and(|c| now_ms.saturating_sub(c.last_heard_ms) < window_ms)
+    }
+
     /// What this node tells its peers, given the leader it knows.
     pub fn view(&self, leader: Option<NodeId>, now_ms: u64) -> PeerView {
         PeerView {
@@ -120,7 +138,7 @@ impl Liveness {
         now_ms: u64,
         fence_ms: u64,
     ) -> Option<FenceReason> {
-        let hears = |node: NodeId| self.silence_ms(node, now_ms) < fence_ms;
+        let hears = |node: NodeId| self.hears(node, now_ms, fence_ms);
         let needed = voters.len() / 2 + 1;
         let heard =
             voters.iter().filter(|v| hears(**v)).count() + usize::from(!voters.contains(&self.me));
@@ -157,7 +175,9 @@ impl Liveness {
                 if *v == self.me {
                     u64::MAX
                 } else {
-                    now_ms.saturating_sub(self.silence_ms(*v, now_ms)) + fence_ms
+                    self.contacts
+                        .get(v)
+                        .map_or(0, |c| c.last_heard_ms + fence_ms)
                 }
             })
             .collect();
@@ -218,6 +238,14 @@ mod tests {
             })
         );
         assert_eq!(l.open_until(&voters(), 451, 200), None);
+    }
+
+    #[test]
+    fn a_node_that_just_started_is_fenced_until_it_hears_a_quorum() {
+        let mut l = Liveness::new(1, 1_000);
+        assert!(l.fence(&voters(), 1_000, 200).is_some());
+        l.heard(3, 1_010, PeerView::default());
+        assert_eq!(l.fence(&voters(), 1_020, 200), None);
     }
 
     #[test]
