@@ -70,7 +70,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// Packets the sender keeps in flight.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 2048)]
     window: u64,
     /// AES-GCM key size: 128 or 256.
     #[arg(long, default_value_t = 128)]

@@ -161,7 +161,27 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!(
+                    "{} faults over {:.0} s; sequence numbers reused {}, out of order {}; message-ID regressions {} (of {} advances)",
+                    report.faults.values().sum::<u32>(),
+                    report.seconds,
+                    report.seq_reuse,
+                    report.seq_regressions,
+                    report.msgid_regressions,
+                    report.msgid_advances
+                );
+                for (kind, p) in &report.resume_ms {
+                    println!(
+                        "  {kind:<12} resume p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
+                        p.p50, p.p99, p.max
+                    );
+                }
+                println!(
+                    "  transfer     gap    p50 {:>7.1} ms  p99 {:>7.1} ms; lease commits per busy SA per second {:.2}",
+                    report.transfer_gap_ms.p50,
+                    report.transfer_gap_ms.p99,
+                    report.lease_commits_per_busy_sa_per_sec
+                );
             }
             Ok(report.seq_reuse == 0
                 && report.seq_regressions == 0

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use evpc_proto::admin::v1 as pb;
-use evpc_proto::cluster::v1::Proposal;
 use evpc_proto::cluster::v1::cluster_client::ClusterClient;
-use evpc_raft_store::{Command, Epoch, Response, SaId, SaUpdate, slot_for_initiator_spi};
+use evpc_raft_store::{Command, Epoch, SaId, SaUpdate};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sha2::{Digest, Sha256};

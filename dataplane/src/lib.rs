@@ -19,6 +19,13 @@
 //! - after `stop` (or while fenced) it sends nothing for that child;
 //! - counters are monotonic for the life of one `start`.
 
+pub mod ike;
+pub mod metrics;
+pub mod netns;
+pub mod selector;
+pub mod userspace;
+pub mod xfrm;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +42,16 @@ pub struct ChildKeymat {
     pub inbound: Zeroizing<Vec<u8>>,
     /// For packets we send the peer (encrypt).
     pub outbound: Zeroizing<Vec<u8>>,
+}
+
+impl ChildKeymat {
+    /// Wraps both directions' KEYMAT (each wiped when dropped).
+    pub fn new(inbound: Vec<u8>, outbound: Vec<u8>) -> ChildKeymat {
+        ChildKeymat {
+            inbound: Zeroizing::new(inbound),
+            outbound: Zeroizing::new(outbound),
+        }
+    }
 }
 
 impl fmt::Debug for ChildKeymat {

@@ -105,17 +105,21 @@ pub fn evaluate_fence(node: &Node, barrier: &mut Option<u64>) {
         *barrier = None;
     } else if was_fenced {
         // Back in contact: hold until the data plane reflects what the leader has committed.
+        // The target only rises while catching up: a node that was leader before the fence
+        // may have been deposed, and learns the new leader's (higher) index from its pings.
         let leader_committed = node.leader_committed.load(Ordering::Acquire);
         let is_leader = node.is_leader();
-        let target = *barrier.get_or_insert(if is_leader {
+        let own = if is_leader {
             node.raft
                 .metrics()
                 .borrow_watched()
                 .local_committed
                 .map_or(0, |l| l.index)
         } else {
-            leader_committed
-        });
+            0
+        };
+        let target = barrier.unwrap_or(0).max(leader_committed).max(own);
+        *barrier = Some(target);
         let reflected = if node.config.dataplane.backend.is_empty()
             || node.config.dataplane.backend == "none"
         {

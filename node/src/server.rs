@@ -50,25 +50,16 @@ impl RunningNode {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let admin = AdminServer::new(AdminService::new(node.clone()));
-        let mut tasks = Vec::new();
-        tasks.push(serve(
-            raft_listener,
-            shutdown.subscribe(),
-            move |mut server| server.add_service(cluster),
-        ));
-        tasks.push(serve(
-            admin_listener,
-            shutdown.subscribe(),
-            move |mut server| server.add_service(admin),
-        ));
-        tasks.push(tokio::spawn(reconciler::run(
-            node.clone(),
-            shutdown.subscribe(),
-        )));
-        tasks.push(tokio::spawn(pinger::run(
-            node.clone(),
-            shutdown.subscribe(),
-        )));
+        let mut tasks = vec![
+            serve(raft_listener, shutdown.subscribe(), move |mut server| {
+                server.add_service(cluster)
+            }),
+            serve(admin_listener, shutdown.subscribe(), move |mut server| {
+                server.add_service(admin)
+            }),
+            tokio::spawn(reconciler::run(node.clone(), shutdown.subscribe())),
+            tokio::spawn(pinger::run(node.clone(), shutdown.subscribe())),
+        ];
         if let Some(driver) = dataplane(&node)? {
             tracing::info!(backend = driver.name(), "data plane running");
             tasks.push(tokio::spawn(owner::run(

@@ -123,10 +123,13 @@ impl SimNode {
     }
 }
 
+/// A used range, keyed by its first number: (last, epoch, node, time sent).
+type UsedBy = (u64, u64, NodeId, u64);
+
 #[derive(Debug, Default)]
 struct Ledger {
-    /// Per SPI: used ranges first -> (last, epoch, node, time).
-    used: HashMap<u32, BTreeMap<u64, (u64, u64, NodeId, u64)>>,
+    /// Per SPI: used ranges.
+    used: HashMap<u32, BTreeMap<u64, UsedBy>>,
     /// Per SPI and epoch: first time seen.
     epoch_start: HashMap<(u32, u64), u64>,
     /// Per SPI: epoch -> (lowest, highest) number sent in it.
@@ -353,7 +356,7 @@ impl Sim {
         }
 
         // Liveness: every heartbeat each pair that can talk hears each other.
-        if now % HEARTBEAT_MS == 0 {
+        if now.is_multiple_of(HEARTBEAT_MS) {
             let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
             for &a in &ids {
                 for &b in &ids {
@@ -435,7 +438,7 @@ impl Sim {
                 actions.extend(node.runtime.on_state(&node.view, now, &NoKeys));
                 node.view_changed = false;
             }
-            if now % TICK_MS == 0 {
+            if now.is_multiple_of(TICK_MS) {
                 let driver = &node.driver;
                 actions.extend(
                     node.runtime
@@ -466,7 +469,7 @@ impl Sim {
         }
 
         // The leader's planner, every heartbeat.
-        if now % HEARTBEAT_MS == 0
+        if now.is_multiple_of(HEARTBEAT_MS)
             && let Some(l) = self.leader
             && self.node(l).runs(now)
         {
@@ -697,7 +700,7 @@ fn has_rejection(response: &evpc_raft_store::Response) -> bool {
 /// and checks that every SA runs again.
 fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let n_nodes = 3 + (seed % 3 == 0) as u64 * 2;
+    let n_nodes = 3 + u64::from(seed.is_multiple_of(3)) * 2;
     let nodes = (1..=n_nodes)
         .map(|id| SimNode::new(id, 0, &mut rng))
         .collect();

@@ -297,13 +297,12 @@ impl OwnerRuntime {
                     >= self.config.checkpoint_packets
                     || now_ms.saturating_sub(run.last_checkpoint_ms) >= self.config.checkpoint_ms);
             let lease_due = remaining <= lease_size / 2 && !pending_fresh;
-            if lease_due || checkpoint_due {
-                if c.highest_in > run.last_checkpoint {
-                    checkpoint = Some(c.highest_in);
-                    run.last_checkpoint = c.highest_in;
-                    run.last_checkpoint_ms = now_ms;
-                    run.last_in_packets = c.in_packets;
-                }
+            // Checkpoints ride on leases, or go alone when due.
+            if (lease_due || checkpoint_due) && c.highest_in > run.last_checkpoint {
+                checkpoint = Some(c.highest_in);
+                run.last_checkpoint = c.highest_in;
+                run.last_checkpoint_ms = now_ms;
+                run.last_in_packets = c.in_packets;
             }
             let update = if lease_due {
                 let mark = run.limit.max(used).saturating_add(lease_size);

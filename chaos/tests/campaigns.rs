@@ -1,0 +1,150 @@
+//! Short versions of the chaos campaigns, run by `cargo test`: the same binaries and checks as
+//! the full runs in BENCHMARKS.md, with fewer SAs, operations and cycles.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The node binary next to this test's `evpc-chaos` (built by `cargo test --workspace`).
+fn node_binary() -> Option<PathBuf> {
+    let chaos = PathBuf::from(env!("CARGO_BIN_EXE_evpc-chaos"));
+    let node = chaos.parent()?.join("evpc-node");
+    node.is_file().then_some(node)
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn has_nft() -> bool {
+    Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs evpc-chaos with `args` and returns its JSON report, or `None` (with a loud message) if
+/// the node binary is not built and this is not CI.
+fn chaos(args: &[&str], base_port: u16) -> Option<serde_json::Value> {
+    let Some(node) = node_binary() else {
+        assert!(
+            !in_ci(),
+            "evpc-node is not built next to evpc-chaos; run `cargo test --workspace`"
+        );
+        eprintln!("\n!!! SKIPPED: evpc-node is not built; run `cargo test --workspace` !!!\n");
+        return None;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_evpc-chaos"))
+        .arg("--node-bin")
+        .arg(&node)
+        .args(["--base-port", &base_port.to_string()])
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running evpc-chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); status {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            out.status
+        )
+    });
+    assert!(
+        out.status.success(),
+        "evpc-chaos reported a violation: {report:#}\n{stderr}"
+    );
+    Some(report)
+}
+
+#[test]
+fn store_bench_loses_nothing_across_a_leader_kill() {
+    let Some(r) = chaos(
+        &[
+            "store-bench",
+            "--sas",
+            "200",
+            "--ops",
+            "6000",
+            "--concurrency",
+            "16",
+            "--kill-leader-at",
+            "0.5",
+        ],
+        18_000,
+    ) else {
+        return;
+    };
+    assert_eq!(r["ops_lost"], 0, "{r:#}");
+    assert_eq!(r["digests_equal"], true, "{r:#}");
+    assert_eq!(r["restart_digest_equal"], true, "{r:#}");
+    assert!(r["ops_acked"].as_u64().unwrap() >= 6000, "{r:#}");
+    assert!(
+        r["leader_failover_ms"].as_f64().is_some(),
+        "the leader was killed: {r:#}"
+    );
+}
+
+#[test]
+fn failover_campaign_keeps_every_counter_moving_forward() {
+    let partition = if is_root() && has_nft() {
+        true
+    } else {
+        assert!(
+            !in_ci(),
+            "the partition fault needs root and nftables in CI"
+        );
+        eprintln!("\n!!! partition fault SKIPPED: needs root and nftables !!!\n");
+        false
+    };
+    let faults = if partition {
+        "kill-owner,kill-leader,pause,partition,transfer"
+    } else {
+        "kill-owner,kill-leader,pause,transfer"
+    };
+    let Some(r) = chaos(
+        &[
+            "failover",
+            "--sas",
+            "90",
+            "--pps",
+            "1800",
+            "--faults",
+            faults,
+            "--cycles",
+            "1",
+            "--transfers",
+            "5",
+        ],
+        18_200,
+    ) else {
+        return;
+    };
+    for key in [
+        "seq_reuse",
+        "seq_regressions",
+        "msgid_regressions",
+        "late_reports",
+    ] {
+        assert_eq!(r[key], 0, "{key}: {r:#}");
+    }
+    for (kind, details) in r["by_kind"].as_object().unwrap() {
+        assert_eq!(details["not_resumed"], 0, "{kind}: {r:#}");
+        assert!(
+            details["resume_ms"]["count"].as_u64().unwrap() > 0,
+            "{kind}: {r:#}"
+        );
+    }
+    assert_eq!(
+        r["faults"].as_object().unwrap().len(),
+        faults.split(',').count(),
+        "{r:#}"
+    );
+    assert!(
+        r["transfer_gap_ms"]["count"].as_u64().unwrap() == 5,
+        "{r:#}"
+    );
+}

@@ -1,0 +1,540 @@
+//! The userspace backend's per-child state and the routing table the workers read.
+//!
+//! A [`Child`] holds both directions' SA state (each behind its own mutex, taken once per run of
+//! consecutive packets of that child in a batch, and only ever by the one worker of that
+//! direction), the lease granted by the node (`granted`, raised by `extend`), and atomic counters
+//! that `counters`/`stop` read without stopping the workers.
+//!
+//! The [`Table`] is immutable: `start` and `stop` build a new one and swap it in (copy on write),
+//! and a worker takes one snapshot per batch:
+//!
+//! ```text
+//!   start/stop ──build──► Arc<Table> ──swap──► RwLock<Arc<Table>> ◄──clone once per batch── workers
+//!                          ├─ by_spi:  in_spi → child            (inbound: ESP SPI lookup)
+//!                          ├─ by_host: single remote address → children (road warriors' virtual IPs)
+//!                          └─ ranged:  children with range selectors (linear scan)
+//! ```
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use evpc_esp::{
+    InboundConfig, InboundSa, Keymat, NextHeader, OpenError, Opened, OutboundConfig, OutboundSa,
+    SealError, Suite,
+};
+use evpc_raft_store::{ChildSuite, TrafficSelector};
+use nix::sys::socket::SockaddrStorage;
+
+use crate::selector::{Flow, single_address};
+use crate::{ChildCounters, ChildStart, DriverError};
+
+/// ENCR_AES_GCM_16 (RFC 4106 §8.4; IKEv2 transform type 1, ID 20).
+pub const ENCR_AES_GCM_16: u16 = 20;
+
+/// The ESP suite a child's negotiated transform maps to, or why there is none.
+pub fn esp_suite(suite: &ChildSuite) -> Result<Suite, String> {
+    match (suite.encryption, suite.key_bits) {
+        (ENCR_AES_GCM_16, 128) => Ok(Suite::AesGcm128),
+        (ENCR_AES_GCM_16, 256) => Ok(Suite::AesGcm256),
+        (ENCR_AES_GCM_16, bits) => Err(format!("AES-GCM-16 with {bits}-bit keys is not supported")),
+        (other, _) => Err(format!(
+            "encryption transform {other} ({suite}) is not supported; only ENCR_AES_GCM_16 (20)"
+        )),
+    }
+}
+
+/// Both directions' SAs for a child, as the ESP crate wants them.
+pub(crate) fn build_sas(
+    child: &ChildStart,
+    window_size: u32,
+) -> Result<(OutboundSa, InboundSa), DriverError> {
+    let unsupported = |reason: String| DriverError::Unsupported {
+        in_spi: child.in_spi,
+        reason,
+    };
+    let keys = child
+        .keys
+        .as_ref()
+        .ok_or_else(|| unsupported("no keys: the userspace backend must encrypt".into()))?;
+    let suite = esp_suite(&child.suite).map_err(unsupported)?;
+    let out_keymat = Keymat::new(suite, &keys.outbound)
+        .map_err(|e| unsupported(format!("outbound keys: {e}")))?;
+    let in_keymat =
+        Keymat::new(suite, &keys.inbound).map_err(|e| unsupported(format!("inbound keys: {e}")))?;
+    let outbound = OutboundSa::new(OutboundConfig {
+        spi: child.out_spi,
+        keymat: out_keymat,
+        esn: child.suite.esn,
+        // sequence number 0 is never sent (RFC 4303 §3.3.3)
+        first_seq: child.next_seq.max(1),
+        limit: child.limit,
+    })
+    .map_err(|e| unsupported(format!("outbound SA: {e}")))?;
+    let inbound = InboundSa::new(InboundConfig {
+        spi: child.in_spi,
+        keymat: in_keymat,
+        esn: child.suite.esn,
+        window_size,
+        checkpoint: child.replay_floor,
+    })
+    .map_err(|e| unsupported(format!("inbound SA: {e}")))?;
+    Ok((outbound, inbound))
+}
+
+/// A child's counters, updated by the workers.
+#[derive(Debug, Default)]
+pub(crate) struct ChildStats {
+    pub highest_out: AtomicU64,
+    pub highest_in: AtomicU64,
+    pub out_packets: AtomicU64,
+    pub in_packets: AtomicU64,
+    pub lease_waits: AtomicU64,
+    pub replay_drops: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+impl ChildStats {
+    pub(crate) fn snapshot(&self) -> ChildCounters {
+        let get = |a: &AtomicU64| a.load(Ordering::Acquire);
+        ChildCounters {
+            highest_out: get(&self.highest_out),
+            highest_in: get(&self.highest_in),
+            out_packets: get(&self.out_packets),
+            in_packets: get(&self.in_packets),
+            lease_waits: get(&self.lease_waits),
+            replay_drops: get(&self.replay_drops),
+            auth_failures: get(&self.auth_failures),
+        }
+    }
+}
+
+/// One running child SA.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub in_spi: u32,
+    pub peer_sockaddr: SockaddrStorage,
+    pub ts_local: Vec<TrafficSelector>,
+    pub ts_remote: Vec<TrafficSelector>,
+    pub outbound: Mutex<OutboundSa>,
+    pub inbound: Mutex<InboundSa>,
+    /// The highest limit the node has granted (`start`'s `limit`, then `extend`s).
+    pub granted: AtomicU64,
+    pub stats: ChildStats,
+}
+
+impl Child {
+    pub(crate) fn new(start: &ChildStart, window_size: u32) -> Result<Child, DriverError> {
+        let (outbound, inbound) = build_sas(start, window_size)?;
+        Ok(Child {
+            in_spi: start.in_spi,
+            peer_sockaddr: SockaddrStorage::from(start.peer),
+            ts_local: start.ts_local.clone(),
+            ts_remote: start.ts_remote.clone(),
+            outbound: Mutex::new(outbound),
+            inbound: Mutex::new(inbound),
+            granted: AtomicU64::new(start.limit),
+            stats: ChildStats::default(),
+        })
+    }
+
+    /// Raises the granted limit; lower values are ignored.
+    pub(crate) fn extend(&self, limit: u64) {
+        self.granted.fetch_max(limit, Ordering::AcqRel);
+    }
+
+    /// Seals the inner packet at `buffer[SEAL_HEADROOM..][..len]` under the lease.
+    pub(crate) fn seal(
+        &self,
+        sa: &mut OutboundSa,
+        buffer: &mut [u8],
+        len: usize,
+        next_header: NextHeader,
+    ) -> Sealed {
+        let result = match sa.seal_in_place(buffer, len, next_header) {
+            Err(SealError::LeaseExhausted { .. }) => {
+                // The node may have extended the lease since the last packet.
+                let granted = self.granted.load(Ordering::Acquire);
+                if granted <= sa.limit() {
+                    self.stats.lease_waits.fetch_add(1, Ordering::Relaxed);
+                    return Sealed::LeaseExhausted;
+                }
+                sa.extend_limit(granted);
+                sa.seal_in_place(buffer, len, next_header)
+            }
+            other => other,
+        };
+        match result {
+            Ok(sealed) => {
+                self.stats
+                    .highest_out
+                    .store(sa.highest_used(), Ordering::Release);
+                self.stats.out_packets.fetch_add(1, Ordering::Relaxed);
+                Sealed::Packet(sealed)
+            }
+            Err(SealError::LeaseExhausted { .. } | SealError::CounterExhausted { .. }) => {
+                // CounterExhausted: the SA must be rekeyed; nothing more may be sent under it.
+                self.stats.lease_waits.fetch_add(1, Ordering::Relaxed);
+                Sealed::LeaseExhausted
+            }
+            Err(_) => Sealed::Unsealable,
+        }
+    }
+
+    /// Opens an ESP packet in place and checks the inner packet against the selectors.
+    pub(crate) fn open<'p>(&self, sa: &mut InboundSa, esp: &'p mut [u8]) -> OpenedPacket<'p> {
+        match sa.open(esp) {
+            Ok(Opened::Packet {
+                next_header,
+                payload,
+                ..
+            }) => {
+                self.stats
+                    .highest_in
+                    .store(sa.highest_authenticated(), Ordering::Release);
+                if next_header != NextHeader::IPV4 && next_header != NextHeader::IPV6 {
+                    return OpenedPacket::Malformed;
+                }
+                let Some(flow) = Flow::parse(payload) else {
+                    return OpenedPacket::Malformed;
+                };
+                if !flow.inbound_matches(&self.ts_local, &self.ts_remote) {
+                    return OpenedPacket::OutsideSelectors;
+                }
+                // Drop TFC padding (RFC 4303 §2.7): an IP packet knows its own length.
+                let len = ip_total_len(payload)
+                    .unwrap_or(payload.len())
+                    .min(payload.len());
+                self.stats.in_packets.fetch_add(1, Ordering::Relaxed);
+                OpenedPacket::Deliver(&payload[..len])
+            }
+            Ok(Opened::Dummy { .. }) => {
+                self.stats
+                    .highest_in
+                    .store(sa.highest_authenticated(), Ordering::Release);
+                OpenedPacket::Dummy
+            }
+            Err(OpenError::Replay { .. } | OpenError::OutsideWindow { .. }) => {
+                self.stats.replay_drops.fetch_add(1, Ordering::Relaxed);
+                OpenedPacket::Replay
+            }
+            Err(OpenError::AuthenticationFailed) => {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                OpenedPacket::AuthFailed
+            }
+            Err(_) => OpenedPacket::Malformed,
+        }
+    }
+}
+
+/// The IP total length of an IPv4 or IPv6 packet, if the header says.
+pub(crate) fn ip_total_len(packet: &[u8]) -> Option<usize> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 4 => Some(usize::from(u16::from_be_bytes([packet[2], packet[3]]))),
+        6 if packet.len() >= 6 => {
+            Some(40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])))
+        }
+        _ => None,
+    }
+}
+
+/// What sealing one packet came to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sealed {
+    /// The ESP packet is at `buffer[..len]`.
+    Packet(usize),
+    /// The lease (or the counter) is used up: dropped, counted in `lease_waits`.
+    LeaseExhausted,
+    /// Too large for the buffer.
+    Unsealable,
+}
+
+/// What opening one ESP packet came to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum OpenedPacket<'p> {
+    /// Write this inner packet to TUN.
+    Deliver(&'p [u8]),
+    /// An authentic dummy packet (RFC 4303 §2.6): dropped.
+    Dummy,
+    /// Refused by the anti-replay window.
+    Replay,
+    /// The ICV did not verify.
+    AuthFailed,
+    /// Authentic, but its inner packet is outside the child's selectors.
+    OutsideSelectors,
+    /// Not an IP packet, or not ESP at all.
+    Malformed,
+}
+
+/// An immutable snapshot of the running children.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    pub children: Vec<Arc<Child>>,
+    by_spi: HashMap<u32, usize>,
+    by_host: HashMap<IpAddr, Vec<usize>>,
+    ranged: Vec<usize>,
+}
+
+impl Table {
+    pub(crate) fn build(children: Vec<Arc<Child>>) -> Table {
+        let mut table = Table {
+            by_spi: HashMap::with_capacity(children.len()),
+            ..Table::default()
+        };
+        for (index, child) in children.iter().enumerate() {
+            table.by_spi.insert(child.in_spi, index);
+            let mut has_range = false;
+            for ts in &child.ts_remote {
+                match single_address(ts) {
+                    Some(addr) => {
+                        let entry = table.by_host.entry(addr).or_default();
+                        if !entry.contains(&index) {
+                            entry.push(index);
+                        }
+                    }
+                    None => has_range = true,
+                }
+            }
+            if has_range {
+                table.ranged.push(index);
+            }
+        }
+        table.children = children;
+        table
+    }
+
+    pub(crate) fn get(&self, in_spi: u32) -> Option<&Arc<Child>> {
+        self.by_spi.get(&in_spi).map(|&index| &self.children[index])
+    }
+
+    pub(crate) fn index_of_spi(&self, in_spi: u32) -> Option<usize> {
+        self.by_spi.get(&in_spi).copied()
+    }
+
+    /// The child an outbound packet with this flow belongs to: the first started whose
+    /// selectors contain it.
+    pub(crate) fn route(&self, flow: &Flow) -> Option<usize> {
+        let matches = |&index: &usize| {
+            let child = &self.children[index];
+            flow.outbound_matches(&child.ts_local, &child.ts_remote)
+        };
+        let host = self
+            .by_host
+            .get(&flow.dst)
+            .and_then(|candidates| candidates.iter().copied().find(matches));
+        let ranged = || self.ranged.iter().copied().find(matches);
+        match host {
+            // a child started earlier with a range selector takes precedence, as in a scan
+            Some(h) => Some(ranged().map_or(h, |r| r.min(h))),
+            None => ranged(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use evpc_esp::{Keymat, SEAL_HEADROOM};
+    use evpc_raft_store::{Epoch, SaId};
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::ChildKeymat;
+    use crate::selector::prefix_selector;
+
+    pub(crate) fn sample_start(in_spi: u32, local: &str, remote: &str) -> ChildStart {
+        let parse = |s: &str| {
+            let (addr, len) = s.split_once('/').unwrap();
+            prefix_selector(addr.parse().unwrap(), len.parse().unwrap())
+        };
+        ChildStart {
+            ike: SaId(7),
+            epoch: Epoch::FIRST,
+            in_spi,
+            out_spi: in_spi + 0x1000,
+            suite: ChildSuite {
+                encryption: ENCR_AES_GCM_16,
+                key_bits: 128,
+                esn: true,
+            },
+            keys: Some(ChildKeymat {
+                inbound: Zeroizing::new(vec![1; 20]),
+                outbound: Zeroizing::new(vec![2; 20]),
+            }),
+            ts_local: vec![parse(local)],
+            ts_remote: vec![parse(remote)],
+            local: "198.18.0.1:4500".parse().unwrap(),
+            peer: "198.18.0.2:4500".parse().unwrap(),
+            next_seq: 1,
+            limit: 3,
+            replay_floor: 0,
+        }
+    }
+
+    fn udp_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let udp = [0x1f, 0x40, 0x1f, 0x41, 0, 12, 0, 0, b'd', b'a', b't', b'a'];
+        crate::selector::tests_support::ipv4(src, dst, 17, 0, &udp)
+    }
+
+    #[test]
+    fn children_without_keys_or_with_other_suites_are_refused() {
+        let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        start.keys = None;
+        assert!(matches!(
+            Child::new(&start, 64),
+            Err(DriverError::Unsupported { in_spi: 0x1000, reason }) if reason.contains("no keys")
+        ));
+        let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        start.suite.encryption = 12;
+        assert!(matches!(
+            Child::new(&start, 64),
+            Err(DriverError::Unsupported { .. })
+        ));
+        start.suite = ChildSuite {
+            encryption: ENCR_AES_GCM_16,
+            key_bits: 192,
+            esn: false,
+        };
+        assert!(matches!(
+            Child::new(&start, 64),
+            Err(DriverError::Unsupported { .. })
+        ));
+        let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        start.suite.key_bits = 256; // 20-byte keymat is too short for AES-256
+        let err = Child::new(&start, 64).unwrap_err().to_string();
+        assert!(err.contains("keys"), "{err}");
+        start.keys = Some(ChildKeymat {
+            inbound: Zeroizing::new(vec![1; 36]),
+            outbound: Zeroizing::new(vec![2; 36]),
+        });
+        Child::new(&start, 64).expect("AES-256 with 36-byte keymat");
+    }
+
+    #[test]
+    fn sealing_stops_at_the_lease_and_resumes_after_extend() {
+        let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        let child = Child::new(&start, 64).unwrap();
+        let inner = udp_packet([10, 0, 0, 1], [10, 9, 0, 5]);
+        let mut buffer = vec![0u8; 256];
+        let mut seal_one = |child: &Child| {
+            buffer[SEAL_HEADROOM..SEAL_HEADROOM + inner.len()].copy_from_slice(&inner);
+            let mut sa = child.outbound.lock().unwrap();
+            child.seal(&mut sa, &mut buffer, inner.len(), NextHeader::IPV4)
+        };
+        for seq in 1..=3 {
+            assert!(matches!(seal_one(&child), Sealed::Packet(_)));
+            assert_eq!(child.stats.snapshot().highest_out, seq);
+        }
+        assert_eq!(seal_one(&child), Sealed::LeaseExhausted);
+        assert_eq!(seal_one(&child), Sealed::LeaseExhausted);
+        child.extend(2); // lower: ignored
+        assert_eq!(seal_one(&child), Sealed::LeaseExhausted);
+        child.extend(4);
+        assert!(matches!(seal_one(&child), Sealed::Packet(_)));
+        assert_eq!(seal_one(&child), Sealed::LeaseExhausted);
+        let counters = child.stats.snapshot();
+        assert_eq!(
+            (
+                counters.highest_out,
+                counters.out_packets,
+                counters.lease_waits
+            ),
+            (4, 4, 4)
+        );
+    }
+
+    #[test]
+    fn open_checks_replay_icv_and_selectors() {
+        let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        let child = Child::new(&start, 64).unwrap();
+        // the peer: seals with our inbound keys under our in_spi
+        let mut peer = OutboundSa::new(OutboundConfig {
+            spi: 0x1000,
+            keymat: Keymat::new(Suite::AesGcm128, &[1; 20]).unwrap(),
+            esn: true,
+            first_seq: 1,
+            limit: 100,
+        })
+        .unwrap();
+        let seal = |peer: &mut OutboundSa, inner: &[u8]| {
+            let mut out = vec![0u8; 256];
+            let len = peer.seal(inner, NextHeader::IPV4, &mut out).unwrap();
+            out.truncate(len);
+            out
+        };
+        let good = udp_packet([10, 9, 0, 5], [10, 0, 0, 1]);
+        let packet = seal(&mut peer, &good);
+        let mut sa = child.inbound.lock().unwrap();
+        assert_eq!(
+            child.open(&mut sa, &mut packet.clone()),
+            OpenedPacket::Deliver(&good[..])
+        );
+        assert_eq!(
+            child.open(&mut sa, &mut packet.clone()),
+            OpenedPacket::Replay
+        );
+        let mut tampered = seal(&mut peer, &good);
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(child.open(&mut sa, &mut tampered), OpenedPacket::AuthFailed);
+        let spoofed = udp_packet([10, 9, 0, 6], [10, 0, 0, 1]);
+        assert_eq!(
+            child.open(&mut sa, &mut seal(&mut peer, &spoofed)),
+            OpenedPacket::OutsideSelectors
+        );
+        let counters = child.stats.snapshot();
+        assert_eq!(
+            (
+                counters.in_packets,
+                counters.replay_drops,
+                counters.auth_failures,
+                counters.highest_in
+            ),
+            (1, 1, 1, 3)
+        );
+        drop(sa);
+        // a floor refuses what the previous owner saw
+        let mut start = start.clone();
+        start.replay_floor = 10;
+        let resumed = Child::new(&start, 64).unwrap();
+        let mut sa = resumed.inbound.lock().unwrap();
+        assert_eq!(
+            resumed.open(&mut sa, &mut packet.clone()),
+            OpenedPacket::Replay
+        );
+    }
+
+    #[test]
+    fn routing_prefers_the_first_started_child_whose_selectors_match() {
+        let a =
+            Arc::new(Child::new(&sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32"), 64).unwrap());
+        let b =
+            Arc::new(Child::new(&sample_start(0x2000, "10.0.0.0/24", "10.9.0.0/24"), 64).unwrap());
+        let c =
+            Arc::new(Child::new(&sample_start(0x3000, "10.0.0.0/24", "10.9.0.7/32"), 64).unwrap());
+        let table = Table::build(vec![a, b, c]);
+        let flow = |dst: [u8; 4]| Flow::parse(&udp_packet([10, 0, 0, 1], dst)).unwrap();
+        assert_eq!(table.route(&flow([10, 9, 0, 5])), Some(0));
+        assert_eq!(
+            table.route(&flow([10, 9, 0, 7])),
+            Some(1),
+            "b was started before c"
+        );
+        assert_eq!(table.route(&flow([10, 9, 0, 8])), Some(1));
+        assert_eq!(table.route(&flow([10, 9, 1, 8])), None);
+        let wrong_source = Flow::parse(&udp_packet([10, 0, 1, 1], [10, 9, 0, 5])).unwrap();
+        assert_eq!(table.route(&wrong_source), None);
+        assert_eq!(table.index_of_spi(0x3000), Some(2));
+        assert!(table.get(0x4000).is_none());
+        assert_eq!(
+            table.get(0x2000).map(|c| c.peer_sockaddr),
+            Some(SockaddrStorage::from(SocketAddr::from((
+                Ipv4Addr::new(198, 18, 0, 2),
+                4500
+            ))))
+        );
+    }
+}
