@@ -60,6 +60,25 @@ pub type IkeReceiver = tokio::sync::mpsc::Receiver<IkeDatagram>;
 /// The sending half kept by a backend's receive workers.
 pub(crate) type IkeSender = tokio::sync::mpsc::Sender<IkeDatagram>;
 
+/// Sends IKE messages from the cluster address: the backends that own the cluster sockets
+/// implement it, so the node's IKE engine answers from the address and port the peer used.
+pub trait IkeSocket: Send + Sync + 'static {
+    /// Sends `message` to `remote` on `port` (behind the non-ESP marker on the NAT-T port).
+    fn send_ike(&self, port: IkePort, remote: SocketAddr, message: &[u8]) -> std::io::Result<()>;
+}
+
+impl IkeSocket for crate::userspace::UserspaceDriver {
+    fn send_ike(&self, port: IkePort, remote: SocketAddr, message: &[u8]) -> std::io::Result<()> {
+        crate::userspace::UserspaceDriver::send_ike(self, port, remote, message)
+    }
+}
+
+impl IkeSocket for crate::xfrm::XfrmDriver {
+    fn send_ike(&self, port: IkePort, remote: SocketAddr, message: &[u8]) -> std::io::Result<()> {
+        crate::xfrm::XfrmDriver::send_ike(self, port, remote, message)
+    }
+}
+
 /// Default depth of the IKE queue: enough for a burst of IKE_SA_INITs while the engine is
 /// busy; beyond it datagrams are dropped (and the peers retransmit).
 pub const DEFAULT_IKE_QUEUE: usize = 4096;

@@ -56,6 +56,12 @@ pub struct NodeConfig {
     /// The data plane this node runs.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
+    /// The IKE responder on the cluster address (needs the userspace or xfrm data plane).
+    #[serde(default)]
+    pub ike: Option<crate::ike_gateway::IkeSettings>,
+    /// Where to serve Prometheus metrics (`/metrics`), e.g. "127.0.0.1:9100".
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
     /// File holding the cluster key (64 hex digits) that seals SA keys in the replicated log.
     /// Every node of a cluster needs the same key; without one, SAs carry no keys this node
     /// can open (enough for the probe data plane, not for ESP).
@@ -116,10 +122,67 @@ impl Default for OwnershipConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataplaneConfig {
-    /// "none" (control plane only), "probe" (test traffic to a collector).
+    /// "none" (control plane only), "probe" (test traffic to a collector), "userspace"
+    /// (ESP-in-UDP <-> TUN in this process), or "xfrm" (the Linux kernel).
     pub backend: String,
+    /// With `backend = "xfrm"` on a kernel without ESP: run the userspace data plane instead
+    /// (otherwise the node refuses to start).
+    pub fallback_to_userspace: bool,
+    /// The cluster address peers connect to (userspace, xfrm).
+    pub cluster_address: Option<std::net::IpAddr>,
+    /// ESP-in-UDP and NAT-T IKE port; default 4500.
+    pub natt_port: Option<u16>,
+    /// Plain IKE port; default 500, 0 to not listen.
+    pub ike_port: Option<u16>,
+    /// Inbound anti-replay window in packets; default 1024.
+    pub replay_window: Option<u32>,
+    /// The TUN device of the inner traffic (userspace).
+    pub tun: TunSettings,
     /// Probe settings.
     pub probe: ProbeConfig,
+}
+
+/// The userspace data plane's TUN device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunSettings {
+    /// Interface name (at most 15 bytes).
+    pub name: String,
+    /// Inner MTU.
+    pub mtu: u32,
+    /// Addresses on the device, `addr/prefix`.
+    pub addresses: Vec<String>,
+    /// Routes into the device (e.g. the virtual-IP pool), `net/prefix`.
+    pub routes: Vec<String>,
+}
+
+impl Default for TunSettings {
+    fn default() -> Self {
+        TunSettings {
+            name: "evpc0".into(),
+            mtu: 1412,
+            addresses: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// Parses `addr/prefix`.
+pub fn parse_prefix(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not addr/prefix"))?;
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{text:?}: {addr:?} is not an IP address"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{text:?}: {len:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("{text:?}: prefix length above {max}"));
+    }
+    Ok((addr, len))
 }
 
 /// The probe data plane: consumes sequence numbers like real traffic and reports every range
@@ -334,17 +397,42 @@ impl NodeConfig {
                 o.replay_gap
             ));
         }
-        match self.dataplane.backend.as_str() {
+        let d = &self.dataplane;
+        if let Some(ike) = &self.ike {
+            ike.validate()?;
+            if !matches!(d.backend.as_str(), "userspace" | "xfrm") {
+                return Err("[ike] needs dataplane.backend = \"userspace\" or \"xfrm\" (they own the cluster sockets)".into());
+            }
+        }
+        match d.backend.as_str() {
             "" | "none" => {}
-            "probe" if self.dataplane.probe.collector.is_none() => {
+            "probe" if d.probe.collector.is_none() => {
                 return Err("dataplane.backend = \"probe\" needs dataplane.probe.collector".into());
             }
             "probe" => {}
-            other => {
+            "userspace" | "xfrm" if d.cluster_address.is_none() => {
                 return Err(format!(
-                    "dataplane.backend {other:?} is not known; expected \"none\" or \"probe\""
+                    "dataplane.backend = {:?} needs dataplane.cluster_address (the address peers connect to)",
+                    d.backend
                 ));
             }
+            "userspace" | "xfrm" => {}
+            other => {
+                return Err(format!(
+                    "dataplane.backend {other:?} is not known; expected \"none\", \"probe\", \"userspace\" or \"xfrm\""
+                ));
+            }
+        }
+        for prefix in d.tun.addresses.iter().chain(&d.tun.routes) {
+            parse_prefix(prefix).map_err(|e| format!("dataplane.tun: {e}"))?;
+        }
+        if d.tun.name.is_empty() || d.tun.name.len() > 15 {
+            return Err("dataplane.tun.name must be 1 to 15 bytes".into());
+        }
+        if let Some(w) = d.replay_window
+            && !(32..=4096).contains(&w)
+        {
+            return Err(format!("dataplane.replay_window {w} is outside 32..=4096"));
         }
         Ok(())
     }
@@ -420,5 +508,15 @@ mod tests {
             invalid(&format!("{GOOD}\n[dataplane]\nbackend = \"probe\"")).contains("collector")
         );
         assert!(invalid(&format!("{GOOD}\n[dataplane]\nbackend = \"warp\"")).contains("not known"));
+        assert!(
+            invalid(&format!("{GOOD}\n[dataplane]\nbackend = \"userspace\""))
+                .contains("cluster_address")
+        );
+        assert!(
+            invalid(&format!(
+                "{GOOD}\n[dataplane.tun]\nroutes = [\"10.0.0.0/40\"]"
+            ))
+            .contains("prefix length")
+        );
     }
 }

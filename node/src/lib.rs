@@ -20,8 +20,11 @@
 //! cluster of child processes on loopback.
 
 pub mod admin_service;
+pub mod backend;
 pub mod cluster_service;
 pub mod config;
+pub mod exchange;
+pub mod ike_gateway;
 pub mod local;
 pub mod node;
 pub mod owner;

@@ -103,6 +103,8 @@ impl LocalCluster {
             ownership: self.ownership.clone(),
             dataplane: self.dataplane.clone(),
             cluster_key_file: self.cluster_key_file.clone(),
+            metrics_addr: None,
+            ike: None,
         }
     }
 

@@ -11,9 +11,7 @@ use crate::cluster_service::ClusterService;
 use crate::config::NodeConfig;
 use crate::node::Node;
 use crate::peers::MAX_MESSAGE_BYTES;
-use crate::probe::ProbeDriver;
-use crate::{owner, pinger, reconciler};
-use evpc_dataplane::SaDriver;
+use crate::{backend, ike_gateway, owner, pinger, reconciler};
 
 /// A node with its servers running.
 pub struct RunningNode {
@@ -60,15 +58,37 @@ impl RunningNode {
             tokio::spawn(reconciler::run(node.clone(), shutdown.subscribe())),
             tokio::spawn(pinger::run(node.clone(), shutdown.subscribe())),
         ];
-        if let Some(driver) = dataplane(&node)? {
-            tracing::info!(backend = driver.name(), "data plane running");
-            tasks.push(tokio::spawn(owner::run(
+        if let Some(addr) = node.config.metrics_addr {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+            tracing::info!(%addr, "Prometheus metrics at /metrics");
+        }
+        let mut ike_io = None;
+        match backend::start(&node)? {
+            Some(backend) => {
+                tracing::info!(backend = backend.driver.name(), "data plane running");
+                tasks.push(tokio::spawn(owner::run(
+                    node.clone(),
+                    backend.driver.clone(),
+                    shutdown.subscribe(),
+                )));
+                ike_io = backend.ike;
+            }
+            None => {
+                tracing::info!("no data plane (dataplane.backend = \"none\"): control plane only")
+            }
+        }
+        if node.config.ike.is_some()
+            && let Some((socket, datagrams)) = ike_io
+        {
+            tasks.push(tokio::spawn(ike_gateway::run(
                 node.clone(),
-                driver,
+                socket,
+                datagrams,
                 shutdown.subscribe(),
             )));
-        } else {
-            tracing::info!("no data plane (dataplane.backend = \"none\"): control plane only");
         }
         tasks.push(tokio::spawn(log_leader_changes(
             node.clone(),
@@ -95,27 +115,6 @@ impl RunningNode {
         tracing::info!(node = self.node.id, "stopped");
         Ok(())
     }
-}
-
-/// The data-plane backend the configuration asks for.
-fn dataplane(node: &Arc<Node>) -> anyhow::Result<Option<Arc<dyn SaDriver>>> {
-    let config = &node.config.dataplane;
-    Ok(match config.backend.as_str() {
-        "" | "none" => None,
-        "probe" => {
-            let collector = config
-                .probe
-                .collector
-                .ok_or_else(|| anyhow::anyhow!("dataplane.probe.collector is required"))?;
-            Some(Arc::new(ProbeDriver::start(
-                node.id,
-                collector,
-                config.probe.pps_per_child,
-                node.gate.clone(),
-            )?))
-        }
-        other => anyhow::bail!("unknown data plane backend {other:?}"),
-    })
 }
 
 /// Logs each change of leader or term as this node sees it: operators read elections off the

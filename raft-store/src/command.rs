@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::NodeState;
 use crate::ids::{Epoch, NodeId, SaId, Slot};
-use crate::sa::{ChildSa, IkeSa, SaTimes, StoredMessage};
+use crate::sa::{ChildSa, IkeSa, SaTimes, SealedKeys, StoredMessage};
 
 /// A change to the replicated state: the payload of one Raft log entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +111,10 @@ pub enum SaUpdate {
     IkeRekeyed(Box<IkeSa>),
     /// New lifetimes (after a rekey, or from configuration).
     Times(SaTimes),
+    /// The IKE SA's sealed keys and engine state changed (a rekey, a new pending exchange).
+    Keys(SealedKeys),
+    /// The peer's address or port changed (NAT rebinding, MOBIKE).
+    Peer(std::net::SocketAddr),
     /// We heard from the peer (authenticated) at this time.
     PeerSeen {
         /// Wall-clock ms.

@@ -438,6 +438,8 @@ fn apply_update(
         }
         SaUpdate::IkeRekeyed(new) => rekey_ike(state, sa, successor, new)?,
         SaUpdate::Times(times) => sa.times = *times,
+        SaUpdate::Keys(keys) => sa.keys = keys.clone(),
+        SaUpdate::Peer(peer) => sa.peer = *peer,
         SaUpdate::PeerSeen { at_ms } => {
             // Owners' clocks differ a little; keeping the maximum makes the field monotonic.
             sa.last_peer_activity_ms = sa.last_peer_activity_ms.max(*at_ms);
