@@ -337,3 +337,112 @@ fn a_bad_config_file_is_refused_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("different ports"), "{stderr}");
 }
+
+/// Owners per node, from `evpcctl --json sa list`.
+async fn owners(cluster: &ProcessCluster) -> BTreeMap<u64, usize> {
+    let listed = evpcctl(cluster, &["--json", "sa", "list", "--limit", "0"])
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let mut counts = BTreeMap::new();
+    for sa in listed.as_array().unwrap() {
+        *counts.entry(sa["owner"].as_u64().unwrap()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evpcctl_transfers_drains_and_rebalances() {
+    let mut cluster = launch(3, 17_600, RaftTuning::default()).await;
+    let mut admin = cluster.admin().unwrap();
+    for i in 1..=30 {
+        admin.import_sa(foreign_sa(0x4000 + i), None).await.unwrap();
+    }
+
+    // Planned transfer of one SA: new owner, epoch + 1, a range above the old mark.
+    let before: serde_json::Value = serde_json::from_str(
+        &evpcctl(&cluster, &["--json", "sa", "get", "0000000000004001"])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let from = before["owner"].as_u64().unwrap();
+    let to = if from == 3 { 1 } else { from + 1 };
+    let out = evpcctl(
+        &cluster,
+        &[
+            "sa",
+            "transfer",
+            "0000000000004001",
+            "--to",
+            &to.to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.contains(&format!("from node {from} to node {to}")),
+        "{out}"
+    );
+    let after: serde_json::Value = serde_json::from_str(
+        &evpcctl(&cluster, &["--json", "sa", "get", "0000000000004001"])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(after["owner"], to);
+    assert_eq!(after["epoch"], before["epoch"].as_u64().unwrap() + 1);
+    let (hwm_before, hwm_after) = (
+        before["children"][0]["out_hwm"].as_u64().unwrap(),
+        after["children"][0]["out_hwm"].as_u64().unwrap(),
+    );
+    assert!(
+        hwm_after > hwm_before,
+        "the new owner got a lease above the old mark"
+    );
+    let err = evpcctl(
+        &cluster,
+        &["sa", "transfer", "0000000000004001", "--to", "9"],
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("not registered"), "{err:#}");
+
+    // Drain node 2: it ends up owning nothing, at a bounded rate, and takes no new slots.
+    let out = evpcctl(&cluster, &["node", "drain", "2"]).await.unwrap();
+    assert!(out.contains("node 2 is draining"), "{out}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while owners(&cluster).await.get(&2).copied().unwrap_or(0) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 2 never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let slots = evpcctl(&cluster, &["--json", "cluster", "slots"])
+        .await
+        .unwrap();
+    let slots: serde_json::Value = serde_json::from_str(&slots).unwrap();
+    assert!(slots["owners"].as_array().unwrap().iter().all(|o| o != 2));
+
+    // Back to active, then rebalance: within one SA of each other again.
+    evpcctl(&cluster, &["node", "activate", "2"]).await.unwrap();
+    let out = evpcctl(&cluster, &["cluster", "rebalance"]).await.unwrap();
+    assert!(out.contains("rebalancing 30 SAs"), "{out}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = owners(&cluster).await;
+        let spread = counts.values().max().unwrap() - counts.values().min().unwrap();
+        if counts.len() == 3 && spread <= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never rebalanced: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = evpcctl(&cluster, &["cluster", "slots"]).await.unwrap();
+    assert!(text.contains("SLOTS") && text.contains("0-"), "{text}");
+    cluster.stop().await;
+}
