@@ -500,6 +500,20 @@ impl Run {
     }
 
     async fn inject(&mut self, kind: Fault) -> anyhow::Result<()> {
+        let late_before = self.ledger.lock().expect("lock").late;
+        let result = self.inject_inner(kind).await;
+        let late = self.ledger.lock().expect("lock").late - late_before;
+        if late > 0 {
+            tracing::warn!(
+                kind = kind.name(),
+                late,
+                "reports from an owner whose SA had moved on"
+            );
+        }
+        result
+    }
+
+    async fn inject_inner(&mut self, kind: Fault) -> anyhow::Result<()> {
         *self.counts.entry(kind).or_default() += 1;
         let owners = ownership(&*self.cluster.read().await).await?;
         let leader = self
@@ -528,6 +542,13 @@ impl Run {
                     kind.name(),
                     affected.len()
                 ));
+                tracing::info!(
+                    kind = kind.name(),
+                    victim,
+                    leader,
+                    sas = affected.len(),
+                    "fault"
+                );
                 let since = Instant::now();
                 match kind {
                     Fault::KillOwner | Fault::KillLeader => {
@@ -651,8 +672,9 @@ async fn run_on(
         anyhow::ensure!(Instant::now() < deadline, "not every SA started reporting");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let leases_before = lease_commits(&*cluster.read().await).await?;
+    let leases = Arc::new(Mutex::new(LeaseTally::default()));
     let leases_started = Instant::now();
+    tokio::spawn(tally_leases(cluster.clone(), leases.clone(), stop.clone()));
     let msgids = Arc::new(Mutex::new(MsgIds::default()));
     let driver = tokio::spawn(drive_msgids(
         cluster.clone(),
@@ -681,8 +703,8 @@ async fn run_on(
                 .with_context(|| format!("fault {}", kind.name()))?;
         }
     }
-    let leases_after = lease_commits(&*cluster.read().await).await?;
     let lease_secs = leases_started.elapsed().as_secs_f64();
+    let leases_committed = leases.lock().expect("lock").total;
     stop.store(true, Ordering::Relaxed);
     let _ = driver.await;
 
@@ -707,8 +729,8 @@ async fn run_on(
         }
     }
     let ledger = ledger.lock().expect("lock");
-    let lease_commits_per_busy_sa_per_sec = (leases_after.saturating_sub(leases_before)) as f64
-        / (run.children.len() as f64 * lease_secs);
+    let lease_commits_per_busy_sa_per_sec =
+        leases_committed as f64 / (run.children.len() as f64 * lease_secs);
     let mut resume_ms = BTreeMap::new();
     let mut by_kind = BTreeMap::new();
     for (kind, count) in &run.counts {
@@ -750,12 +772,48 @@ async fn run_on(
     })
 }
 
-async fn lease_commits(cluster: &ProcessCluster) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for id in cluster.alive_ids() {
-        total += cluster.admin_of(id)?.status(false).await?.lease_commits;
+/// Lease commits over the run. Each node counts its own since it started, so the tally follows
+/// every node's counter and starts afresh when a restarted node's counter begins again.
+#[derive(Debug, Default)]
+struct LeaseTally {
+    last: HashMap<NodeId, u64>,
+    total: u64,
+}
+
+async fn tally_leases(
+    cluster: Arc<RwLock<ProcessCluster>>,
+    tally: Arc<Mutex<LeaseTally>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        let admins: Vec<(NodeId, anyhow::Result<evpc_api::AdminClient>)> = {
+            let c = cluster.read().await;
+            c.alive_ids()
+                .into_iter()
+                .map(|id| (id, c.admin_of(id)))
+                .collect()
+        };
+        for (id, admin) in admins {
+            let Ok(mut admin) = admin else { continue };
+            let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_millis(300), admin.status(false)).await
+            else {
+                continue;
+            };
+            let mut t = tally.lock().expect("lock");
+            let last = t.last.insert(id, status.lease_commits);
+            // The first sample is the baseline; a lower value is a restarted node counting anew.
+            let added = match last {
+                _ if first => 0,
+                Some(prev) if status.lease_commits >= prev => status.lease_commits - prev,
+                _ => status.lease_commits,
+            };
+            t.total += added;
+        }
+        first = false;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(total)
 }
 
 #[cfg(test)]
