@@ -56,6 +56,23 @@ impl AdminService {
         Err(status)
     }
 
+    /// Commits a membership change (joint consensus) and answers with the new membership.
+    async fn change_membership(
+        &self,
+        change: openraft::ChangeMembers<NodeId, Member>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let changed = self
+            .node
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(membership_response(
+            changed.log_id.index,
+            changed.membership,
+        )))
+    }
+
     async fn set_gateway_state(
         &self,
         id: NodeId,
@@ -384,19 +401,10 @@ impl Admin for AdminService {
             )));
         }
         tracing::info!(node = node.id, "promoting to voter");
-        let changed = self
-            .node
-            .raft
-            .change_membership(
-                openraft::ChangeMembers::AddVoterIds(BTreeSet::from([node.id])),
-                false,
-            )
-            .await
-            .map_err(membership_status)?;
-        Ok(Response::new(membership_response(
-            changed.log_id.index,
-            changed.membership,
-        )))
+        self.change_membership(openraft::ChangeMembers::AddVoterIds(BTreeSet::from([
+            node.id
+        ])))
+        .await
     }
 
     async fn remove_member(
@@ -417,19 +425,8 @@ impl Admin for AdminService {
             return Err(Status::not_found(format!("node {id} is not a member")));
         }
         tracing::info!(node = id, "removing a member");
-        let changed = self
-            .node
-            .raft
-            .change_membership(
-                openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-                false,
-            )
+        self.change_membership(openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])))
             .await
-            .map_err(membership_status)?;
-        Ok(Response::new(membership_response(
-            changed.log_id.index,
-            changed.membership,
-        )))
     }
 
     async fn transfer_leader(
@@ -438,16 +435,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         self.require_leader()?;
         let to = request.into_inner().to;
-        let is_voter = self
-            .node
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == to);
-        if !is_voter {
+        if !self.node.voters().contains(&to) {
             return Err(Status::invalid_argument(format!(
                 "node {to} is not a voter"
             )));

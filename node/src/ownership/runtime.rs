@@ -341,11 +341,7 @@ impl OwnerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evpc_raft_store::{
-        ChildSuite, Identity, IkeSuite, MessageIds, NodeState, OwnerMove, Role, SaTimes,
-        SealedKeys, SlotAssignment, apply,
-    };
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use evpc_raft_store::{NodeState, OwnerMove, SlotAssignment, apply};
 
     struct NoKeys;
     impl KeyOpener for NoKeys {
@@ -375,53 +371,11 @@ mod tests {
             }]),
         )
         .unwrap();
-        let child = ChildSa {
-            in_spi: 0x1000,
-            out_spi: 0x2000,
-            suite: ChildSuite {
-                encryption: 20,
-                key_bits: 128,
-                esn: true,
-            },
-            keys: SealedKeys::default(),
-            ts_local: vec![],
-            ts_remote: vec![],
-            out_start: 1,
-            out_hwm,
-            in_checkpoint: 50,
-            rekey_generation: 0,
-            times: SaTimes::default(),
-        };
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4500);
-        let sa = IkeSa {
-            id: SaId(7),
-            spi_i: 1,
-            spi_r: 7,
-            role: Role::Responder,
-            local: addr,
-            peer: addr,
-            local_id: Identity::fqdn("gw"),
-            peer_id: Identity::fqdn("peer"),
-            suite: IkeSuite {
-                encryption: 20,
-                key_bits: 128,
-                prf: 5,
-                integrity: None,
-                dh_group: 31,
-            },
-            keys: SealedKeys::default(),
-            msg: MessageIds::default(),
-            last_response: None,
-            pending_request: None,
-            times: SaTimes::default(),
-            last_peer_activity_ms: 0,
-            rekey_generation: 0,
-            virtual_ip: None,
-            slot: 0,
-            owner,
-            epoch: Epoch::FIRST,
-            children: BTreeMap::from([(0x1000, child)]),
-        };
+        let mut sa = crate::ownership::test_support::sa(7, 0x1000);
+        sa.owner = owner;
+        let child = sa.children.get_mut(&0x1000).unwrap();
+        child.out_hwm = out_hwm;
+        child.in_checkpoint = 50;
         apply(&mut state, &Command::CreateSa(Box::new(sa))).unwrap();
         state
     }
