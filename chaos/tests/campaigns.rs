@@ -11,6 +11,9 @@ fn node_binary() -> Option<PathBuf> {
     node.is_file().then_some(node)
 }
 
+/// The campaigns run one at a time: each is a whole cluster on two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
@@ -29,6 +32,7 @@ fn has_nft() -> bool {
 /// Runs evpc-chaos with `args` and returns its JSON report, or `None` (with a loud message) if
 /// the node binary is not built and this is not CI.
 fn chaos(args: &[&str], base_port: u16) -> Option<serde_json::Value> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(node) = node_binary() else {
         assert!(
             !in_ci(),

@@ -311,6 +311,12 @@ impl Admin for AdminService {
             } else {
                 String::new()
             },
+            recovered_applied_index: self.node.recovered.applied_index,
+            recovered_digest: if include_digest {
+                self.node.recovered.digest.clone()
+            } else {
+                String::new()
+            },
             addresses: state.addresses().len() as u64,
             fenced: fence.is_some(),
             fence_reason: fence.map(|r| format!("{r:?}")).unwrap_or_default(),

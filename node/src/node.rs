@@ -138,6 +138,18 @@ pub struct Node {
     pub reconciled_index: AtomicU64,
     /// Latest committed index heard from the leader.
     pub leader_committed: AtomicU64,
+    /// The applied index and state digest this node recovered from its data directory.
+    pub recovered: Recovered,
+}
+
+/// What a node found in its data directory at start: a restart after SIGKILL must reproduce the
+/// state it had at this index byte for byte.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// The last applied index after the log was replayed.
+    pub applied_index: u64,
+    /// The state digest at that index.
+    pub digest: String,
 }
 
 /// Whether a command changes who owns an SA.
@@ -182,12 +194,21 @@ impl Node {
             state_machine,
         )
         .await?;
+        // openraft has replayed the log up to the persisted committed index by now; nothing new
+        // can be applied before this node takes part in an election.
+        let recovered = {
+            let guard = state.read();
+            Recovered {
+                applied_index: guard.applied_index(),
+                digest: guard.digest(),
+            }
+        };
         tracing::info!(
             node = config.id,
             raft_addr = %config.raft_addr,
             admin_addr = %config.admin_addr,
             data_dir = %config.data_dir.display(),
-            applied = *state.applied_index().borrow(),
+            applied = recovered.applied_index,
             "raft member started"
         );
         let gate = Arc::new(FenceGate::new());
@@ -210,6 +231,7 @@ impl Node {
             lease_commits: AtomicU64::new(0),
             reconciled_index: AtomicU64::new(0),
             leader_committed: AtomicU64::new(0),
+            recovered,
         }))
     }
 
