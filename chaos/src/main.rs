@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cluster;
 mod esp_bench;
 mod failover;
+mod ike_bench;
 mod stats;
 mod store_bench;
 mod synthetic;
@@ -40,6 +41,10 @@ enum Command {
     /// Userspace ESP throughput: TUN → ESP → UDP → ESP → TUN across two network namespaces
     /// (needs root).
     EspBench(esp_bench::Args),
+    /// IKE SA setups per second against a real cluster, and the latency commit-before-respond
+    /// adds to an exchange (3 nodes vs 1 node vs the bare engine), in network namespaces
+    /// (needs root).
+    IkeBench(ike_bench::Args),
     /// Real nodes with the probe data plane under faults; checks every sequence number and
     /// message ID, measures how fast SAs resume.
     Failover {
@@ -133,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
     match cli.command {
         Command::EspBench(_) => unreachable!("handled above"),
+        Command::IkeBench(args) => ike_bench::run(args, node_bin).await,
         Command::Failover {
             nodes,
             sas,

@@ -106,7 +106,7 @@ pub struct Outcome {
 }
 
 /// Things the caller should know or act on.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Event {
     /// The IKE SA is authenticated and usable.
     IkeSaEstablished {

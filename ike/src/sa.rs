@@ -65,7 +65,7 @@ impl ConnectOptions {
 }
 
 /// Data of IKE_SA_INIT that IKE_AUTH signs (§2.15). Node-local: never committed.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Handshake {
     pub ni: Vec<u8>,
     pub nr: Vec<u8>,
@@ -80,13 +80,13 @@ pub(crate) struct Handshake {
     pub awaiting_address: Option<Box<crate::exchange::auth::AuthRequest>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct InitiatorAuth {
     pub options: ConnectOptions,
     pub child_inbound_spi: u32,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum State {
     /// Initiator: IKE_SA_INIT sent, no keys yet.
     Connecting(Box<crate::exchange::init::Connecting>),
@@ -96,7 +96,7 @@ pub(crate) enum State {
 }
 
 /// Output accumulated during one call.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct OutBuf {
     pub send: Vec<Datagram>,
     pub gated: Vec<Datagram>,
@@ -108,7 +108,7 @@ pub(crate) struct OutBuf {
 }
 
 /// A request from the peer, decrypted.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Request {
     pub header: Header,
     pub payloads: Vec<Payload>,
@@ -117,7 +117,11 @@ pub(crate) struct Request {
 }
 
 /// One IKE SA. See the crate docs for the call order.
-#[derive(Debug)]
+///
+/// `Clone` copies the whole SA, half-open handshake included: a node keeps a copy taken before
+/// [`IkeSa::assign_inner_address`] so that, if the cluster refuses the address it picked (taken
+/// meanwhile by another node), it can answer the same IKE_AUTH again with another one.
+#[derive(Clone, Debug)]
 pub struct IkeSa {
     pub(crate) config: Arc<Config>,
     pub(crate) state: State,

@@ -403,6 +403,9 @@ impl NodeConfig {
             if !matches!(d.backend.as_str(), "userspace" | "xfrm") {
                 return Err("[ike] needs dataplane.backend = \"userspace\" or \"xfrm\" (they own the cluster sockets)".into());
             }
+            if self.cluster_key_file.is_none() {
+                return Err("[ike] needs cluster_key_file: IKE state is sealed with the cluster key before it is committed".into());
+            }
         }
         match d.backend.as_str() {
             "" | "none" => {}

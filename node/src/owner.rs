@@ -73,6 +73,10 @@ pub async fn run(
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<()>();
     let mut fenced = None;
     let mut state_changed = true;
+    // The applied index of the last scan. Entries that cannot change the data plane (an IKE
+    // exchange's message-ID advance, say) need no rescan: walking every owned SA under the
+    // state's read lock after each of them would hold up `apply` on a busy gateway.
+    let mut scanned = 0;
     loop {
         if state_changed {
             let (actions, index) = {
@@ -85,6 +89,7 @@ pub async fn run(
                 (actions, state.applied_index())
             };
             execute(&node, &*driver, actions, &failed_tx);
+            scanned = index;
             node.reconciled_index.store(index, Ordering::Release);
             node.running_children
                 .store(runtime.running().count() as u64, Ordering::Relaxed);
@@ -96,8 +101,14 @@ pub async fn run(
                 if changed.is_err() {
                     break;
                 }
-                tokio::time::sleep(DEBOUNCE).await;
-                state_changed = true;
+                let index = *applied.borrow_and_update();
+                if node.state.data_plane_changed_at() > scanned {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    state_changed = true;
+                } else {
+                    // Nothing up to `index` changes what runs: the current view stands.
+                    node.reconciled_index.store(index, Ordering::Release);
+                }
             }
             _ = tick.tick() => {
                 let now_fenced = node.fence_reason().is_some();

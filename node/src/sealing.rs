@@ -127,6 +127,39 @@ impl ClusterKey {
     }
 }
 
+impl ClusterKey {
+    /// Seals any secret blob (e.g. an IKE engine snapshot) for the replicated log, bound to
+    /// `aad` (which must say what the blob is and whose it is, so it cannot be replayed as
+    /// anything else); `nonce` must be fresh random bytes.
+    pub fn seal_blob(&self, aad: &[u8], plain: &[u8], nonce: [u8; 12]) -> SealedKeys {
+        let sealed = self
+            .cipher
+            .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
+            .expect("AES-GCM sealing of an in-memory buffer cannot fail");
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&sealed);
+        SealedKeys(blob)
+    }
+
+    /// Opens a blob sealed by [`ClusterKey::seal_blob`] with the same `aad`; the plaintext is
+    /// wiped when dropped.
+    pub fn open_blob(
+        &self,
+        aad: &[u8],
+        sealed: &SealedKeys,
+    ) -> Result<Zeroizing<Vec<u8>>, SealError> {
+        if sealed.0.len() < 12 + 16 {
+            return Err(SealError::Open);
+        }
+        let (nonce, body) = sealed.0.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| SealError::Open)?;
+        self.cipher
+            .decrypt(&Nonce::from(nonce), Payload { msg: body, aad })
+            .map(Zeroizing::new)
+            .map_err(|_| SealError::Open)
+    }
+}
+
 /// Opens child keys for the owner runtime (`None` without a cluster key or for SAs that carry
 /// no keys, like the synthetic ones of load tests).
 #[derive(Debug)]

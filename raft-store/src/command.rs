@@ -109,6 +109,22 @@ pub enum SaUpdate {
     /// fresh message IDs. The old SA stays (childless) until its own delete exchange.
     /// Invariant: `new.rekey_generation > old.rekey_generation`; `new.id` is unused.
     IkeRekeyed(Box<IkeSa>),
+    /// The IKE SA was rekeyed (RFC 7296 §2.8) and this record follows the new IKE SA *in
+    /// place*: id, owner, epoch, slot, children (and their sealed keys, leases and checkpoints)
+    /// and inner address stay as they are, so the data plane keeps running the children
+    /// untouched; the SPIs become the new IKE SA's and its message IDs start again at 0 (no
+    /// stored response, no request in flight). The replaced IKE SA lives on only in the owner's
+    /// sealed engine state (`keys`) until its delete exchange. The IKE gateway uses this rather
+    /// than [`SaUpdate::IkeRekeyed`], whose new record would move the children to another SA id.
+    /// Invariant: `rekey_generation` grows.
+    IkeRekeyedInPlace {
+        /// The new IKE SA's initiator SPI.
+        spi_i: u64,
+        /// The new IKE SA's responder SPI.
+        spi_r: u64,
+        /// The IKE SA lineage's new rekey generation.
+        rekey_generation: u32,
+    },
     /// New lifetimes (after a rekey, or from configuration).
     Times(SaTimes),
     /// The IKE SA's sealed keys and engine state changed (a rekey, a new pending exchange).
@@ -138,6 +154,36 @@ pub enum SaUpdate {
         /// The checkpoint.
         in_seq: u64,
     },
+}
+
+impl Command {
+    /// Whether applying this command can change what a data plane runs: which node owns which
+    /// SA (and in which epoch), the child SAs, their keys, peers and leases. IKE bookkeeping —
+    /// message IDs and stored datagrams, times, the IKE SA's own sealed state, replay
+    /// checkpoints, slots, addresses — cannot. The owner runtime rescans the state only after
+    /// commands for which this is true, so a steady stream of IKE exchanges does not make
+    /// every node walk every SA (conservative: unknown means true).
+    pub fn may_change_data_plane(&self) -> bool {
+        match self {
+            Command::Update { updates, .. } => updates.iter().any(|u| {
+                !matches!(
+                    u,
+                    SaUpdate::PeerRequestAnswered { .. }
+                        | SaUpdate::LocalRequestStarted(_)
+                        | SaUpdate::LocalRequestCompleted { .. }
+                        | SaUpdate::Times(_)
+                        | SaUpdate::Keys(_)
+                        | SaUpdate::PeerSeen { .. }
+                        | SaUpdate::ReplayCheckpoint { .. }
+                )
+            }),
+            Command::SetSlots(_)
+            | Command::AllocateAddress { .. }
+            | Command::ReleaseAddress { .. } => false,
+            Command::Batch(commands) => commands.iter().any(Command::may_change_data_plane),
+            _ => true,
+        }
+    }
 }
 
 /// Move one SA to a new owner, fenced by the epoch the proposer saw.

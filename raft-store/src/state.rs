@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::cluster::{NodeRecord, NodeState, SlotMap};
 use crate::command::{Applied, Command, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment};
 use crate::ids::{Epoch, NodeId, SLOT_COUNT, SaId};
-use crate::sa::{ChildSa, IkeSa, StoredMessage};
+use crate::sa::{ChildSa, IkeSa, MessageIds, StoredMessage};
 
 /// Everything the cluster agrees on.
 ///
@@ -437,6 +437,24 @@ fn apply_update(
             sa.children.remove(in_spi);
         }
         SaUpdate::IkeRekeyed(new) => rekey_ike(state, sa, successor, new)?,
+        SaUpdate::IkeRekeyedInPlace {
+            spi_i,
+            spi_r,
+            rekey_generation,
+        } => {
+            if *rekey_generation <= sa.rekey_generation {
+                return Err(Rejection::RekeyGenerationRegression {
+                    current: sa.rekey_generation,
+                    proposed: *rekey_generation,
+                });
+            }
+            sa.spi_i = *spi_i;
+            sa.spi_r = *spi_r;
+            sa.rekey_generation = *rekey_generation;
+            sa.msg = MessageIds::default();
+            sa.last_response = None;
+            sa.pending_request = None;
+        }
         SaUpdate::Times(times) => sa.times = *times,
         SaUpdate::Keys(keys) => sa.keys = keys.clone(),
         SaUpdate::Peer(peer) => sa.peer = *peer,

@@ -10,6 +10,7 @@
 
 use std::io::{self, Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use futures::{Stream, TryStreamExt};
@@ -45,6 +46,7 @@ struct StoredSnapshot {
 pub struct StateReader {
     shared: Arc<RwLock<AppliedState>>,
     applied_rx: watch::Receiver<u64>,
+    data_plane: Arc<AtomicU64>,
 }
 
 /// A read guard on the applied state.
@@ -77,6 +79,14 @@ impl StateReader {
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.applied_rx.clone()
     }
+
+    /// The index of the last applied entry that may have changed what a data plane runs
+    /// ([`crate::Command::may_change_data_plane`]; a snapshot counts). It is updated before the
+    /// applied-index watch, so a reader woken by that watch at index N sees every such entry
+    /// up to N.
+    pub fn data_plane_changed_at(&self) -> u64 {
+        self.data_plane.load(Ordering::Acquire)
+    }
 }
 
 /// The openraft state machine for evpc. Cheap to clone.
@@ -85,6 +95,7 @@ pub struct StateMachineStore {
     shared: Arc<RwLock<AppliedState>>,
     applied_tx: Arc<watch::Sender<u64>>,
     applied_rx: watch::Receiver<u64>,
+    data_plane: Arc<AtomicU64>,
     snapshot_path: PathBuf,
 }
 
@@ -110,6 +121,7 @@ impl StateMachineStore {
             shared: Arc::new(RwLock::new(applied)),
             applied_tx: Arc::new(applied_tx),
             applied_rx,
+            data_plane: Arc::new(AtomicU64::new(index)),
             snapshot_path,
         })
     }
@@ -119,6 +131,7 @@ impl StateMachineStore {
         StateReader {
             shared: self.shared.clone(),
             applied_rx: self.applied_rx.clone(),
+            data_plane: self.data_plane.clone(),
         }
     }
 
@@ -234,7 +247,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 match &entry.payload {
                     EntryPayload::Blank => Ok(Applied::Done),
-                    EntryPayload::Normal(command) => apply(&mut applied.state, command),
+                    EntryPayload::Normal(command) => {
+                        if command.may_change_data_plane() {
+                            self.data_plane.store(entry.log_id.index, Ordering::Release);
+                        }
+                        apply(&mut applied.state, command)
+                    }
                     EntryPayload::Membership(membership) => {
                         applied.membership =
                             StoredMembership::new(Some(entry.log_id), membership.clone());
@@ -266,6 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let restored = restore(meta, &data)?;
         let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
         *self.write() = restored;
+        self.data_plane.store(index, Ordering::Release);
         self.save_snapshot(meta, data).await?;
         self.applied_tx.send_replace(index);
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");

@@ -22,7 +22,7 @@ use crate::wire::{
 use crate::{Random, random_nonzero_u32};
 
 /// An authenticated IKE_AUTH request whose answer waits for an inner address.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct AuthRequest {
     req: Request,
     child: Option<ChildAsk>,

@@ -369,7 +369,7 @@ fn plain_reply(req: &Header, n: NotifyPayload, local: SocketAddr, remote: Socket
 }
 
 /// Initiator state between sending IKE_SA_INIT and receiving its answer.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Connecting {
     pub local: SocketAddr,
     pub peer: SocketAddr,

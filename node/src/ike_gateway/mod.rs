@@ -1,38 +1,459 @@
-//! The IKE gateway: the `evpc-ike` engine wired to the cluster — commit before respond, the
-//! replicated address pool, takeover of SAs from the committed state. (Being written.)
+//! The IKE gateway: the sans-IO `evpc-ike` engine on the cluster address, wired to the cluster —
+//! commit before respond, the replicated address pool, takeover of SAs from the committed state.
+//!
+//! # Data flow
+//!
+//! ```text
+//!  UDP 500 / 4500 on the cluster address (the data plane's sockets; every node sees every packet)
+//!        │ IkeReceiver (IkeDatagram: port, local, remote, message without the non-ESP marker)
+//!        ▼
+//!  dispatcher (one task)        wire::route(message)
+//!    ├─ NewSa{spi_i}:  half-open SA for (remote, spi_i) here? ─► its task
+//!    │                 else: does this node own slot_for_initiator_spi(spi_i), unfenced?
+//!    │                       no ─► silence (another node answers)
+//!    │                       yes ─► Endpoint::accept ─► new task (half-open, node-local)
+//!    ├─ Existing{spi}: a task routes this SPI here? ─► its task
+//!    │                 else: does this node own the SA in the committed state? ─► answer a
+//!    │                       retransmission from the committed response at once
+//!    │                       (exchange::retransmission), start a task that restores it
+//!    │                 else silence (another node's SA)
+//!    └─ state changed (applied index): reconcile, at most every 50 ms ─► restore the SAs this
+//!       node now owns (eagerly), tell tasks whose SA moved, was deleted or changed epoch
+//!
+//!  one task per IKE SA (actor.rs), one call into the engine at a time:
+//!    engine.handle_datagram / handle_timeout / assign_inner_address ─► Outcome
+//!      1. outcome.send                          ─► socket at once (retransmissions, half-open)
+//!      2. outcome.commit: snapshot ─► mapping ─► exchange::commit_new_sa (IKE_AUTH done:
+//!         record + first child + inner address, one entry) / commit_changes (Update with
+//!         message IDs, exact datagrams, children, times, sealed engine) / commit_delete
+//!         ─► durable on a quorum ─► commit.into_datagrams_after_durable() ─► socket
+//!      3. events: inner address needed (pool ─► assign_inner_address ─► back to 1), rekeyed
+//!         SPIs routed here, INITIAL_CONTACT (older SAs of the peer deleted), closed
+//!      4. sleep until engine.next_timeout() (retransmissions, DPD, rekeys, expiry)
+//!
+//!  committed children ─► owner runtime (ownership::runtime) starts them on the data plane of
+//!  whichever node owns the SA, with their leases; this module never touches the data plane.
+//! ```
+//!
+//! # Call order and guarantees
+//!
+//! - Nothing a state change gates leaves before `Node::propose` returned it committed; a
+//!   refused or failed commit drops the engine, which is restored from the committed record
+//!   (so the peer's retransmission, or our own retransmission timer, redoes the exchange).
+//! - A new SA is created by the node that owns its slot (`Command::CreateSa` is refused
+//!   otherwise), in epoch 1, with its first child SA (lease `ownership.move_lease`) and its
+//!   inner address in the same entry. If another node took that address meanwhile, the engine
+//!   copy taken before the address was assigned answers the same IKE_AUTH with another one.
+//! - Half-open SAs (IKE_SA_INIT answered, IKE_AUTH not yet) are node-local by design: a client
+//!   whose half-open SA died with its node times out and starts again.
+//! - Takeover: when the committed state says this node owns an SA it does not run, the task
+//!   opens the sealed engine snapshot in `IkeSa.keys` and calls `IkeSa::restore`. A request of
+//!   ours that was in flight is resent byte for byte at once; the peer's retransmissions are
+//!   answered from the committed response; DPD and rekey timers continue from the committed
+//!   (wall-clock) times. A command from the old owner is refused by its stale epoch, so the old
+//!   owner stops (`CommitError::Fenced`) the first time it tries to act.
+//! - The replicated record follows the current IKE SA generation in place
+//!   (`SaUpdate::IkeRekeyedInPlace`): same id and children across IKE rekeys (see `mapping`).
+//!
+//! The engine snapshot holds key material: it is sealed (AES-256-GCM under the cluster key,
+//! bound to the SA id) before it leaves the process, never logged, and zeroized when dropped.
 
-use std::sync::Arc;
+mod actor;
+pub mod lab;
+pub mod mapping;
+pub mod pool;
+pub mod settings;
 
-use evpc_dataplane::ike::{IkeReceiver, IkeSocket};
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use crate::node::Node;
+use anyhow::Context;
+use evpc_dataplane::ike::{IkeDatagram, IkePort, IkeReceiver, IkeSocket};
+use evpc_ike::wire::{self, Header, Route};
+use evpc_ike::{Accepted, Config, Datagram, Endpoint, Random, Secret};
+use evpc_raft_store::{SaId, slot_for_initiator_spi};
+use rand::RngCore;
+use tokio::sync::{mpsc, watch};
 
-/// `[ike]` in node.toml.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IkeSettings {
-    /// Our identity (IDr), e.g. "gw.example".
-    pub local_id: String,
+use self::actor::{Actor, Start};
+use self::pool::Pool;
+pub use self::settings::{IkeSettings, PskSecret, PskSetting};
+use crate::exchange;
+use crate::node::{Node, now_ms};
+use crate::sealing::ClusterKey;
+
+/// Depth of each SA task's queue; beyond it datagrams are dropped (the peer retransmits).
+const SA_QUEUE: usize = 64;
+/// State changes closer together than this are reconciled together.
+const RECONCILE_EVERY: Duration = Duration::from_millis(50);
+
+/// What an SA task is told.
+#[derive(Debug)]
+enum Input {
+    /// A datagram for this SA.
+    Datagram(IkeDatagram),
+    /// The committed state of this SA changed under the task (moved, deleted, new epoch).
+    Reconcile,
 }
 
-impl IkeSettings {
-    /// Checks the settings; the message says what to change.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.local_id.is_empty() {
-            return Err("ike.local_id must be set".into());
-        }
-        Ok(())
+/// How the dispatcher reaches one SA task.
+#[derive(Debug)]
+struct Handle {
+    id: SaId,
+    tx: mpsc::Sender<Input>,
+    /// The epoch the task acts in; 0 while the SA is half-open (not committed).
+    epoch: AtomicU64,
+}
+
+/// Which task handles which SPI.
+#[derive(Debug, Default)]
+struct Registry {
+    by_spi: HashMap<u64, Arc<Handle>>,
+    by_id: HashMap<SaId, Arc<Handle>>,
+    /// Half-open SAs by (peer address, initiator SPI), for retransmitted IKE_SA_INITs.
+    half_open: HashMap<(SocketAddr, u64), Arc<Handle>>,
+}
+
+/// What every task of the gateway shares.
+struct Shared {
+    node: Arc<Node>,
+    socket: Arc<dyn IkeSocket>,
+    config: Arc<Config>,
+    pool: Option<Pool>,
+    dns: Vec<Ipv4Addr>,
+    initial_lease: u64,
+    registry: Mutex<Registry>,
+    /// Which IkePort a local port is (learned from received datagrams).
+    ports: Mutex<HashMap<u16, IkePort>>,
+    natt_port: u16,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node", &self.node.id)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
     }
 }
 
-/// Runs the gateway until `shutdown`.
+impl Shared {
+    fn key(&self) -> &ClusterKey {
+        self.node
+            .cluster_key
+            .as_ref()
+            .expect("checked when the gateway started")
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, d: &Datagram) {
+        let local = d.local.port();
+        let port = self
+            .ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&local)
+            .copied()
+            .unwrap_or(if local == self.natt_port {
+                IkePort::NatT
+            } else {
+                IkePort::Ike
+            });
+        if let Err(error) = self.socket.send_ike(port, d.remote, &d.payload) {
+            tracing::warn!(to = %d.remote, %error, "sending an IKE message");
+        }
+    }
+}
+
+fn random() -> impl Random {
+    |buf: &mut [u8]| rand::rng().fill_bytes(buf)
+}
+
+/// The dispatcher's side.
+struct Gateway {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+}
+
+impl Gateway {
+    fn me(&self) -> u64 {
+        self.shared.node.id
+    }
+
+    fn spawn(
+        &self,
+        id: SaId,
+        spis: BTreeSet<u64>,
+        half_open: Option<(SocketAddr, u64)>,
+        start: Start,
+    ) {
+        let (tx, rx) = mpsc::channel(SA_QUEUE);
+        let handle = Arc::new(Handle {
+            id,
+            tx,
+            epoch: AtomicU64::new(0),
+        });
+        {
+            let mut registry = self.shared.registry();
+            registry.by_id.insert(id, handle.clone());
+            for spi in &spis {
+                registry.by_spi.insert(*spi, handle.clone());
+            }
+            if let Some(key) = half_open {
+                registry.half_open.insert(key, handle.clone());
+            }
+        }
+        let actor = Actor::new(self.shared.clone(), handle, rx, spis);
+        tokio::spawn(actor.run(start));
+    }
+
+    fn deliver(handle: &Handle, d: IkeDatagram) {
+        if handle.tx.try_send(Input::Datagram(d)).is_err() {
+            tracing::debug!(sa = %handle.id, "SA queue full; datagram dropped");
+        }
+    }
+
+    fn dispatch(&mut self, d: IkeDatagram) {
+        self.shared
+            .ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.local.port(), d.port);
+        match wire::route(&d.message) {
+            Route::NewSa { initiator_spi } => self.new_sa(initiator_spi, d),
+            Route::Existing { local_spi } => self.existing(local_spi, d),
+            Route::Drop => {}
+        }
+    }
+
+    fn new_sa(&mut self, initiator_spi: u64, d: IkeDatagram) {
+        let (known, half_open) = {
+            let registry = self.shared.registry();
+            (
+                registry.half_open.get(&(d.remote, initiator_spi)).cloned(),
+                registry.half_open.len(),
+            )
+        };
+        if let Some(handle) = known {
+            Self::deliver(&handle, d);
+            return;
+        }
+        let slot = slot_for_initiator_spi(initiator_spi);
+        let owner = self.shared.node.state.read().slots().owner(slot);
+        if owner != Some(self.me()) || self.shared.node.fence_reason().is_some() {
+            return;
+        }
+        let mut rng = random();
+        match self
+            .endpoint
+            .accept(now_ms(), &mut rng, d.local, d.remote, &d.message, half_open)
+        {
+            Accepted::NewSa(sa, outcome) => {
+                let Some(local_spi) = sa.local_spi() else {
+                    return;
+                };
+                let spis = sa.local_spis().into_iter().collect();
+                let key = (d.remote, initiator_spi);
+                self.spawn(
+                    SaId(local_spi),
+                    spis,
+                    Some(key),
+                    Start::HalfOpen { sa, outcome, key },
+                );
+            }
+            Accepted::Reply(reply, why) => {
+                tracing::debug!(from = %d.remote, %why, "IKE_SA_INIT answered statelessly");
+                self.shared.send(&reply);
+            }
+            Accepted::Dropped(why) => {
+                tracing::debug!(from = %d.remote, %why, "IKE_SA_INIT dropped");
+            }
+        }
+    }
+
+    fn existing(&mut self, local_spi: u64, d: IkeDatagram) {
+        let handle = self.shared.registry().by_spi.get(&local_spi).cloned();
+        if let Some(handle) = handle {
+            Self::deliver(&handle, d);
+            return;
+        }
+        // Not running here: an SA this node owns in the committed state but has not restored
+        // yet (it just took it over)? Answer a retransmission from the committed response at
+        // once, and restore the SA.
+        let id = SaId(local_spi);
+        let (owned, answer) = {
+            let state = self.shared.node.state.read();
+            match state.sa(id) {
+                Some(sa) if sa.owner == self.me() => {
+                    let answer = Header::peek(&d.message)
+                        .filter(|h| !h.response)
+                        .and_then(|h| exchange::retransmission(&state, id, h.message_id));
+                    (true, answer)
+                }
+                _ => (false, None),
+            }
+        };
+        if !owned || self.shared.node.fence_reason().is_some() {
+            return;
+        }
+        let first = match answer {
+            Some(datagrams) => {
+                for payload in datagrams {
+                    self.shared.send(&Datagram {
+                        local: d.local,
+                        remote: d.remote,
+                        payload,
+                    });
+                }
+                None
+            }
+            None => Some(d),
+        };
+        self.spawn(id, BTreeSet::new(), None, Start::Restore { first });
+    }
+
+    /// Restores SAs this node owns but does not run; tells tasks whose SA changed hands.
+    fn reconcile(&mut self) {
+        let me = self.me();
+        let fenced = self.shared.node.fence_reason().is_some();
+        let mut restore = Vec::new();
+        let mut nudge = Vec::new();
+        {
+            let state = self.shared.node.state.read();
+            let registry = self.shared.registry();
+            for sa in state.sas().filter(|sa| sa.owner == me) {
+                match registry.by_id.get(&sa.id) {
+                    None if !fenced => restore.push(sa.id),
+                    None => {}
+                    Some(h) => {
+                        let epoch = h.epoch.load(Ordering::Acquire);
+                        if epoch != 0 && epoch != sa.epoch.0 {
+                            nudge.push(h.clone());
+                        }
+                    }
+                }
+            }
+            for h in registry.by_id.values() {
+                let epoch = h.epoch.load(Ordering::Acquire);
+                if epoch == 0 {
+                    continue;
+                }
+                match state.sa(h.id) {
+                    Some(sa) if sa.owner == me && sa.epoch.0 == epoch => {}
+                    _ => nudge.push(h.clone()),
+                }
+            }
+        }
+        for h in nudge {
+            let _ = h.tx.try_send(Input::Reconcile);
+        }
+        for id in restore {
+            self.spawn(id, BTreeSet::new(), None, Start::Restore { first: None });
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown`: IKE on the cluster sockets of this node's data plane.
 pub async fn run(
-    _node: Arc<Node>,
-    _socket: Arc<dyn IkeSocket>,
-    _datagrams: IkeReceiver,
-    _shutdown: watch::Receiver<bool>,
+    node: Arc<Node>,
+    socket: Arc<dyn IkeSocket>,
+    datagrams: IkeReceiver,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("the IKE gateway is not built yet")
+    let result = serve(node, socket, datagrams, shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "the IKE gateway stopped");
+    }
+    result
+}
+
+async fn serve(
+    node: Arc<Node>,
+    socket: Arc<dyn IkeSocket>,
+    mut datagrams: IkeReceiver,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let settings = node
+        .config
+        .ike
+        .clone()
+        .context("the IKE gateway runs only with an [ike] section")?;
+    let config = Arc::new(settings.engine_config().map_err(anyhow::Error::msg)?);
+    anyhow::ensure!(
+        node.cluster_key.is_some(),
+        "[ike] needs cluster_key_file: the IKE state is sealed with the cluster key before it is committed"
+    );
+    let tun_addresses: Vec<_> = node
+        .config
+        .dataplane
+        .tun
+        .addresses
+        .iter()
+        .filter_map(|p| crate::config::parse_prefix(p).ok().map(|(a, _)| a))
+        .collect();
+    let pool = settings
+        .pool_prefix()
+        .map_err(anyhow::Error::msg)?
+        .map(|prefix| Pool::new(prefix, settings.excluded_addresses(&tun_addresses)));
+    let mut cookie = [0u8; 32];
+    rand::rng().fill_bytes(&mut cookie);
+    let shared = Arc::new(Shared {
+        socket,
+        config: config.clone(),
+        pool,
+        dns: settings.dns.clone(),
+        initial_lease: node.config.ownership.move_lease,
+        registry: Mutex::new(Registry::default()),
+        ports: Mutex::new(HashMap::new()),
+        natt_port: node.config.dataplane.natt_port.unwrap_or(4500),
+        shutdown: shutdown.clone(),
+        node: node.clone(),
+    });
+    let mut gateway = Gateway {
+        shared,
+        endpoint: Endpoint::new(config, Secret::from_slice(&cookie)),
+    };
+    tracing::info!(
+        local_id = %settings.local_id,
+        pool = ?settings.pool,
+        "IKE gateway running"
+    );
+    let mut applied = node.state.applied_index();
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = true;
+    let mut was_fenced = true;
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            d = datagrams.recv() => match d {
+                Some(d) => gateway.dispatch(d),
+                None => break,
+            },
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                dirty = true;
+            }
+            _ = tick.tick() => {
+                // Coming back from a fence does not move the applied index: look again then.
+                let fenced = gateway.shared.node.fence_reason().is_some();
+                if dirty || (was_fenced && !fenced) {
+                    gateway.reconcile();
+                    dirty = false;
+                }
+                was_fenced = fenced;
+            }
+        }
+    }
+    tracing::info!("IKE gateway stopped");
+    Ok(())
 }

@@ -1,0 +1,948 @@
+//! `evpc-chaos ike-bench`: IKE SA setups per second against a real evpc cluster, and the latency
+//! commit-before-respond adds to an exchange (needs root).
+//!
+//! Setup: the ClusterIP lab of `evpc_node::ike_gateway::lab` — node processes each in a network
+//! namespace on one bridge, every node receiving every packet for the cluster address, only the
+//! owner answering — and, in the client namespace, one thread running many initiators of the
+//! `evpc-ike` crate over two UDP sockets (ports 500 and 4500; NAT-T forced, as a road warrior
+//! behind a NAT would), each SA asking for an inner address from the replicated pool.
+//!
+//! ```text
+//!  client ns: initiators (one thread, one tokio runtime)        node ns ×N: evpc-node
+//!    IkeSa::connect ×concurrency ─► UDP 500/4500 ══ bridge ══► IKE gateway ─► Raft commit
+//!    (keeps `--concurrency` setups in flight)      (flooded)     (slot owner answers)
+//! ```
+//!
+//! Phases, in one run:
+//! 1. `--nodes` nodes (3): `--sas` setups (IKE_SA_INIT + IKE_AUTH with an inner address and a
+//!    child SA, i.e. one `CreateSa` commit each) with `--concurrency` in flight → setups/s,
+//!    setup latency, CPU per process. Then `--dpd-samples` DPDs (empty INFORMATIONAL from the
+//!    client, answered by the owner after committing the message-ID advance and the exact
+//!    response) one at a time over `--dpd-sas` SAs → round-trip percentiles.
+//! 2. The same against a 1-node cluster (commits are local: no replication round trip).
+//! 3. The same DPDs against the bare engine in a namespace on the same bridge, answering
+//!    without committing anything: the baseline. "Added by commit" is each cluster's
+//!    percentiles minus the baseline's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use evpc_dataplane::netns::{NetNs, is_root};
+use evpc_ike::wire::{self, Header, Route};
+use evpc_ike::{
+    Accepted, Config, ConnectOptions, Datagram, Endpoint, Event, IkeSa, InnerAddress, Outcome,
+    Secret, TrafficSelector,
+};
+use evpc_node::ike_gateway::lab::{CLIENT, CLUSTER, Lab, LabSpec};
+use evpc_node::ike_gateway::{IkeSettings, PskSecret, PskSetting};
+use rand::RngCore;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+
+use crate::stats::Percentiles;
+
+const GW_ID: &str = "gw.example";
+const CLIENT_ID: &str = "bench.example";
+const PSK: &str = "ike-bench-pre-shared-key";
+/// The bare engine's address on the segment.
+const BASELINE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
+const USER_HZ: f64 = 100.0;
+
+/// Options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Gateway nodes of the main cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// IKE SAs to set up per cluster.
+    #[arg(long, default_value_t = 5_000)]
+    sas: u64,
+    /// Setups in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// DPD round trips measured per configuration.
+    #[arg(long, default_value_t = 1_000)]
+    dpd_samples: usize,
+    /// SAs the DPDs go round over.
+    #[arg(long, default_value_t = 16)]
+    dpd_sas: usize,
+    /// `RUST_LOG` of the node processes.
+    #[arg(long, default_value = "warn")]
+    node_log: String,
+    /// Exit with status 2 if the main cluster sets up fewer SAs per second than this.
+    #[arg(long, default_value_t = 0.0)]
+    min_setups_per_sec: f64,
+    /// Exit with status 2 if commit-before-respond adds more than this to the DPD p99 (ms) on
+    /// the main cluster.
+    #[arg(long)]
+    max_added_p99_ms: Option<f64>,
+    /// Keep each lab's directory (node configs, data, logs) for inspection.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Where the nodes' data directories go (default: the system's temporary directory); its
+    /// file system decides what a durable Raft append costs (e.g. /dev/shm to leave out the
+    /// disk).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+struct Report {
+    command: &'static str,
+    date: String,
+    cores: usize,
+    topology: String,
+    clusters: Vec<ClusterResult>,
+    baseline_dpd_rtt_ms: Percentiles,
+    /// Cluster DPD round-trip percentile minus the bare engine's, per cluster size.
+    added_by_commit_ms: BTreeMap<String, Added>,
+    checks_passed: bool,
+    failures: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Added {
+    p50: f64,
+    p99: f64,
+    /// The same with `--sas` more SAs in the replicated state.
+    p50_after_setups: f64,
+    p99_after_setups: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterResult {
+    nodes: u64,
+    setup: SetupResult,
+    /// DPD round trips with only the `--dpd-sas` SAs in the cluster.
+    dpd_rtt_ms: Percentiles,
+    /// The same after the setups, with `--sas` more SAs in the replicated state.
+    dpd_rtt_ms_after_setups: Percentiles,
+    dpd_failed: usize,
+    /// SAs in the replicated state at the end, by owner.
+    sas_by_owner: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct SetupResult {
+    attempted: u64,
+    established: u64,
+    failed: BTreeMap<String, u64>,
+    concurrency: usize,
+    seconds: f64,
+    setups_per_sec: f64,
+    /// IKE_SA_INIT sent → IKE_AUTH answer processed.
+    latency_ms: Percentiles,
+    /// CPU used during the setup phase, in cores (1.0 = one core busy the whole time).
+    cpu_cores: BTreeMap<String, f64>,
+    machine_busy: f64,
+    /// UDP datagrams dropped for a full receive buffer during the setups, in the client's
+    /// namespace and in the nodes' (summed).
+    client_rcvbuf_drops: u64,
+    nodes_rcvbuf_drops: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random() -> impl FnMut(&mut [u8]) {
+    |buf: &mut [u8]| rand::rng().fill_bytes(buf)
+}
+
+fn ike_settings(prefix: &str) -> IkeSettings {
+    IkeSettings {
+        local_id: GW_ID.into(),
+        psk: vec![PskSetting {
+            peer: CLIENT_ID.into(),
+            secret: PskSecret::new(PSK),
+        }],
+        pool: Some(format!("{prefix}/16")),
+        local_ts: vec![format!("{prefix}/16")],
+        dpd_s: 0,
+        ..IkeSettings::default()
+    }
+}
+
+fn client_config() -> Arc<Config> {
+    Arc::new(
+        Config::new(evpc_ike::Identity::fqdn(CLIENT_ID))
+            .with_psk(evpc_ike::Identity::fqdn(GW_ID), PSK.as_bytes()),
+    )
+}
+
+// ---------------------------------------------------------------- CPU accounting
+
+/// utime + stime of a process (or thread), in clock ticks.
+fn cpu_ticks(stat_path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (busy, total) jiffies of the whole machine.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = cpu.iter().sum();
+    let idle = cpu.get(3)? + cpu.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// CPU meters of the node processes and of this process.
+struct Meter {
+    started: Instant,
+    procs: Vec<(String, String, u64)>,
+    machine: (u64, u64),
+}
+
+impl Meter {
+    /// Starts metering the node processes `pids` (node id, pid) and this process.
+    fn start(pids: &[(u64, u32)]) -> Meter {
+        let mut procs = Vec::new();
+        for (id, pid) in pids {
+            let path = format!("/proc/{pid}/stat");
+            let ticks = cpu_ticks(&path).unwrap_or(0);
+            procs.push((format!("node{id}"), path, ticks));
+        }
+        let own = "/proc/self/stat".to_string();
+        let ticks = cpu_ticks(&own).unwrap_or(0);
+        procs.push(("bench (initiators)".into(), own, ticks));
+        Meter {
+            started: Instant::now(),
+            procs,
+            machine: machine_ticks().unwrap_or((0, 0)),
+        }
+    }
+
+    fn stop(&self) -> (BTreeMap<String, f64>, f64) {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let cores = self
+            .procs
+            .iter()
+            .map(|(name, path, before)| {
+                let used = cpu_ticks(path).unwrap_or(*before).saturating_sub(*before);
+                let cores = used as f64 / USER_HZ / seconds;
+                (name.clone(), (cores * 100.0).round() / 100.0)
+            })
+            .collect();
+        let (busy, total) = machine_ticks().unwrap_or(self.machine);
+        let busy_share = (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64;
+        (cores, (busy_share * 100.0).round() / 100.0)
+    }
+}
+
+// ---------------------------------------------------------------- the initiators
+
+struct Entry {
+    sa: IkeSa,
+    /// Part of the current setup phase's figures.
+    counted: bool,
+    started: Instant,
+    established: Option<Instant>,
+    closed: Option<String>,
+    dpd_started: Option<Instant>,
+}
+
+/// Many initiators behind two sockets, in one thread.
+struct Initiators {
+    config: Arc<Config>,
+    target: Ipv4Addr,
+    s500: Sock,
+    s4500: Sock,
+    sas: HashMap<u64, Entry>,
+    in_flight: usize,
+    setup_latency: Vec<Duration>,
+    dpd_rtts: Vec<Duration>,
+    last_timers: Instant,
+}
+
+/// A UDP socket with 4 MiB buffers (hundreds of answers arrive in bursts): the tokio side
+/// receives, a blocking clone sends (tokio's `try_send_to` refuses until the reactor has seen
+/// the socket writable, which would drop a first burst).
+fn socket(addr: SocketAddr) -> anyhow::Result<Sock> {
+    let socket = evpc_dataplane::userspace::udp::bind_udp(addr, 4 << 20, false)
+        .with_context(|| format!("binding {addr}"))?;
+    let send = socket.try_clone()?;
+    send.set_write_timeout(Some(Duration::from_millis(100)))?;
+    socket.set_nonblocking(true)?;
+    Ok(Sock {
+        recv: UdpSocket::from_std(socket)?,
+        send,
+    })
+}
+
+/// One bound UDP port.
+struct Sock {
+    recv: UdpSocket,
+    send: std::net::UdpSocket,
+}
+
+/// The UDP counters (`Udp:` of a /proc/…/net/snmp).
+fn udp_counters(path: &str) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// UDP datagrams dropped for a full receive buffer so far, in the network namespace of
+/// process `pid` (`None`: the calling thread's).
+fn rcvbuf_errors(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/net/snmp"),
+        None => "/proc/thread-self/net/snmp".into(),
+    };
+    udp_counters(&path)
+        .get("RcvbufErrors")
+        .copied()
+        .unwrap_or(0)
+}
+
+impl Initiators {
+    async fn new(target: Ipv4Addr) -> anyhow::Result<Initiators> {
+        Ok(Initiators {
+            config: client_config(),
+            target,
+            s500: socket(SocketAddr::from((CLIENT, 500)))?,
+            s4500: socket(SocketAddr::from((CLIENT, 4500)))?,
+            sas: HashMap::new(),
+            in_flight: 0,
+            setup_latency: Vec::new(),
+            dpd_rtts: Vec::new(),
+            last_timers: Instant::now(),
+        })
+    }
+
+    fn send(&self, d: &Datagram) {
+        let result = if d.local.port() == 4500 {
+            let mut framed = Vec::with_capacity(d.payload.len() + 4);
+            framed.extend_from_slice(&[0; 4]);
+            framed.extend_from_slice(&d.payload);
+            self.s4500.send.send_to(&framed, d.remote)
+        } else {
+            self.s500.send.send_to(&d.payload, d.remote)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "initiator send");
+        }
+    }
+
+    /// Handles an outcome completely (an initiator keeps its state in memory: gated datagrams
+    /// go at once).
+    fn apply(&mut self, spi: u64, outcome: Outcome) {
+        for d in &outcome.send {
+            self.send(d);
+        }
+        if let Some(commit) = outcome.commit {
+            for d in commit.into_datagrams_after_durable() {
+                self.send(&d);
+            }
+        }
+        let now = Instant::now();
+        for event in outcome.events {
+            let Some(entry) = self.sas.get_mut(&spi) else {
+                return;
+            };
+            match event {
+                Event::IkeSaEstablished { .. }
+                    if entry.established.is_none() && entry.closed.is_none() =>
+                {
+                    entry.established = Some(now);
+                    self.setup_latency.push(now - entry.started);
+                    self.in_flight -= 1;
+                }
+                Event::PeerAlive => {
+                    if let Some(t) = entry.dpd_started.take() {
+                        self.dpd_rtts.push(now - t);
+                    }
+                }
+                Event::Closed { reason } => {
+                    if entry.established.is_none() && entry.closed.is_none() {
+                        self.in_flight -= 1;
+                    }
+                    entry.closed = Some(format!("{reason:?}"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        let mut options = ConnectOptions::road_warrior(
+            evpc_ike::Identity::fqdn(GW_ID),
+            vec![TrafficSelector::v4_prefix(Ipv4Addr::new(10, 10, 0, 0), 16)],
+        );
+        options.force_udp_encap = true;
+        let (sa, outcome) = IkeSa::connect(
+            self.config.clone(),
+            SocketAddr::from((CLIENT, 500)),
+            SocketAddr::from((self.target, 500)),
+            options,
+            now_ms(),
+            &mut random(),
+        );
+        let Some(spi) = sa.local_spi() else {
+            return;
+        };
+        self.sas.insert(
+            spi,
+            Entry {
+                sa,
+                counted: true,
+                started: Instant::now(),
+                established: None,
+                closed: None,
+                dpd_started: None,
+            },
+        );
+        self.in_flight += 1;
+        self.apply(spi, outcome);
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr, port: u16) {
+        let message = if port == 4500 {
+            match bytes.split_first_chunk::<4>() {
+                Some(([0, 0, 0, 0], rest)) => rest,
+                _ => return,
+            }
+        } else {
+            bytes
+        };
+        // We initiated every SA: our SPI is the initiator SPI.
+        let Some(h) = Header::peek(message) else {
+            return;
+        };
+        let spi = h.spi_i;
+        let Some(entry) = self.sas.get_mut(&spi) else {
+            return;
+        };
+        let outcome = entry.sa.handle_datagram(
+            now_ms(),
+            &mut random(),
+            SocketAddr::from((CLIENT, port)),
+            from,
+            message,
+        );
+        self.apply(spi, outcome);
+    }
+
+    fn timers(&mut self) {
+        if self.last_timers.elapsed() < Duration::from_millis(20) {
+            return;
+        }
+        self.last_timers = Instant::now();
+        let now = now_ms();
+        let due: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.sa.next_timeout().is_some_and(|t| t <= now))
+            .map(|(spi, _)| *spi)
+            .collect();
+        for spi in due {
+            if let Some(entry) = self.sas.get_mut(&spi) {
+                let outcome = entry.sa.handle_timeout(now, &mut random());
+                self.apply(spi, outcome);
+            }
+        }
+    }
+
+    /// Receives and handles datagrams for up to `wait`, then runs due timers.
+    async fn pump(&mut self, wait: Duration) {
+        let mut b500 = [0u8; 4096];
+        let mut b4500 = [0u8; 4096];
+        let got = tokio::select! {
+            r = self.s500.recv.recv_from(&mut b500) => r.ok().map(|(n, from)| (b500[..n].to_vec(), from, 500)),
+            r = self.s4500.recv.recv_from(&mut b4500) => r.ok().map(|(n, from)| (b4500[..n].to_vec(), from, 4500)),
+            _ = tokio::time::sleep(wait) => None,
+        };
+        if let Some((bytes, from, port)) = got {
+            self.on_datagram(&bytes, from, port);
+        }
+        self.timers();
+    }
+
+    /// Forgets the SAs set up so far for the next [`Initiators::setup`]'s figures (they stay
+    /// established).
+    fn reset_setup_stats(&mut self) {
+        self.setup_latency.clear();
+        for e in self.sas.values_mut() {
+            e.counted = false;
+        }
+    }
+
+    /// Sets up `n` SAs with `concurrency` in flight.
+    async fn setup(&mut self, n: u64, concurrency: usize, deadline: Duration) -> SetupResult {
+        let started = Instant::now();
+        let mut attempted = 0;
+        while started.elapsed() < deadline {
+            while self.in_flight < concurrency && attempted < n {
+                self.connect();
+                attempted += 1;
+            }
+            if attempted == n && self.in_flight == 0 {
+                break;
+            }
+            self.pump(Duration::from_millis(10)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let established = self
+            .sas
+            .values()
+            .filter(|e| e.counted && e.established.is_some())
+            .count() as u64;
+        let mut failed = BTreeMap::new();
+        for e in self.sas.values().filter(|e| e.counted) {
+            match (&e.established, &e.closed) {
+                (None, Some(reason)) => *failed.entry(reason.clone()).or_default() += 1,
+                (None, None) => *failed.entry("timed out".to_string()).or_default() += 1,
+                _ => {}
+            }
+        }
+        SetupResult {
+            attempted,
+            established,
+            failed,
+            concurrency,
+            seconds: (seconds * 1000.0).round() / 1000.0,
+            setups_per_sec: (established as f64 / seconds).round(),
+            latency_ms: Percentiles::of(&self.setup_latency),
+            ..SetupResult::default()
+        }
+    }
+
+    /// `samples` DPDs, one at a time, over `over` established SAs.
+    async fn dpd(&mut self, samples: usize, over: usize) -> (Percentiles, usize) {
+        let mut ids: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, e)| e.established.is_some() && e.closed.is_none())
+            .map(|(spi, _)| *spi)
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(over.max(1));
+        self.dpd_rtts.clear();
+        let mut failed = 0;
+        if ids.is_empty() {
+            return (Percentiles::default(), samples);
+        }
+        for i in 0..samples {
+            let spi = ids[i % ids.len()];
+            let before = self.dpd_rtts.len();
+            let Some(entry) = self.sas.get_mut(&spi) else {
+                continue;
+            };
+            entry.dpd_started = Some(Instant::now());
+            let outcome = match entry.sa.send_dpd(now_ms(), &mut random()) {
+                Ok(o) => o,
+                Err(_) => {
+                    failed += 1;
+                    continue;
+                }
+            };
+            self.apply(spi, outcome);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.dpd_rtts.len() == before && Instant::now() < deadline {
+                self.pump(Duration::from_millis(5)).await;
+            }
+            if self.dpd_rtts.len() == before {
+                failed += 1;
+            }
+        }
+        (Percentiles::of(&self.dpd_rtts), failed)
+    }
+}
+
+/// Runs `work` on a thread inside `ns` with its own runtime, and waits for it.
+async fn in_namespace<T, F, Fut>(ns: &NetNs, work: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let thread = ns.spawn("ike-bench", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(work())
+    })?;
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the initiator thread panicked"))?
+}
+
+// ---------------------------------------------------------------- the bare engine
+
+/// The engine answering without commits: the baseline of the latency comparison.
+async fn bare_responder(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let settings = ike_settings("10.10.0.0");
+    let config = Arc::new(settings.engine_config().map_err(anyhow::Error::msg)?);
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let endpoint = Endpoint::new(config, Secret::from_slice(&secret));
+    let s500 = socket(SocketAddr::from((BASELINE, 500)))?;
+    let s4500 = socket(SocketAddr::from((BASELINE, 4500)))?;
+    let mut sas: HashMap<u64, IkeSa> = HashMap::new();
+    let mut half_open: HashMap<(SocketAddr, u64), u64> = HashMap::new();
+    let mut next_address = u32::from(Ipv4Addr::new(10, 10, 0, 2));
+    let send = |d: &Datagram| {
+        let result = if d.local.port() == 4500 {
+            let mut framed = vec![0u8; 4];
+            framed.extend_from_slice(&d.payload);
+            s4500.send.send_to(&framed, d.remote)
+        } else {
+            s500.send.send_to(&d.payload, d.remote)
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "baseline send");
+        }
+    };
+    let mut b500 = [0u8; 4096];
+    let mut b4500 = [0u8; 4096];
+    while !stop.load(Ordering::Acquire) {
+        let got = tokio::select! {
+            r = s500.recv.recv_from(&mut b500) => r.ok().map(|(n, from)| (b500[..n].to_vec(), from, 500u16)),
+            r = s4500.recv.recv_from(&mut b4500) => r.ok().and_then(|(n, from)| {
+                (n >= 4 && b4500[..4] == [0; 4]).then(|| (b4500[4..n].to_vec(), from, 4500u16))
+            }),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => None,
+        };
+        let Some((message, remote, port)) = got else {
+            continue;
+        };
+        let local = SocketAddr::from((BASELINE, port));
+        let now = now_ms();
+        let (spi, mut outcome) = match wire::route(&message) {
+            Route::NewSa { initiator_spi } => {
+                if let Some(spi) = half_open.get(&(remote, initiator_spi)).copied()
+                    && let Some(sa) = sas.get_mut(&spi)
+                {
+                    (
+                        spi,
+                        sa.handle_datagram(now, &mut random(), local, remote, &message),
+                    )
+                } else {
+                    match endpoint.accept(now, &mut random(), local, remote, &message, 0) {
+                        Accepted::NewSa(sa, outcome) => {
+                            let Some(spi) = sa.local_spi() else { continue };
+                            half_open.insert((remote, initiator_spi), spi);
+                            sas.insert(spi, *sa);
+                            (spi, outcome)
+                        }
+                        Accepted::Reply(d, _) => {
+                            send(&d);
+                            continue;
+                        }
+                        Accepted::Dropped(_) => continue,
+                    }
+                }
+            }
+            Route::Existing { local_spi } => match sas.get_mut(&local_spi) {
+                Some(sa) => (
+                    local_spi,
+                    sa.handle_datagram(now, &mut random(), local, remote, &message),
+                ),
+                None => continue,
+            },
+            Route::Drop => continue,
+        };
+        loop {
+            for d in &outcome.send {
+                send(d);
+            }
+            if let Some(commit) = outcome.commit.take() {
+                for d in commit.into_datagrams_after_durable() {
+                    send(&d);
+                }
+            }
+            let wants_address = outcome
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::InnerAddressNeeded { .. }));
+            if !wants_address {
+                break;
+            }
+            let address = InnerAddress::new(Ipv4Addr::from(next_address));
+            next_address += 1;
+            let Some(sa) = sas.get_mut(&spi) else { break };
+            match sa.assign_inner_address(Some(address), now_ms(), &mut random()) {
+                Ok(o) => outcome = o,
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- the run
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (from `date`), or seconds since the epoch.
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| format!("unix {}", now_ms() / 1000))
+}
+
+async fn measure_cluster(
+    args: &Args,
+    node_bin: &std::path::Path,
+    nodes: u64,
+    baseline: bool,
+) -> anyhow::Result<(ClusterResult, Option<Percentiles>)> {
+    let mut spec = LabSpec::new(
+        nodes,
+        &format!("ikeb{nodes}"),
+        node_bin.to_owned(),
+        ike_settings("10.10.0.0"),
+    );
+    spec.inner = (Ipv4Addr::new(10, 10, 0, 1), 16);
+    spec.log_filter = args.node_log.clone();
+    spec.keep_dir = args.keep_logs;
+    spec.base_dir = args.data_dir.clone();
+    let lab = Lab::start(spec).await?;
+    let pids: Vec<(u64, u32)> = lab
+        .alive_ids()
+        .into_iter()
+        .filter_map(|id| Some((id, lab.pid(id)?)))
+        .collect();
+    let (sas, concurrency, samples, over) =
+        (args.sas, args.concurrency, args.dpd_samples, args.dpd_sas);
+    let deadline = Duration::from_secs(60 + args.sas / 50);
+    let (setup, dpd_idle, dpd_loaded, dpd_failed) =
+        in_namespace(lab.client_ns(), move || async move {
+            let mut initiators = Initiators::new(CLUSTER).await?;
+            // 1. A few SAs, and DPDs on them while the replicated state is small.
+            let warm = initiators
+                .setup(over as u64, over, Duration::from_secs(30))
+                .await;
+            anyhow::ensure!(
+                warm.established as usize == over,
+                "only {} of {over} SAs for the DPDs: {:?}",
+                warm.established,
+                warm.failed
+            );
+            let (dpd_idle, failed_idle) = initiators.dpd(samples, over).await;
+            // 2. The setups, metered.
+            initiators.reset_setup_stats();
+            let client_drops = rcvbuf_errors(None);
+            let node_drops: u64 = pids.iter().map(|(_, pid)| rcvbuf_errors(Some(*pid))).sum();
+            let meter = Meter::start(&pids);
+            let mut setup = initiators.setup(sas, concurrency, deadline).await;
+            (setup.cpu_cores, setup.machine_busy) = meter.stop();
+            setup.client_rcvbuf_drops = rcvbuf_errors(None) - client_drops;
+            setup.nodes_rcvbuf_drops = pids
+                .iter()
+                .map(|(_, pid)| rcvbuf_errors(Some(*pid)))
+                .sum::<u64>()
+                - node_drops;
+            // 3. DPDs again, with all those SAs in the replicated state, once the burst's
+            // aftermath (data planes starting the new children, followers catching up) is over.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (dpd_loaded, failed_loaded) = initiators.dpd(samples, over).await;
+            Ok((setup, dpd_idle, dpd_loaded, failed_idle + failed_loaded))
+        })
+        .await?;
+    let mut sas_by_owner = BTreeMap::new();
+    for sa in lab.admin()?.all_sas(None).await? {
+        *sas_by_owner.entry(sa.owner).or_default() += 1;
+    }
+    let baseline = if baseline {
+        if !args.json {
+            eprintln!("ike-bench: bare engine: {} DPDs", args.dpd_samples);
+        }
+        Some(measure_baseline(args, &lab).await?)
+    } else {
+        None
+    };
+    let result = ClusterResult {
+        nodes,
+        setup,
+        dpd_rtt_ms: dpd_idle,
+        dpd_rtt_ms_after_setups: dpd_loaded,
+        dpd_failed,
+        sas_by_owner,
+    };
+    Ok((result, baseline))
+}
+
+/// DPDs against the bare engine, in a namespace of its own on `lab`'s segment.
+async fn measure_baseline(args: &Args, lab: &Lab) -> anyhow::Result<Percentiles> {
+    let base = lab.attach("bare", BASELINE)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let responder = base.spawn("bare-engine", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(bare_responder(s))
+    })?;
+    let (samples, over) = (args.dpd_samples, args.dpd_sas);
+    let result = in_namespace(lab.client_ns(), move || async move {
+        let mut initiators = Initiators::new(BASELINE).await?;
+        let setup = initiators
+            .setup(over as u64, over, Duration::from_secs(30))
+            .await;
+        anyhow::ensure!(
+            setup.established as usize == over,
+            "the bare engine set up {} of {over} SAs",
+            setup.established
+        );
+        Ok(initiators.dpd(samples, over).await.0)
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    tokio::task::spawn_blocking(move || responder.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the bare engine panicked"))??;
+    drop(base);
+    result
+}
+
+/// Runs the benchmark; `Ok(false)` if a check failed.
+pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        is_root(),
+        "ike-bench needs root (network namespaces, veth, TUN devices)"
+    );
+    let mut clusters = Vec::new();
+    let mut sizes = vec![args.nodes];
+    if args.nodes != 1 {
+        sizes.push(1);
+    }
+    let mut baseline = Percentiles::default();
+    let last = sizes.len() - 1;
+    for (i, nodes) in sizes.into_iter().enumerate() {
+        if !args.json {
+            eprintln!(
+                "ike-bench: {nodes}-node cluster: {} setups, then {} DPDs",
+                args.sas, args.dpd_samples
+            );
+        }
+        let (result, bare) = measure_cluster(&args, &node_bin, nodes, i == last).await?;
+        clusters.push(result);
+        if let Some(bare) = bare {
+            baseline = bare;
+        }
+    }
+    let mut added = BTreeMap::new();
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    for c in &clusters {
+        added.insert(
+            format!("{}_nodes", c.nodes),
+            Added {
+                p50: round(c.dpd_rtt_ms.p50 - baseline.p50),
+                p99: round(c.dpd_rtt_ms.p99 - baseline.p99),
+                p50_after_setups: round(c.dpd_rtt_ms_after_setups.p50 - baseline.p50),
+                p99_after_setups: round(c.dpd_rtt_ms_after_setups.p99 - baseline.p99),
+            },
+        );
+    }
+    let mut failures = Vec::new();
+    let main = &clusters[0];
+    if main.setup.established < main.setup.attempted {
+        failures.push(format!(
+            "{} of {} setups failed: {:?}",
+            main.setup.attempted - main.setup.established,
+            main.setup.attempted,
+            main.setup.failed
+        ));
+    }
+    if main.setup.setups_per_sec < args.min_setups_per_sec {
+        failures.push(format!(
+            "{} setups/s, below --min-setups-per-sec {}",
+            main.setup.setups_per_sec, args.min_setups_per_sec
+        ));
+    }
+    for c in &clusters {
+        if c.dpd_failed > 0 {
+            failures.push(format!(
+                "{} DPDs unanswered on {} nodes",
+                c.dpd_failed, c.nodes
+            ));
+        }
+    }
+    if let Some(max) = args.max_added_p99_ms
+        && let Some(a) = added.get(&format!("{}_nodes", main.nodes))
+        && a.p99 > max
+    {
+        failures.push(format!(
+            "commit-before-respond adds {} ms to the DPD p99, above {max}",
+            a.p99
+        ));
+    }
+    let report = Report {
+        command: "ike-bench",
+        date: utc_now(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        topology: format!(
+            "ClusterIP lab: node namespaces on one bridge, cluster address {CLUSTER} flooded to all (multicast MAC); initiators in one thread in the client namespace ({CLIENT}, UDP 500/4500, NAT-T forced, inner address requested); bare engine at {BASELINE}"
+        ),
+        clusters,
+        baseline_dpd_rtt_ms: baseline,
+        added_by_commit_ms: added,
+        checks_passed: failures.is_empty(),
+        failures,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for c in &report.clusters {
+            println!(
+                "{} node(s): {} of {} SAs in {:.2} s = {:.0} setups/s (p50 {:.1} ms, p99 {:.1} ms); DPD RTT p50 {:.3} ms p99 {:.3} ms, after the setups p50 {:.3} ms p99 {:.3} ms; CPU {:?}, machine busy {:.0}%; receive-buffer drops client {} nodes {}",
+                c.nodes,
+                c.setup.established,
+                c.setup.attempted,
+                c.setup.seconds,
+                c.setup.setups_per_sec,
+                c.setup.latency_ms.p50,
+                c.setup.latency_ms.p99,
+                c.dpd_rtt_ms.p50,
+                c.dpd_rtt_ms.p99,
+                c.dpd_rtt_ms_after_setups.p50,
+                c.dpd_rtt_ms_after_setups.p99,
+                c.setup.cpu_cores,
+                c.setup.machine_busy * 100.0,
+                c.setup.client_rcvbuf_drops,
+                c.setup.nodes_rcvbuf_drops
+            );
+        }
+        println!(
+            "bare engine: DPD RTT p50 {:.3} ms p99 {:.3} ms; added by commit: {:?}",
+            report.baseline_dpd_rtt_ms.p50,
+            report.baseline_dpd_rtt_ms.p99,
+            report.added_by_commit_ms
+        );
+        for f in &report.failures {
+            println!("FAILED: {f}");
+        }
+    }
+    Ok(report.checks_passed)
+}

@@ -1,0 +1,490 @@
+//! A ClusterIP test bed in network namespaces (needs root): gateway node processes and a client
+//! on one L2 segment, every node receiving every packet sent to the cluster address — the
+//! deployment model of the design brief. Used by the strongSwan cluster test and by
+//! `evpc-chaos ike-bench`.
+//!
+//! ```text
+//!                        ns lan: bridge br0 (no learning needed: see below)
+//!        ┌──────────────┬──────────────┬──────────────┬───────────────┐
+//!   ns client        ns node1        ns node2        ns node3        root ns
+//!   c0 198.51.100.100 n0 .11         n0 .12          n0 .13          evr… .254 (admin API
+//!   neigh .1 ─► 01:00:5e:00:00:01    lo 198.51.100.1/32 (cluster address) on every node,     access)
+//!   (a multicast MAC: the bridge     n0 allmulticast; TUN evpc0 with the inner address
+//!    floods it to every port)        evpc-node run (Raft + admin on .1x, IKE/ESP on .1)
+//! ```
+//!
+//! The client's static neighbour entry maps the cluster address to a multicast MAC, so the
+//! bridge floods every frame for it to all ports: each node receives it (the address is on its
+//! loopback; Linux accepts unicast IP in link-layer multicast frames) and only the node that
+//! owns the SA answers — a node's answers come from the cluster address with its own MAC. Nodes
+//! never answer ARP for the cluster address (`arp_ignore = 1`), so nothing on the segment
+//! learns one node's MAC for it. Failover needs no change on the segment at all.
+//!
+//! Everything lives in namespaces named `evpc-<pid>-…` (see `evpc_dataplane::netns`): dropping
+//! the [`Lab`] kills the node processes and deletes the namespaces, which removes every veth,
+//! the bridge and the TUN devices; namespaces left by a killed test process are removed by the
+//! next one.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use evpc_api::AdminClient;
+use evpc_dataplane::netns::{NetNs, is_root};
+use rand::RngCore;
+use tokio::process::Child;
+
+use super::IkeSettings;
+use crate::config::{
+    DataplaneConfig, NodeConfig, OwnershipConfig, PeerConfig, RaftTuning, Timeouts, TunSettings,
+};
+
+/// The cluster address every client talks to.
+pub const CLUSTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The client namespace's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// The root namespace's address on the segment (the test process reaches admin APIs from it).
+pub const MGMT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+/// The link-layer address the client sends cluster-address frames to.
+pub const CLUSTER_MAC: &str = "01:00:5e:00:00:01";
+
+/// Node `id`'s own address on the segment (Raft, admin).
+pub fn node_addr(id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 10 + id as u8)
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Number of gateway nodes (1 to 7).
+    pub nodes: u64,
+    /// Distinguishes namespaces of several labs of one process.
+    pub tag: String,
+    /// The `evpc-node` executable.
+    pub node_bin: PathBuf,
+    /// `[ike]` of every node.
+    pub ike: IkeSettings,
+    /// The TUN device's address on every node, with its prefix (the inner network peers reach).
+    pub inner: (Ipv4Addr, u8),
+    /// Ownership settings of every node.
+    pub ownership: OwnershipConfig,
+    /// Raft timing of every node.
+    pub timeouts: Timeouts,
+    /// `RUST_LOG` of the node processes.
+    pub log_filter: String,
+    /// Keep the lab's directory (configs, data, node logs) after the lab is dropped.
+    pub keep_dir: bool,
+    /// Where the lab's directory goes (default: the system's temporary directory). Its file
+    /// system decides what a durable Raft append costs.
+    pub base_dir: Option<PathBuf>,
+}
+
+impl LabSpec {
+    /// `nodes` nodes with default settings and `ike`.
+    pub fn new(nodes: u64, tag: &str, node_bin: PathBuf, ike: IkeSettings) -> LabSpec {
+        LabSpec {
+            nodes,
+            tag: tag.into(),
+            node_bin,
+            ike,
+            inner: (Ipv4Addr::new(10, 10, 0, 1), 24),
+            ownership: OwnershipConfig::default(),
+            timeouts: Timeouts::default(),
+            log_filter: "info,openraft=warn,sled=warn,h2=warn,tower=warn".into(),
+            keep_dir: false,
+            base_dir: None,
+        }
+    }
+}
+
+/// A running lab. Dropping it kills the nodes and removes the namespaces.
+#[derive(Debug)]
+pub struct Lab {
+    /// What was built.
+    pub spec: LabSpec,
+    procs: Vec<Option<Child>>,
+    configs: Vec<PathBuf>,
+    logs: Vec<PathBuf>,
+    client: NetNs,
+    nodes: Vec<NetNs>,
+    lan: NetNs,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Writes a sysctl inside `ns` (its /proc/sys/net is the namespace's own).
+fn sysctl(ns: &NetNs, key: &'static str, value: &'static str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    ns.run(move || std::fs::write(&path, value))?
+        .with_context(|| format!("sysctl {key}={value} in {}", ns.name()))
+}
+
+impl Lab {
+    /// Builds the segment, starts the nodes and bootstraps the cluster.
+    pub async fn start(spec: LabSpec) -> anyhow::Result<Lab> {
+        anyhow::ensure!(
+            is_root(),
+            "the ClusterIP lab needs root (namespaces, veth, TUN)"
+        );
+        anyhow::ensure!((1..=7).contains(&spec.nodes), "1 to 7 nodes");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("evpc-lab-");
+        let dir = match &spec.base_dir {
+            Some(base) => builder.tempdir_in(base)?,
+            None => builder.tempdir()?,
+        };
+        let lan = NetNs::create(&format!("{}-lan", spec.tag))?;
+        let client = NetNs::create(&format!("{}-client", spec.tag))?;
+        let mut nodes = Vec::new();
+        for id in 1..=spec.nodes {
+            nodes.push(NetNs::create(&format!("{}-n{id}", spec.tag))?);
+        }
+        let mut lab = Lab {
+            spec,
+            procs: Vec::new(),
+            configs: Vec::new(),
+            logs: Vec::new(),
+            client,
+            nodes,
+            lan,
+            dir: Some(dir),
+        };
+        lab.wire()?;
+        lab.spawn_nodes()?;
+        lab.bootstrap(Duration::from_secs(60)).await?;
+        Ok(lab)
+    }
+
+    fn wire(&self) -> anyhow::Result<()> {
+        let lan = &self.lan;
+        lan.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        let plug = |port: &str, peer: &str, ns: &str| -> anyhow::Result<()> {
+            lan.ip(&[
+                "link", "add", port, "type", "veth", "peer", "name", peer, "netns", ns,
+            ])?;
+            lan.ip(&["link", "set", port, "master", "br0", "up"])?;
+            Ok(())
+        };
+        // The client.
+        plug("pc", "c0", self.client.name())?;
+        let c = &self.client;
+        c.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "c0"])?;
+        c.ip(&["link", "set", "c0", "up"])?;
+        c.ip(&[
+            "neigh",
+            "replace",
+            &CLUSTER.to_string(),
+            "lladdr",
+            CLUSTER_MAC,
+            "dev",
+            "c0",
+            "nud",
+            "permanent",
+        ])?;
+        // The nodes.
+        for (i, ns) in self.nodes.iter().enumerate() {
+            let id = i as u64 + 1;
+            plug(&format!("p{id}"), "n0", ns.name())?;
+            ns.ip(&["addr", "add", &format!("{}/24", node_addr(id)), "dev", "n0"])?;
+            ns.ip(&["link", "set", "n0", "up", "allmulticast", "on"])?;
+            ns.ip(&["addr", "add", &format!("{CLUSTER}/32"), "dev", "lo"])?;
+            sysctl(ns, "net.ipv4.conf.all.arp_ignore", "1")?;
+            sysctl(ns, "net.ipv4.conf.all.arp_announce", "2")?;
+        }
+        // The root namespace's door to the admin APIs.
+        static LABS: AtomicU32 = AtomicU32::new(0);
+        let root_if = format!(
+            "evr{}{}",
+            std::process::id() % 100_000,
+            LABS.fetch_add(1, Ordering::Relaxed) % 100
+        );
+        ip(&[
+            "link",
+            "add",
+            &root_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pr",
+            "netns",
+            lan.name(),
+        ])?;
+        lan.ip(&["link", "set", "pr", "master", "br0", "up"])?;
+        ip(&["addr", "add", &format!("{MGMT}/24"), "dev", &root_if])?;
+        ip(&["link", "set", &root_if, "up"])?;
+        // Resolve the client's MAC on every node now: a burst of answers to an address still
+        // being resolved overflows the kernel's small per-neighbour queue, and the first
+        // client requests would be lost (a gateway's next hop is resolved long before).
+        for ns in &self.nodes {
+            ns.run(|| {
+                std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                    .and_then(|s| s.send_to(b"arp", (CLIENT, 9)))
+            })??;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(())
+    }
+
+    /// The configuration of node `id`.
+    pub fn node_config(&self, id: u64) -> NodeConfig {
+        let addr = |id: u64, port: u16| SocketAddr::new(IpAddr::V4(node_addr(id)), port);
+        let (inner, len) = self.spec.inner;
+        NodeConfig {
+            id,
+            raft_addr: addr(id, 7101),
+            admin_addr: addr(id, 7201),
+            data_dir: self.dir().join(format!("node{id}")).join("data"),
+            peers: (1..=self.spec.nodes)
+                .filter(|p| *p != id)
+                .map(|p| PeerConfig {
+                    id: p,
+                    raft_addr: addr(p, 7101),
+                    admin_addr: addr(p, 7201),
+                })
+                .collect(),
+            timeouts: self.spec.timeouts.clone(),
+            raft: RaftTuning::default(),
+            ownership: self.spec.ownership.clone(),
+            dataplane: DataplaneConfig {
+                backend: "userspace".into(),
+                cluster_address: Some(IpAddr::V4(CLUSTER)),
+                tun: TunSettings {
+                    name: "evpc0".into(),
+                    addresses: vec![format!("{inner}/{len}")],
+                    ..TunSettings::default()
+                },
+                ..DataplaneConfig::default()
+            },
+            ike: Some(self.spec.ike.clone()),
+            metrics_addr: None,
+            cluster_key_file: Some(self.dir().join("cluster.key")),
+        }
+    }
+
+    fn spawn_nodes(&mut self) -> anyhow::Result<()> {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        std::fs::write(self.dir().join("cluster.key"), hex::encode(key))?;
+        for id in 1..=self.spec.nodes {
+            let config = self.node_config(id);
+            let node_dir = self.dir().join(format!("node{id}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let path = node_dir.join("node.toml");
+            std::fs::write(&path, toml::to_string(&config)?)?;
+            self.configs.push(path);
+            self.logs.push(node_dir.join("node.log"));
+            self.procs.push(None);
+            self.start_node(id)?;
+        }
+        Ok(())
+    }
+
+    fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let i = (id - 1) as usize;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.logs[i])?;
+        let child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", self.nodes[i].name()])
+            .arg(&self.spec.node_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.configs[i])
+            .env("RUST_LOG", &self.spec.log_filter)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.spec.node_bin.display()))?;
+        self.procs[i] = Some(child);
+        Ok(())
+    }
+
+    /// Initializes the cluster through node 1, then waits for a leader, every node a voter and
+    /// every placement slot owned, as every node sees it.
+    async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut node1 = self.admin_of(1)?;
+        let status = loop {
+            match node1.status(false).await {
+                Ok(status) => break status,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "waiting for node 1");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e))
+                        .context(format!("node 1 never answered; log:\n{}", self.log(1)));
+                }
+            }
+        };
+        if status.members.is_empty() {
+            node1.initialize(Vec::new()).await?;
+        }
+        loop {
+            let mut ready = true;
+            for id in 1..=self.spec.nodes {
+                let ok = match self.admin_of(id)?.status(false).await {
+                    Ok(s) => {
+                        s.leader_id.is_some()
+                            && s.members.iter().filter(|m| m.voter).count() as u64
+                                == self.spec.nodes
+                            && s.members.iter().map(|m| m.slots).sum::<u32>()
+                                == u32::from(evpc_raft_store::SLOT_COUNT)
+                    }
+                    Err(_) => false,
+                };
+                ready &= ok;
+            }
+            if ready {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the lab cluster did not come up within {timeout:?}; node 1 log:\n{}",
+                self.log(1)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Node ids whose process runs.
+    pub fn alive_ids(&self) -> Vec<u64> {
+        (1..=self.spec.nodes)
+            .filter(|id| self.procs[(*id - 1) as usize].is_some())
+            .collect()
+    }
+
+    /// An admin client for node `id` only (reads its own applied state).
+    pub fn admin_of(&self, id: u64) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(
+            &[SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string()],
+            Duration::from_secs(5),
+        )?)
+    }
+
+    /// An admin client over the live nodes (follows the leader).
+    pub fn admin(&self) -> anyhow::Result<AdminClient> {
+        let endpoints: Vec<String> = self
+            .alive_ids()
+            .into_iter()
+            .map(|id| SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string())
+            .collect();
+        Ok(AdminClient::new(&endpoints, Duration::from_secs(5))?)
+    }
+
+    /// SIGKILLs node `id` (`ip netns exec` execs the node, so this is its own pid).
+    pub async fn sigkill(&mut self, id: u64) -> anyhow::Result<()> {
+        let i = (id - 1) as usize;
+        if let Some(mut child) = self.procs[i].take() {
+            child.kill().await.context("SIGKILL")?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `id` again on its data directory.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.start_node(id)
+    }
+
+    /// The namespace of node `id`.
+    pub fn node_ns(&self, id: u64) -> &NetNs {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// The client namespace.
+    pub fn client_ns(&self) -> &NetNs {
+        &self.client
+    }
+
+    /// A new namespace plugged into the segment with `addr`/24, for a host of its own (a
+    /// baseline responder, a second client); deleted when the returned handle drops.
+    pub fn attach(&self, tag: &str, addr: Ipv4Addr) -> anyhow::Result<NetNs> {
+        let ns = NetNs::create(&format!("{}-{tag}", self.spec.tag))?;
+        let port = format!("px{}", addr.octets()[3]);
+        self.lan.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "e0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.lan
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "e0"])?;
+        ns.ip(&["link", "set", "e0", "up"])?;
+        Ok(ns)
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.procs[(id - 1) as usize].as_ref().and_then(Child::id)
+    }
+
+    /// The lab's directory (configs, data, logs; removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or(Path::new(""), tempfile::TempDir::path)
+    }
+
+    /// Node `id`'s log so far.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.logs[(id - 1) as usize]).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let mut children: Vec<Child> = self.procs.iter_mut().filter_map(Option::take).collect();
+        for child in &mut children {
+            let _ = child.start_kill();
+        }
+        // Reap them before their namespaces go (a process keeps a deleted namespace alive).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.spec.keep_dir
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("lab directory kept: {}", dir.keep().display());
+        }
+    }
+}
