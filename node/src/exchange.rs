@@ -172,32 +172,14 @@ pub fn pending_request(state: &State, sa: SaId) -> Option<StoredMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evpc_raft_store::{NodeState, SlotAssignment, apply};
+    use evpc_raft_store::apply;
 
     #[test]
     fn retransmissions_come_from_the_committed_response_only() {
-        let mut state = State::default();
-        apply(
-            &mut state,
-            &Command::SetNodeState {
-                node: 1,
-                state: NodeState::Active,
-                at_ms: 0,
-            },
-        )
-        .unwrap();
-        apply(
-            &mut state,
-            &Command::SetSlots(vec![SlotAssignment {
-                slot: 0,
-                node: Some(1),
-            }]),
-        )
-        .unwrap();
         let mut sa = crate::ownership::test_support::sa(9, 0x2000);
         sa.owner = 1;
         sa.msg.next_peer_request = 5;
-        apply(&mut state, &Command::CreateSa(Box::new(sa))).unwrap();
+        let mut state = crate::ownership::test_support::state_with_sa(&sa);
         assert_eq!(
             retransmission(&state, SaId(9), 4),
             None,

@@ -147,55 +147,65 @@ impl LocalCluster {
     /// Initializes the cluster through node 1 if it is new, then waits until every node is a
     /// voter, a leader is elected and every placement slot has an owner.
     pub async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<pb::StatusResponse> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let first = self.node_config(1).admin_addr.to_string();
-        let mut node1 = AdminClient::new(std::slice::from_ref(&first), Duration::from_secs(2))?;
-        let status = loop {
-            match node1.status(false).await {
-                Ok(status) => break status,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "waiting for node 1");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e).context("node 1 never answered"),
+        bootstrap_cluster(&self.admin_endpoints(), self.nodes, timeout)
+            .await
+            .with_context(|| format!("see the node logs under {}", self.dir.display()))
+    }
+}
+
+/// Initializes a cluster of `nodes` through `endpoints[0]` (node 1's admin address) if it has
+/// no members yet, then waits until every endpoint sees a leader, `nodes` voters and every
+/// placement slot owned — so new SAs can be created at once, through any node. Returns node 1's
+/// status.
+pub async fn bootstrap_cluster(
+    endpoints: &[String],
+    nodes: u64,
+    timeout: Duration,
+) -> anyhow::Result<pb::StatusResponse> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let first = endpoints.first().context("no endpoints")?;
+    let mut node1 = AdminClient::new(std::slice::from_ref(first), Duration::from_secs(2))?;
+    let status = loop {
+        match node1.status(false).await {
+            Ok(status) => break status,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "waiting for node 1");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        };
-        if status.members.is_empty() {
-            node1.initialize(Vec::new()).await?;
+            Err(e) => return Err(e).context("node 1 never answered"),
         }
-        loop {
-            // Ready means a leader, every node a voter, and every placement slot owned — as
-            // every node sees it — so new SAs can be created at once, through any node.
-            let mut ready = None;
-            for endpoint in self.admin_endpoints() {
-                let mut node = AdminClient::new(&[endpoint], Duration::from_secs(2))?;
-                match node.status(false).await {
-                    Ok(status)
-                        if status.leader_id.is_some()
-                            && status.members.iter().filter(|m| m.voter).count() as u64
-                                == self.nodes
-                            && status.members.iter().map(|m| m.slots).sum::<u32>()
-                                == u32::from(evpc_raft_store::SLOT_COUNT) =>
-                    {
-                        ready.get_or_insert(status);
-                    }
-                    _ => {
-                        ready = None;
-                        break;
-                    }
+    };
+    if status.members.is_empty() {
+        node1.initialize(Vec::new()).await?;
+    }
+    loop {
+        let mut ready = None;
+        for endpoint in endpoints {
+            let mut node =
+                AdminClient::new(std::slice::from_ref(endpoint), Duration::from_secs(2))?;
+            match node.status(false).await {
+                Ok(status)
+                    if status.leader_id.is_some()
+                        && status.members.iter().filter(|m| m.voter).count() as u64 == nodes
+                        && status.members.iter().map(|m| m.slots).sum::<u32>()
+                            == u32::from(evpc_raft_store::SLOT_COUNT) =>
+                {
+                    ready.get_or_insert(status);
+                }
+                _ => {
+                    ready = None;
+                    break;
                 }
             }
-            if let Some(status) = ready {
-                return Ok(status);
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "no leader with {} voters after {timeout:?}; see the node logs under {}",
-                self.nodes,
-                self.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        if let Some(status) = ready {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no leader with {nodes} voters and every slot owned after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -407,3 +407,66 @@ pub enum Rejection {
     #[error("an update must change something")]
     EmptyUpdate,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(updates: Vec<SaUpdate>) -> Command {
+        Command::Update {
+            sa: SaId(7),
+            epoch: Epoch::FIRST,
+            updates,
+        }
+    }
+
+    #[test]
+    fn ike_bookkeeping_does_not_change_the_data_plane() {
+        let exchange = update(vec![
+            SaUpdate::PeerRequestAnswered {
+                msg_id: 3,
+                response: vec![vec![0; 80]],
+            },
+            SaUpdate::PeerSeen { at_ms: 1 },
+            SaUpdate::ReplayCheckpoint {
+                in_spi: 9,
+                in_seq: 100,
+            },
+        ]);
+        assert!(!exchange.may_change_data_plane());
+        assert!(
+            !Command::Batch(vec![exchange.clone(), Command::SetSlots(vec![])])
+                .may_change_data_plane()
+        );
+    }
+
+    #[test]
+    fn owners_children_and_leases_change_the_data_plane() {
+        let lease = update(vec![SaUpdate::SeqLease {
+            in_spi: 9,
+            out_hwm: 4096,
+            in_checkpoint: None,
+        }]);
+        assert!(lease.may_change_data_plane());
+        let mixed = update(vec![
+            SaUpdate::PeerSeen { at_ms: 1 },
+            SaUpdate::ChildDeleted { in_spi: 9 },
+        ]);
+        assert!(mixed.may_change_data_plane());
+        let moved = Command::AssignOwners(vec![OwnerMove {
+            sa: SaId(7),
+            from_epoch: Epoch::FIRST,
+            to: 2,
+            lease: 1024,
+        }]);
+        assert!(moved.may_change_data_plane());
+        assert!(Command::Batch(vec![Command::SetSlots(vec![]), moved]).may_change_data_plane());
+        assert!(
+            Command::DeleteSa {
+                sa: SaId(7),
+                epoch: None
+            }
+            .may_change_data_plane()
+        );
+    }
+}

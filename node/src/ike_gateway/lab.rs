@@ -55,6 +55,11 @@ pub fn node_addr(id: u64) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 10 + id as u8)
 }
 
+/// Node `id`'s admin API, as the test process reaches it.
+fn admin_endpoint(id: u64) -> String {
+    SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string()
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -330,49 +335,16 @@ impl Lab {
     /// Initializes the cluster through node 1, then waits for a leader, every node a voter and
     /// every placement slot owned, as every node sees it.
     async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut node1 = self.admin_of(1)?;
-        let status = loop {
-            match node1.status(false).await {
-                Ok(status) => break status,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "waiting for node 1");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::from(e))
-                        .context(format!("node 1 never answered; log:\n{}", self.log(1)));
-                }
-            }
-        };
-        if status.members.is_empty() {
-            node1.initialize(Vec::new()).await?;
-        }
-        loop {
-            let mut ready = true;
-            for id in 1..=self.spec.nodes {
-                let ok = match self.admin_of(id)?.status(false).await {
-                    Ok(s) => {
-                        s.leader_id.is_some()
-                            && s.members.iter().filter(|m| m.voter).count() as u64
-                                == self.spec.nodes
-                            && s.members.iter().map(|m| m.slots).sum::<u32>()
-                                == u32::from(evpc_raft_store::SLOT_COUNT)
-                    }
-                    Err(_) => false,
-                };
-                ready &= ok;
-            }
-            if ready {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the lab cluster did not come up within {timeout:?}; node 1 log:\n{}",
-                self.log(1)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let endpoints: Vec<String> = (1..=self.spec.nodes).map(admin_endpoint).collect();
+        crate::local::bootstrap_cluster(&endpoints, self.spec.nodes, timeout)
+            .await
+            .with_context(|| {
+                format!(
+                    "the lab cluster did not come up; node 1 log:\n{}",
+                    self.log(1)
+                )
+            })?;
+        Ok(())
     }
 
     /// Node ids whose process runs.
@@ -385,18 +357,14 @@ impl Lab {
     /// An admin client for node `id` only (reads its own applied state).
     pub fn admin_of(&self, id: u64) -> anyhow::Result<AdminClient> {
         Ok(AdminClient::new(
-            &[SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string()],
+            &[admin_endpoint(id)],
             Duration::from_secs(5),
         )?)
     }
 
     /// An admin client over the live nodes (follows the leader).
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
-        let endpoints: Vec<String> = self
-            .alive_ids()
-            .into_iter()
-            .map(|id| SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string())
-            .collect();
+        let endpoints: Vec<String> = self.alive_ids().into_iter().map(admin_endpoint).collect();
         Ok(AdminClient::new(&endpoints, Duration::from_secs(5))?)
     }
 

@@ -556,28 +556,26 @@ mod tests {
         (ClusterKey::from_bytes(&[5; 32]), Lifetimes::default())
     }
 
+    /// Commits `updates` to `record` as the gateway would, checks the cluster's result is what
+    /// the mapper expected, and moves `record` on to it.
+    fn commit(state: &mut State, record: &mut IkeSa, updates: Vec<SaUpdate>, expected: IkeSa) {
+        let applied = apply(
+            state,
+            &Command::Update {
+                sa: record.id,
+                epoch: record.epoch,
+                updates: updates.clone(),
+            },
+        );
+        assert!(applied.is_ok(), "{updates:?}: {applied:?}");
+        assert_eq!(state.sa(record.id), Some(&expected));
+        *record = expected;
+    }
+
     /// Commits `record` into a state where node 1 owns its slot, as the gateway would.
     fn state_with(record: &IkeSa) -> State {
-        let mut state = State::default();
-        apply(
-            &mut state,
-            &Command::SetNodeState {
-                node: 1,
-                state: NodeState::Active,
-                at_ms: 0,
-            },
-        )
-        .unwrap();
-        apply(
-            &mut state,
-            &Command::SetSlots(vec![evpc_raft_store::SlotAssignment {
-                slot: record.slot,
-                node: Some(1),
-            }]),
-        )
-        .unwrap();
-        apply(&mut state, &Command::CreateSa(Box::new(record.clone()))).unwrap();
-        state
+        assert_eq!(record.owner, 1);
+        crate::ownership::test_support::state_with_sa(record)
     }
 
     #[test]
@@ -642,17 +640,7 @@ mod tests {
                           state: &mut State| {
             for (snap, events) in pair.run(to_gw, to_rw) {
                 let (updates, expected) = mapper.updates(record, &snap, &events).unwrap();
-                let applied = apply(
-                    state,
-                    &Command::Update {
-                        sa: record.id,
-                        epoch: record.epoch,
-                        updates: updates.clone(),
-                    },
-                );
-                assert!(applied.is_ok(), "{updates:?}: {applied:?}");
-                assert_eq!(state.sa(record.id), Some(&expected));
-                *record = expected;
+                commit(state, record, updates, expected);
                 // The sealed engine in the record is the engine now.
                 let opened = open_snapshot(&key, record.id, &record.keys).unwrap();
                 assert_eq!(opened.current.spi_r, snap.current.spi_r);
@@ -682,16 +670,7 @@ mod tests {
             updates[0],
             SaUpdate::LocalRequestStarted(StoredMessage { msg_id: 0, .. })
         ));
-        apply(
-            &mut state,
-            &Command::Update {
-                sa: record.id,
-                epoch: record.epoch,
-                updates,
-            },
-        )
-        .unwrap();
-        record = expected;
+        commit(&mut state, &mut record, updates, expected);
         assert!(record.pending_request.is_some());
         // A node taking over restores the engine from the record alone and resends exactly
         // the committed request at once.
@@ -766,16 +745,7 @@ mod tests {
         let o = pair.gw.rekey_ike(pair.now, &mut pair.gw_rng).unwrap();
         let (out, snap, events) = datagrams(o);
         let (updates, expected) = mapper.updates(&record, &snap.unwrap(), &events).unwrap();
-        apply(
-            &mut state,
-            &Command::Update {
-                sa: record.id,
-                epoch: record.epoch,
-                updates,
-            },
-        )
-        .unwrap();
-        record = expected;
+        commit(&mut state, &mut record, updates, expected);
         commit_all(&mut pair, Vec::new(), out, &mut record, &mut state);
         assert_eq!(record.rekey_generation, 2);
         let o = pair.rw.send_dpd(pair.now, &mut pair.rw_rng).unwrap();

@@ -91,7 +91,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evpc_raft_store::{Command, NodeState, SaId, SlotAssignment, apply};
+    use evpc_raft_store::SaId;
 
     fn pool(len: u8, excluded: &[Ipv4Addr]) -> Pool {
         Pool::new(
@@ -123,28 +123,10 @@ mod tests {
 
     #[test]
     fn addresses_taken_in_the_cluster_are_not_picked() {
-        let mut state = State::default();
-        apply(
-            &mut state,
-            &Command::SetNodeState {
-                node: 1,
-                state: NodeState::Active,
-                at_ms: 0,
-            },
-        )
-        .unwrap();
-        apply(
-            &mut state,
-            &Command::SetSlots(vec![SlotAssignment {
-                slot: 0,
-                node: Some(1),
-            }]),
-        )
-        .unwrap();
         let mut sa = crate::ownership::test_support::sa(9, 0x2000);
         sa.owner = 1;
         sa.virtual_ip = Some(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 2)));
-        apply(&mut state, &Command::CreateSa(Box::new(sa))).unwrap();
+        let state = crate::ownership::test_support::state_with_sa(&sa);
         assert_eq!(
             state.address_holder(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 2))),
             Some(SaId(9))

@@ -15,9 +15,30 @@ pub(crate) mod test_support {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use evpc_raft_store::{
-        ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, Role, SaId, SaTimes,
-        SealedKeys,
+        ChildSa, ChildSuite, Command, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeState,
+        Role, SaId, SaTimes, SealedKeys, SlotAssignment, State, apply,
     };
+
+    /// A state in which `sa.owner` is an active node owning `sa.slot`, and `sa` is committed.
+    pub fn state_with_sa(sa: &IkeSa) -> State {
+        let mut state = State::default();
+        let setup = [
+            Command::SetNodeState {
+                node: sa.owner,
+                state: NodeState::Active,
+                at_ms: 0,
+            },
+            Command::SetSlots(vec![SlotAssignment {
+                slot: sa.slot,
+                node: Some(sa.owner),
+            }]),
+            Command::CreateSa(Box::new(sa.clone())),
+        ];
+        for command in &setup {
+            apply(&mut state, command).expect("a valid setup");
+        }
+        state
+    }
 
     /// An SA with one child; slot and owner left for the caller.
     pub fn sa(id: u64, child_spi: u32) -> IkeSa {
