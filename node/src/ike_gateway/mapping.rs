@@ -552,8 +552,27 @@ mod tests {
         (pair, snap.expect("the established SA is committed"))
     }
 
-    fn mapper_parts() -> (ClusterKey, Lifetimes) {
-        (ClusterKey::from_bytes(&[5; 32]), Lifetimes::default())
+    /// What a [`Mapper`] borrows, owned by the test.
+    struct MapperParts {
+        key: ClusterKey,
+        lifetimes: Lifetimes,
+    }
+
+    impl MapperParts {
+        fn new() -> MapperParts {
+            MapperParts {
+                key: ClusterKey::from_bytes(&[5; 32]),
+                lifetimes: Lifetimes::default(),
+            }
+        }
+
+        fn mapper(&self) -> Mapper<'_> {
+            Mapper {
+                key: &self.key,
+                lifetimes: &self.lifetimes,
+                initial_lease: 4096,
+            }
+        }
     }
 
     /// Commits `updates` to `record` as the gateway would, checks the cluster's result is what
@@ -580,12 +599,8 @@ mod tests {
 
     #[test]
     fn a_new_record_holds_the_exchange_and_the_sealed_engine() {
-        let (key, lifetimes) = mapper_parts();
-        let mapper = Mapper {
-            key: &key,
-            lifetimes: &lifetimes,
-            initial_lease: 4096,
-        };
+        let parts = MapperParts::new();
+        let (key, mapper) = (&parts.key, parts.mapper());
         let (pair, snap) = established();
         let record = mapper.new_record(&snap, 1);
         assert_eq!(record.id, SaId(snap.current.spi_r));
@@ -610,9 +625,9 @@ mod tests {
         );
         // The engine comes back from the record alone, and answers a retransmitted IKE_AUTH
         // with the committed bytes.
-        let restored = open_snapshot(&key, record.id, &record.keys).unwrap();
+        let restored = open_snapshot(key, record.id, &record.keys).unwrap();
         assert_eq!(restored.current.spi_i, snap.current.spi_i);
-        assert!(open_snapshot(&key, SaId(record.id.0 ^ 1), &record.keys).is_err());
+        assert!(open_snapshot(key, SaId(record.id.0 ^ 1), &record.keys).is_err());
         let state = state_with(&record);
         assert_eq!(
             crate::exchange::retransmission(&state, record.id, 1),
@@ -623,12 +638,8 @@ mod tests {
 
     #[test]
     fn every_later_exchange_maps_to_updates_the_cluster_accepts() {
-        let (key, lifetimes) = mapper_parts();
-        let mapper = Mapper {
-            key: &key,
-            lifetimes: &lifetimes,
-            initial_lease: 4096,
-        };
+        let parts = MapperParts::new();
+        let (key, mapper) = (&parts.key, parts.mapper());
         let (mut pair, snap) = established();
         let mut record = mapper.new_record(&snap, 1);
         let mut state = state_with(&record);
@@ -642,7 +653,7 @@ mod tests {
                 let (updates, expected) = mapper.updates(record, &snap, &events).unwrap();
                 commit(state, record, updates, expected);
                 // The sealed engine in the record is the engine now.
-                let opened = open_snapshot(&key, record.id, &record.keys).unwrap();
+                let opened = open_snapshot(key, record.id, &record.keys).unwrap();
                 assert_eq!(opened.current.spi_r, snap.current.spi_r);
                 assert_eq!(
                     opened.current.next_peer_request_id,
@@ -676,7 +687,7 @@ mod tests {
         // the committed request at once.
         let restored = Engine::restore(
             configs().0,
-            open_snapshot(&key, record.id, &record.keys).unwrap(),
+            open_snapshot(key, record.id, &record.keys).unwrap(),
         );
         let mut restored = restored.unwrap();
         assert!(restored.next_timeout().is_some_and(|t| t <= pair.now));
@@ -762,12 +773,8 @@ mod tests {
 
     #[test]
     fn a_change_the_cluster_would_refuse_is_caught_before_it_is_proposed() {
-        let (key, lifetimes) = mapper_parts();
-        let mapper = Mapper {
-            key: &key,
-            lifetimes: &lifetimes,
-            initial_lease: 4096,
-        };
+        let parts = MapperParts::new();
+        let mapper = parts.mapper();
         let (mut pair, snap) = established();
         let record = mapper.new_record(&snap, 1);
         let o = pair.rw.send_dpd(1_010, &mut pair.rw_rng).unwrap();
