@@ -32,6 +32,9 @@ use crate::stats::Percentiles;
 use crate::workload;
 use evpc_api::AdminClient;
 
+/// The run fails if no update is acknowledged for this long (a stuck cluster, not a slow one).
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// Options of one run.
 #[derive(Clone, Debug)]
 pub struct StoreBench {
@@ -520,6 +523,7 @@ async fn run_on(
     let kill_threshold = (options.kill_leader_at > 0.0 && options.kill_leader_at < 1.0)
         .then_some((options.ops as f64 * options.kill_leader_at) as u64);
     let mut killed = None;
+    let mut progress = (0, Instant::now());
     loop {
         let acked = shared.acked.load(Ordering::Relaxed);
         if let Some(bar) = &bar {
@@ -527,6 +531,18 @@ async fn run_on(
         }
         if acked >= options.ops {
             break;
+        }
+        if acked > progress.0 {
+            progress = (acked, Instant::now());
+        } else if progress.1.elapsed() > STALL_LIMIT {
+            shared.done.store(true, Ordering::Relaxed);
+            anyhow::bail!(
+                "no update acknowledged for {STALL_LIMIT:?} ({acked} of {} acknowledged, {} refused, \
+                 {} unknown); the node logs are in the cluster directory (--dir keeps them)",
+                options.ops,
+                shared.rejected.load(Ordering::Relaxed),
+                shared.unknown.load(Ordering::Relaxed),
+            );
         }
         if killed.is_none() && kill_threshold.is_some_and(|t| acked >= t) {
             let victim = leader.current();

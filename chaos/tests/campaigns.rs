@@ -1,8 +1,57 @@
 //! Short versions of the chaos campaigns, run by `cargo test`: the same binaries and checks as
 //! the full runs in BENCHMARKS.md, with fewer SAs, operations and cycles.
 
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A campaign that runs longer than this is stuck: it and its node processes are killed and the
+/// test fails with what it printed (a hung CI job would say nothing).
+const WATCHDOG: Duration = Duration::from_secs(420);
+
+/// Runs `command` in a process group of its own and returns its output, or kills the whole
+/// group (the campaign and every node it started) after `limit`.
+fn output_within(mut command: Command, limit: Duration) -> Output {
+    let mut child = command
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running evpc-chaos");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for evpc-chaos") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            assert!(group.as_raw() > 1, "a real process group");
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            let lines: Vec<&str> = stderr.lines().collect();
+            let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+            panic!("evpc-chaos still running after {limit:?}: killed it and its nodes\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
 
 /// The node binary next to this test's `evpc-chaos` (built by `cargo test --workspace`).
 fn node_binary() -> Option<PathBuf> {
@@ -41,14 +90,14 @@ fn chaos(args: &[&str], base_port: u16) -> Option<serde_json::Value> {
         eprintln!("\n!!! SKIPPED: evpc-node is not built; run `cargo test --workspace` !!!\n");
         return None;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_evpc-chaos"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_evpc-chaos"));
+    command
         .arg("--node-bin")
         .arg(&node)
         .args(["--base-port", &base_port.to_string()])
         .args(args)
-        .arg("--json")
-        .output()
-        .expect("running evpc-chaos");
+        .arg("--json");
+    let out = output_within(command, WATCHDOG);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {

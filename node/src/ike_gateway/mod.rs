@@ -402,8 +402,10 @@ async fn serve(
         .pool_prefix()
         .map_err(anyhow::Error::msg)?
         .map(|prefix| Pool::new(prefix, settings.excluded_addresses(&tun_addresses)));
-    let mut cookie = [0u8; 32];
-    rand::rng().fill_bytes(&mut cookie);
+    // Node-local: a cookie retry carries the same initiator SPI, so it reaches the same slot
+    // owner that issued the cookie.
+    let mut cookie = zeroize::Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(cookie.as_mut());
     let shared = Arc::new(Shared {
         socket,
         config: config.clone(),
@@ -418,7 +420,7 @@ async fn serve(
     });
     let mut gateway = Gateway {
         shared,
-        endpoint: Endpoint::new(config, Secret::from_slice(&cookie)),
+        endpoint: Endpoint::new(config, Secret::from_slice(cookie.as_ref())),
     };
     tracing::info!(
         local_id = %settings.local_id,
