@@ -16,7 +16,6 @@ mod failover;
 mod ike_bench;
 mod stats;
 mod store_bench;
-mod synthetic;
 mod workload;
 
 /// Benchmarks and fault campaigns against a real evpc cluster.

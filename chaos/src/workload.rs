@@ -10,7 +10,6 @@ use evpc_raft_store::{Command, Response, SaId, slot_for_initiator_spi};
 use tonic::transport::Channel;
 
 use crate::cluster::ProcessCluster;
-use crate::synthetic;
 
 /// Proposes a command through cluster.v1 `Propose` on the node `client` talks to (which must
 /// be the leader: it does not forward).
@@ -52,7 +51,7 @@ pub async fn create_sas(
                 let owner = owners[usize::from(slot)];
                 anyhow::ensure!(owner != 0, "slot {slot} has no owner");
                 let child = n as u32 + 0x1000;
-                let mut sa = synthetic::ike_sa(SaId(n), spi_i, slot, owner, child);
+                let mut sa = evpc_raft_store::fixture::ike_sa(SaId(n), spi_i, slot, owner, child);
                 for c in sa.children.values_mut() {
                     c.out_hwm = lease;
                 }

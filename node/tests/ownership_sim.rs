@@ -25,8 +25,8 @@ use evpc_node::ownership::liveness::{Liveness, PeerView};
 use evpc_node::ownership::planner::{PlanInput, PlannerConfig, plan};
 use evpc_node::ownership::runtime::{Action, KeyOpener, OwnerConfig, OwnerRuntime};
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Command, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, Role, SaId,
-    SaTimes, SaUpdate, SealedKeys, State, apply, slot_for_initiator_spi,
+    ChildSa, Command, Epoch, IkeSa, NodeId, SaId, SaUpdate, State, apply, fixture,
+    slot_for_initiator_spi,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -215,57 +215,8 @@ impl Sim {
             let slot = slot_for_initiator_spi(spi_i);
             let owner = self.truth.slots().owner(slot).expect("slot owned");
             let child_spi = 0x1000 + id as u32;
-            let sa = IkeSa {
-                id: SaId(id),
-                spi_i,
-                spi_r: id,
-                role: Role::Responder,
-                local: "192.0.2.1:4500".parse().unwrap(),
-                peer: "198.51.100.1:4500".parse().unwrap(),
-                local_id: Identity::fqdn("gw"),
-                peer_id: Identity::fqdn("peer"),
-                suite: IkeSuite {
-                    encryption: 20,
-                    key_bits: 128,
-                    prf: 5,
-                    integrity: None,
-                    dh_group: 31,
-                },
-                keys: SealedKeys::default(),
-                msg: MessageIds {
-                    next_peer_request: 2,
-                    next_local_request: 0,
-                },
-                last_response: None,
-                pending_request: None,
-                times: SaTimes::default(),
-                last_peer_activity_ms: 0,
-                rekey_generation: 0,
-                virtual_ip: None,
-                slot,
-                owner,
-                epoch: Epoch::FIRST,
-                children: BTreeMap::from([(
-                    child_spi,
-                    ChildSa {
-                        in_spi: child_spi,
-                        out_spi: !child_spi,
-                        suite: ChildSuite {
-                            encryption: 20,
-                            key_bits: 128,
-                            esn: true,
-                        },
-                        keys: SealedKeys::default(),
-                        ts_local: vec![],
-                        ts_remote: vec![],
-                        out_start: 1,
-                        out_hwm: 0,
-                        in_checkpoint: 0,
-                        rekey_generation: 0,
-                        times: SaTimes::default(),
-                    },
-                )]),
-            };
+            let sa =
+                fixture::without_keys(fixture::ike_sa(SaId(id), spi_i, slot, owner, child_spi));
             let created = self.commit(Command::CreateSa(Box::new(sa)));
             assert!(!has_rejection(&created), "{created:?}");
             self.sas.push(SaId(id));

@@ -33,6 +33,7 @@
 
 mod cluster;
 mod command;
+pub mod fixture;
 mod ids;
 mod log_store;
 mod sa;

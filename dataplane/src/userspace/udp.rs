@@ -559,58 +559,19 @@ mod sys {
         Errno::result(sent).map(|n| n as usize)
     }
 
-    /// Sends up to `BATCH` of `messages` in one call; returns how many the kernel took.
+    /// Sends up to `BATCH` of `messages` in one call, one datagram each (runs of one carry no
+    /// segment size); returns how many the kernel took.
     pub(super) fn sendmmsg(
         socket: &UdpSocket,
         buffers: &Buffers,
         messages: &[Outgoing],
     ) -> Result<usize, Errno> {
+        let mut runs = [(0usize, 0usize); BATCH];
         let count = messages.len().min(BATCH);
-        let mut iovecs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; BATCH];
-        let mut headers = [libc::mmsghdr {
-            msg_hdr: libc::msghdr {
-                msg_name: std::ptr::null_mut(),
-                msg_namelen: 0,
-                msg_iov: std::ptr::null_mut(),
-                msg_iovlen: 0,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
-            },
-            msg_len: 0,
-        }; BATCH];
-        for (index, message) in messages[..count].iter().enumerate() {
-            let bytes = &buffers.get(message.buffer)[..message.len];
-            iovecs[index] = libc::iovec {
-                iov_base: bytes.as_ptr().cast_mut().cast(),
-                iov_len: bytes.len(),
-            };
+        for (index, run) in runs[..count].iter_mut().enumerate() {
+            *run = (index, index + 1);
         }
-        for (index, message) in messages[..count].iter().enumerate() {
-            let header = &mut headers[index].msg_hdr;
-            header.msg_name = message.to.as_ptr().cast_mut().cast();
-            header.msg_namelen = message.to.len();
-            header.msg_iov = &mut iovecs[index];
-            header.msg_iovlen = 1;
-        }
-        #[allow(unsafe_code)]
-        // SAFETY: `headers[..count]` are initialized `mmsghdr`s whose `msg_name` points into
-        // `messages` (socket addresses of the stated length) and whose `msg_iov` points to one
-        // `iovec` in `iovecs`, which describes a slice of `buffers`; all of these outlive the
-        // call, the kernel only reads the payloads and names, and writes only `msg_len` within
-        // `headers`. `count <= BATCH` is the length passed.
-        let sent = unsafe {
-            libc::sendmmsg(
-                socket.as_raw_fd(),
-                headers.as_mut_ptr(),
-                count as libc::c_uint,
-                0,
-            )
-        };
-        Errno::result(sent).map(|n| n as usize)
+        sendmmsg_gso(socket, buffers, messages, &runs[..count])
     }
 }
 

@@ -762,7 +762,8 @@ impl IkeSa {
                 .map(|i| (i, c))
         });
         s.ike_rekey_at_ms = ike_rekey_at;
-        match candidate {
+        // The generation whose IKE SA we now delete.
+        let doomed: GenRef = match candidate {
             Some((i, c)) if holds_lowest_nonce(&req.nonce, &nr, &c.peer_ni, &c.our_nr) => {
                 // Ours is redundant: the peer's new SA survives and inherits
                 // the children; we delete ours, the peer deletes the old one.
@@ -776,26 +777,7 @@ impl IkeSa {
                     s.retiring.push(old);
                 }
                 s.retiring.push(redundant);
-                let idx = s.retiring.len();
-                self.out.events.push(Event::IkeSaRekeyed {
-                    old_local_spi: old_local,
-                    new_local_spi: new_local,
-                });
-                let del = vec![Payload::Delete(crate::wire::DeletePayload {
-                    protocol: ProtocolId::IKE,
-                    spis: vec![],
-                })];
-                self.send_request(
-                    idx,
-                    ExchangeType::INFORMATIONAL,
-                    del,
-                    PendingExchange::Informational {
-                        delete_children: vec![],
-                        delete_ike: true,
-                    },
-                    now,
-                    rng,
-                );
+                s.retiring.len()
             }
             _ => {
                 // Ours survives; a colliding peer SA (if any) waits for the
@@ -807,28 +789,28 @@ impl IkeSa {
                 } else {
                     s.retiring.push(new_gen);
                 }
-                let idx = if r == 0 { s.retiring.len() } else { r };
-                self.out.events.push(Event::IkeSaRekeyed {
-                    old_local_spi: old_local,
-                    new_local_spi: new_local,
-                });
-                let del = vec![Payload::Delete(crate::wire::DeletePayload {
-                    protocol: ProtocolId::IKE,
-                    spis: vec![],
-                })];
-                self.send_request(
-                    idx,
-                    ExchangeType::INFORMATIONAL,
-                    del,
-                    PendingExchange::Informational {
-                        delete_children: vec![],
-                        delete_ike: true,
-                    },
-                    now,
-                    rng,
-                );
+                if r == 0 { s.retiring.len() } else { r }
             }
-        }
+        };
+        self.out.events.push(Event::IkeSaRekeyed {
+            old_local_spi: old_local,
+            new_local_spi: new_local,
+        });
+        let delete = vec![Payload::Delete(crate::wire::DeletePayload {
+            protocol: ProtocolId::IKE,
+            spis: vec![],
+        })];
+        self.send_request(
+            doomed,
+            ExchangeType::INFORMATIONAL,
+            delete,
+            PendingExchange::Informational {
+                delete_children: vec![],
+                delete_ike: true,
+            },
+            now,
+            rng,
+        );
     }
 
     /// Our IKE rekey produced nothing. If the peer's colliding rekey made a

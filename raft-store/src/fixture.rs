@@ -1,15 +1,18 @@
-//! Synthetic but realistic SA records for load tests.
+//! Realistic SA records for tests, simulations and load generators: one shape of a road
+//! warrior's SA, so every tool that needs an SA without running IKE builds the same one.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use evpc_raft_store::{
+use crate::{
     ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, Role, SaId, SaTimes,
     SealedKeys, Slot, TrafficSelector,
 };
 
 /// A responder IKE SA after IKE_AUTH (message IDs 0 and 1 used) with one child SA, shaped like
-/// a road warrior's: AES-GCM-128, sealed keys of realistic size, a /32 inner selector.
+/// a road warrior's: AES-GCM-128 with ESN, a /32 inner selector, and placeholder sealed keys of
+/// the real sizes (they open under no cluster key: [`without_keys`] empties them for code
+/// that would try).
 pub fn ike_sa(id: SaId, spi_i: u64, slot: Slot, owner: NodeId, child_spi: u32) -> IkeSa {
     let peer_octets = (id.0 as u32).to_be_bytes();
     let inner = Ipv4Addr::new(10, 64 + peer_octets[1] % 64, peer_octets[2], peer_octets[3]);
@@ -77,4 +80,13 @@ pub fn ike_sa(id: SaId, spi_i: u64, slot: Slot, owner: NodeId, child_spi: u32) -
         epoch: Epoch::FIRST,
         children: BTreeMap::from([(child_spi, child)]),
     }
+}
+
+/// `sa` with its IKE and child keys emptied: what carries no key material at all.
+pub fn without_keys(mut sa: IkeSa) -> IkeSa {
+    sa.keys = SealedKeys::default();
+    for child in sa.children.values_mut() {
+        child.keys = SealedKeys::default();
+    }
+    sa
 }
