@@ -37,36 +37,11 @@ struct ChildAsk {
     ts_r: Vec<TrafficSelector>,
 }
 
-fn find<'a, T>(p: &'a [Payload], f: impl Fn(&'a Payload) -> Option<&'a T>) -> Option<&'a T> {
-    p.iter().find_map(f)
-}
-
 fn child_ask(p: &[Payload]) -> Option<ChildAsk> {
-    let sa = find(p, |x| {
-        if let Payload::Sa(s) = x {
-            Some(s)
-        } else {
-            None
-        }
-    })?;
-    let ts_i = find(p, |x| {
-        if let Payload::TsI(t) = x {
-            Some(t)
-        } else {
-            None
-        }
-    })?;
-    let ts_r = find(p, |x| {
-        if let Payload::TsR(t) = x {
-            Some(t)
-        } else {
-            None
-        }
-    })?;
     Some(ChildAsk {
-        sa: sa.clone(),
-        ts_i: ts_i.clone(),
-        ts_r: ts_r.clone(),
+        sa: p.sa()?.clone(),
+        ts_i: p.ts_i()?.clone(),
+        ts_r: p.ts_r()?.clone(),
     })
 }
 
@@ -197,30 +172,13 @@ impl IkeSa {
             return Err(PeerError::UnexpectedExchange(req.header.exchange));
         }
         let p = &req.payloads;
-        let id_i = find(p, |x| {
-            if let Payload::IdI(i) = x {
-                Some(i)
-            } else {
-                None
-            }
-        })
-        .ok_or(PeerError::MissingPayload(PayloadType::IDI))?;
+        let id_i = p
+            .id_i()
+            .ok_or(PeerError::MissingPayload(PayloadType::IDI))?;
         // No AUTH payload means the peer wants EAP, which we do not offer.
-        let auth = find(p, |x| {
-            if let Payload::Auth(a) = x {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .ok_or(PeerError::UnsupportedAuthMethod(0))?;
-        if let Some(id_r) = find(p, |x| {
-            if let Payload::IdR(i) = x {
-                Some(i)
-            } else {
-                None
-            }
-        }) && *id_r != config.local_identity
+        let auth = p.auth().ok_or(PeerError::UnsupportedAuthMethod(0))?;
+        if let Some(id_r) = p.id_r()
+            && *id_r != config.local_identity
         {
             return Err(PeerError::WrongResponderIdentity);
         }
@@ -238,14 +196,7 @@ impl IkeSa {
         let id_i = id_i.clone();
         let initial_contact = p.notify(NotifyType::INITIAL_CONTACT).is_some();
         let child = child_ask(p);
-        let cp_request = find(p, |x| {
-            if let Payload::Cp(c) = x {
-                Some(c)
-            } else {
-                None
-            }
-        })
-        .filter(|c| {
+        let cp_request = p.cp().filter(|c| {
             c.cfg_type == CfgType::REQUEST && c.has(CfgAttributeType::INTERNAL_IP4_ADDRESS)
         });
         let requested = cp_request.and_then(|c| {
@@ -516,13 +467,8 @@ impl IkeSa {
             local_spi: s.current.local_spi(),
             peer_identity: s.peer_id.clone(),
         }];
-        if let Some(cp) = find(payloads, |x| {
-            if let Payload::Cp(c) = x {
-                Some(c)
-            } else {
-                None
-            }
-        }) && let Some(a) = parse_cp_reply(cp)
+        if let Some(cp) = payloads.cp()
+            && let Some(a) = parse_cp_reply(cp)
         {
             s.local_inner_address = Some(a.clone());
             events.push(Event::InnerAddressAssigned(a));
@@ -583,27 +529,16 @@ impl IkeSa {
         let (Some(hs), Some(s)) = (&self.handshake, keyed_ref(&self.state)) else {
             return Err(PeerError::SaNotUsable);
         };
-        let auth = find(payloads, |x| {
-            if let Payload::Auth(a) = x {
-                Some(a)
-            } else {
-                None
-            }
-        });
+        let auth = payloads.auth();
         let Some(auth) = auth else {
             return Err(match payloads.first_error_notify() {
                 Some(n) => PeerError::PeerNotified(n.ty),
                 None => PeerError::MissingPayload(PayloadType::AUTH),
             });
         };
-        let id_r = find(payloads, |x| {
-            if let Payload::IdR(i) = x {
-                Some(i)
-            } else {
-                None
-            }
-        })
-        .ok_or(PeerError::MissingPayload(PayloadType::IDR))?;
+        let id_r = payloads
+            .id_r()
+            .ok_or(PeerError::MissingPayload(PayloadType::IDR))?;
         if *id_r != s.peer_id {
             return Err(PeerError::WrongResponderIdentity);
         }

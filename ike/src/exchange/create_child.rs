@@ -31,49 +31,19 @@ struct Parts<'a> {
 }
 
 fn parts(p: &[Payload]) -> Result<Parts<'_>, PeerError> {
-    let sa = p.iter().find_map(|x| {
-        if let Payload::Sa(s) = x {
-            Some(s)
-        } else {
-            None
-        }
-    });
-    let nonce = p.iter().find_map(|x| {
-        if let Payload::Nonce(n) = x {
-            Some(n.as_slice())
-        } else {
-            None
-        }
-    });
-    let sa = sa.ok_or(PeerError::MissingPayload(PayloadType::SA))?;
-    let nonce = nonce.ok_or(PeerError::MissingPayload(PayloadType::NONCE))?;
+    let sa = p.sa().ok_or(PeerError::MissingPayload(PayloadType::SA))?;
+    let nonce = p
+        .nonce()
+        .ok_or(PeerError::MissingPayload(PayloadType::NONCE))?;
     if !(16..=256).contains(&nonce.len()) {
         return Err(PeerError::BadNonceLength(nonce.len()));
     }
     Ok(Parts {
         sa,
         nonce,
-        ke: p.iter().find_map(|x| {
-            if let Payload::Ke(k) = x {
-                Some(k)
-            } else {
-                None
-            }
-        }),
-        ts_i: p.iter().find_map(|x| {
-            if let Payload::TsI(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        }),
-        ts_r: p.iter().find_map(|x| {
-            if let Payload::TsR(t) = x {
-                Some(t)
-            } else {
-                None
-            }
-        }),
+        ke: p.ke(),
+        ts_i: p.ts_i(),
+        ts_r: p.ts_r(),
     })
 }
 

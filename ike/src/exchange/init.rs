@@ -127,8 +127,7 @@ impl Endpoint {
         let reply = |n: NotifyPayload, err: PeerError| {
             Accepted::Reply(plain_reply(&header, n, local, remote), err)
         };
-        let (Some(sa), Some(ke), Some(ni)) =
-            (find_sa(payloads), find_ke(payloads), find_nonce(payloads))
+        let (Some(sa), Some(ke), Some(ni)) = (payloads.sa(), payloads.ke(), payloads.nonce())
         else {
             let err = PeerError::MissingPayload(PayloadType::SA);
             return reply(NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]), err);
@@ -287,36 +286,6 @@ impl Endpoint {
         let outcome = sa.finish();
         Accepted::NewSa(Box::new(sa), outcome)
     }
-}
-
-fn find_sa(p: &[Payload]) -> Option<&wire::SaPayload> {
-    p.iter().find_map(|p| {
-        if let Payload::Sa(s) = p {
-            Some(s)
-        } else {
-            None
-        }
-    })
-}
-
-fn find_ke(p: &[Payload]) -> Option<&KePayload> {
-    p.iter().find_map(|p| {
-        if let Payload::Ke(k) = p {
-            Some(k)
-        } else {
-            None
-        }
-    })
-}
-
-fn find_nonce(p: &[Payload]) -> Option<&[u8]> {
-    p.iter().find_map(|p| {
-        if let Payload::Nonce(n) = p {
-            Some(n.as_slice())
-        } else {
-            None
-        }
-    })
 }
 
 /// Compares the peer's NAT_DETECTION hashes with what we see (§2.23).
@@ -623,9 +592,15 @@ impl IkeSa {
         let State::Connecting(c) = &self.state else {
             return Ok(());
         };
-        let sa = find_sa(payloads).ok_or(PeerError::MissingPayload(PayloadType::SA))?;
-        let ke = find_ke(payloads).ok_or(PeerError::MissingPayload(PayloadType::KE))?;
-        let nr = find_nonce(payloads).ok_or(PeerError::MissingPayload(PayloadType::NONCE))?;
+        let sa = payloads
+            .sa()
+            .ok_or(PeerError::MissingPayload(PayloadType::SA))?;
+        let ke = payloads
+            .ke()
+            .ok_or(PeerError::MissingPayload(PayloadType::KE))?;
+        let nr = payloads
+            .nonce()
+            .ok_or(PeerError::MissingPayload(PayloadType::NONCE))?;
         check_nonce(nr)?;
         if header.spi_r == 0 {
             return Err(PeerError::Malformed(wire::WireError::BadLength));

@@ -250,6 +250,24 @@ pub trait PayloadsExt {
     fn notifies(&self) -> impl Iterator<Item = &NotifyPayload>;
     fn notify(&self, ty: NotifyType) -> Option<&NotifyPayload>;
     fn first_error_notify(&self) -> Option<&NotifyPayload>;
+    /// The SA payload. The first one, if several.
+    fn sa(&self) -> Option<&SaPayload>;
+    /// The KE payload. The first one, if several.
+    fn ke(&self) -> Option<&KePayload>;
+    /// The initiator's identity (IDi). The first one, if several.
+    fn id_i(&self) -> Option<&Identity>;
+    /// The responder's identity (IDr). The first one, if several.
+    fn id_r(&self) -> Option<&Identity>;
+    /// The AUTH payload. The first one, if several.
+    fn auth(&self) -> Option<&AuthPayload>;
+    /// The initiator's traffic selectors (TSi). The first one, if several.
+    fn ts_i(&self) -> Option<&Vec<TrafficSelector>>;
+    /// The responder's traffic selectors (TSr). The first one, if several.
+    fn ts_r(&self) -> Option<&Vec<TrafficSelector>>;
+    /// The configuration payload. The first one, if several.
+    fn cp(&self) -> Option<&CpPayload>;
+    /// The nonce's bytes.
+    fn nonce(&self) -> Option<&[u8]>;
 }
 
 impl PayloadsExt for [Payload] {
@@ -266,6 +284,69 @@ impl PayloadsExt for [Payload] {
 
     fn first_error_notify(&self) -> Option<&NotifyPayload> {
         self.notifies().find(|n| n.ty.is_error())
+    }
+
+    fn sa(&self) -> Option<&SaPayload> {
+        self.iter().find_map(|p| match p {
+            Payload::Sa(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn ke(&self) -> Option<&KePayload> {
+        self.iter().find_map(|p| match p {
+            Payload::Ke(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn id_i(&self) -> Option<&Identity> {
+        self.iter().find_map(|p| match p {
+            Payload::IdI(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn id_r(&self) -> Option<&Identity> {
+        self.iter().find_map(|p| match p {
+            Payload::IdR(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn auth(&self) -> Option<&AuthPayload> {
+        self.iter().find_map(|p| match p {
+            Payload::Auth(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn ts_i(&self) -> Option<&Vec<TrafficSelector>> {
+        self.iter().find_map(|p| match p {
+            Payload::TsI(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn ts_r(&self) -> Option<&Vec<TrafficSelector>> {
+        self.iter().find_map(|p| match p {
+            Payload::TsR(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn cp(&self) -> Option<&CpPayload> {
+        self.iter().find_map(|p| match p {
+            Payload::Cp(x) => Some(x),
+            _ => None,
+        })
+    }
+
+    fn nonce(&self) -> Option<&[u8]> {
+        self.iter().find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.as_slice()),
+            _ => None,
+        })
     }
 }
 
