@@ -37,12 +37,12 @@ impl NetNs {
         cleanup_stale();
         let name = format!("evpc-{}-{tag}", std::process::id());
         // a leftover of this very process (a test that was re-run in-process)
-        let _ = run_ip(&["netns", "del", &name]);
-        run_ip(&["netns", "add", &name])?;
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
         let handle = match File::open(format!("/run/netns/{name}")) {
             Ok(handle) => handle,
             Err(e) => {
-                let _ = run_ip(&["netns", "del", &name]);
+                let _ = ip(&["netns", "del", &name]);
                 return Err(io::Error::new(
                     e.kind(),
                     format!("opening /run/netns/{name}: {e}"),
@@ -63,7 +63,7 @@ impl NetNs {
     pub fn ip(&self, args: &[&str]) -> io::Result<()> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
-        run_ip(&full)
+        ip(&full)
     }
 
     /// Moves the calling thread into the namespace. Sockets it opens from then on, and threads
@@ -110,7 +110,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        if let Err(e) = run_ip(&["netns", "del", &self.name]) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!(
                 "evpc-dataplane: could not delete network namespace {}: {e}",
                 self.name
@@ -179,7 +179,8 @@ pub fn root_or_skip(what: &str) -> bool {
     false
 }
 
-fn run_ip(args: &[&str]) -> io::Result<()> {
+/// Runs `ip ARGS`, failing with its standard error.
+pub(crate) fn ip(args: &[&str]) -> io::Result<()> {
     let output = Command::new("ip")
         .args(args)
         .output()
@@ -188,8 +189,9 @@ fn run_ip(args: &[&str]) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "`ip {}` failed: {}",
+            "`ip {}` failed ({}): {}",
             args.join(" "),
+            output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         )))
     }
@@ -210,7 +212,7 @@ fn cleanup_stale() {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = run_ip(&["netns", "del", &name]);
+            let _ = ip(&["netns", "del", &name]);
         }
     }
 }

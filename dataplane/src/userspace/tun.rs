@@ -12,12 +12,12 @@
 //! dropped). It lives in the network namespace of the thread that creates it, as do the `ip`
 //! commands run from that thread.
 
+use crate::netns::ip;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::process::Command;
 
 /// How the TUN device is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,24 +114,6 @@ pub(crate) fn configure(config: &TunConfig) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `ip ARGS`, failing with its standard error.
-pub(crate) fn ip(args: &[&str]) -> io::Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running `ip` (iproute2): {e}")))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
-    }
-}
-
 trait WithContext {
     fn with_context(self, context: String) -> io::Error;
 }
@@ -145,6 +127,7 @@ impl WithContext for io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn the_ifreq_has_the_kernel_layout() {
