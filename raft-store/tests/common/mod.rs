@@ -2,11 +2,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Command, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, NodeState,
-    Role, SLOT_COUNT, SaId, SaTimes, SealedKeys, SlotAssignment, State, TrafficSelector, apply,
+    ChildSa, ChildSuite, Command, IkeSa, NodeId, NodeState, SLOT_COUNT, SaId, SaTimes, SealedKeys,
+    SlotAssignment, State, TrafficSelector, apply, fixture,
 };
 
 /// A state with `nodes` active nodes (ids 1..=nodes) and slots spread round-robin.
@@ -61,42 +61,13 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
     }
 }
 
-/// An SA whose owner is whoever owns `slot` in `state`.
+/// An SA whose owner is whoever owns `slot` in `state`, with `children` (no ESN).
 pub fn sa(state: &State, id: u64, slot: u16, children: &[u32]) -> IkeSa {
     let owner: NodeId = state.slots().owner(slot).expect("slot assigned");
-    IkeSa {
-        id: SaId(id),
-        spi_i: id.rotate_left(17),
-        spi_r: id,
-        role: Role::Responder,
-        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 4500),
-        peer: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 4500),
-        local_id: Identity::fqdn("gw.example"),
-        peer_id: Identity::fqdn("client.example"),
-        suite: IkeSuite {
-            encryption: 20,
-            key_bits: 128,
-            prf: 5,
-            integrity: None,
-            dh_group: 31,
-        },
-        keys: SealedKeys(vec![9; 200]),
-        msg: MessageIds {
-            next_peer_request: 2,
-            next_local_request: 0,
-        },
-        last_response: None,
-        pending_request: None,
-        times: SaTimes::default(),
-        last_peer_activity_ms: 0,
-        rekey_generation: 0,
-        virtual_ip: None,
-        slot,
-        owner,
-        epoch: Epoch::FIRST,
-        children: children
-            .iter()
-            .map(|spi| (*spi, child(*spi, false)))
-            .collect::<BTreeMap<_, _>>(),
-    }
+    let mut sa = fixture::ike_sa(SaId(id), id.rotate_left(17), slot, owner, 0);
+    sa.children = children
+        .iter()
+        .map(|spi| (*spi, child(*spi, false)))
+        .collect::<BTreeMap<_, _>>();
+    sa
 }
