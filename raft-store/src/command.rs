@@ -9,18 +9,32 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::NodeState;
-use crate::ids::{Epoch, NodeId, SaId, Slot};
+use crate::ids::{ClusterId, Epoch, NodeId, SaId, Slot};
 use crate::sa::{ChildSa, IkeSa, SaTimes, SealedKeys, StoredMessage};
 
 /// A change to the replicated state: the payload of one Raft log entry.
+///
+/// The log format is forever: every variant here is produced by some node code path, and
+/// `apply` keeps every invariant for every value of every variant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// A new IKE SA, just established by `sa.owner`, which must own `sa.slot` in the slot map.
-    /// `sa.epoch` must be [`Epoch::FIRST`]. Reserves `sa.virtual_ip` if set.
+    /// `sa.epoch` must be [`Epoch::FIRST`] and `sa.id` the IKE SPI we chose. Reserves
+    /// `sa.virtual_ip` if set.
     CreateSa(Box<IkeSa>),
-    /// An SA moved in from another cluster (transfer across administrative domains). The
-    /// proposer picks its epoch and owner — or owner 0: the owner of `sa.slot` at apply time.
-    ImportSa(Box<IkeSa>),
+    /// An SA moved in from another cluster, or back into this one (the paper's transfer across
+    /// administrative domains), as it was exported with `--remove`. The proposer picks its
+    /// owner — or owner 0: the owner of `sa.slot` at apply time. `apply` bumps its epoch and
+    /// starts every child above everything the context (or this cluster's tombstone of it)
+    /// could have used, with a first lease of `lease` numbers.
+    ImportSa {
+        /// The SA as exported, with this cluster's slot and owner.
+        sa: Box<IkeSa>,
+        /// Sequence numbers granted to the new owner for each child.
+        lease: u64,
+        /// The proposer's wall clock (ms): a context whose keys expired before it is refused.
+        now_ms: u64,
+    },
     /// Changes the owner of an SA makes, applied atomically: all of them or none.
     Update {
         /// The SA.
@@ -30,8 +44,8 @@ pub enum Command {
         /// The changes, in order.
         updates: Vec<SaUpdate>,
     },
-    /// Remove an SA and its children, releasing its address. `epoch: None` is an operator's
-    /// delete, which needs no ownership.
+    /// Remove an SA and its children, releasing its address and leaving tombstones. `epoch:
+    /// None` is an operator's delete (or export), which needs no ownership.
     DeleteSa {
         /// The SA.
         sa: SaId,
@@ -52,23 +66,29 @@ pub enum Command {
         /// Wall-clock ms chosen by the proposer.
         at_ms: u64,
     },
-    /// Reserve an inner address for an existing SA.
-    AllocateAddress {
-        /// The SA.
-        sa: SaId,
-        /// The owner's epoch.
-        epoch: Epoch,
-        /// The address.
-        addr: IpAddr,
-    },
-    /// Free an inner address (operator action, or an SA that no longer needs it).
-    ReleaseAddress {
-        /// The address.
-        addr: IpAddr,
+    /// The cluster's identity, drawn by the first leader. Set once; a different one is refused.
+    SetClusterId(ClusterId),
+    /// How far each node had acknowledged (made durable) the log, as the leader saw it. A node
+    /// whose data directory ends below its recorded mark (a restored backup) refuses to start.
+    RecordAcks(Vec<NodeAck>),
+    /// Remove tombstones whose keys expired before `now_ms` (the leader's wall clock), a bounded
+    /// number per command.
+    PruneTombstones {
+        /// The proposer's wall clock (ms).
+        now_ms: u64,
     },
     /// Several commands in one log entry, applied in order; each stands alone. Batches do not
     /// nest.
     Batch(Vec<Command>),
+}
+
+/// One node's acknowledged log index, part of [`Command::RecordAcks`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAck {
+    /// The node.
+    pub node: NodeId,
+    /// The highest log index it had made durable (its matched index on the leader).
+    pub index: u64,
 }
 
 /// One change to an IKE SA, part of [`Command::Update`].
@@ -105,18 +125,13 @@ pub enum SaUpdate {
         /// The child's inbound SPI.
         in_spi: u32,
     },
-    /// The IKE SA was rekeyed (RFC 7296 §2.8): `new` takes over every child and continues with
-    /// fresh message IDs. The old SA stays (childless) until its own delete exchange.
-    /// Invariant: `new.rekey_generation > old.rekey_generation`; `new.id` is unused.
-    IkeRekeyed(Box<IkeSa>),
     /// The IKE SA was rekeyed (RFC 7296 §2.8) and this record follows the new IKE SA *in
     /// place*: id, owner, epoch, slot, children (and their sealed keys, leases and checkpoints)
     /// and inner address stay as they are, so the data plane keeps running the children
     /// untouched; the SPIs become the new IKE SA's and its message IDs start again at 0 (no
     /// stored response, no request in flight). The replaced IKE SA lives on only in the owner's
-    /// sealed engine state (`keys`) until its delete exchange. The IKE gateway uses this rather
-    /// than [`SaUpdate::IkeRekeyed`], whose new record would move the children to another SA id.
-    /// Invariant: `rekey_generation` grows.
+    /// sealed engine state (`keys`) until its delete exchange.
+    /// Invariant: `rekey_generation` grows, and the new local SPI is not another SA's.
     IkeRekeyedInPlace {
         /// The new IKE SA's initiator SPI.
         spi_i: u64,
@@ -178,8 +193,9 @@ impl Command {
                 )
             }),
             Command::SetSlots(_)
-            | Command::AllocateAddress { .. }
-            | Command::ReleaseAddress { .. } => false,
+            | Command::SetClusterId(_)
+            | Command::RecordAcks(_)
+            | Command::PruneTombstones { .. } => false,
             Command::Batch(commands) => commands.iter().any(Command::may_change_data_plane),
             _ => true,
         }
@@ -216,7 +232,7 @@ impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::CreateSa(sa) => write!(f, "create-sa {} owner {}", sa.id, sa.owner),
-            Command::ImportSa(sa) => write!(f, "import-sa {} owner {}", sa.id, sa.owner),
+            Command::ImportSa { sa, .. } => write!(f, "import-sa {} owner {}", sa.id, sa.owner),
             Command::Update { sa, epoch, updates } => {
                 write!(f, "update {sa}@{epoch} ({} changes)", updates.len())
             }
@@ -224,8 +240,9 @@ impl fmt::Display for Command {
             Command::AssignOwners(moves) => write!(f, "assign-owners ({} moves)", moves.len()),
             Command::SetSlots(slots) => write!(f, "set-slots ({} slots)", slots.len()),
             Command::SetNodeState { node, state, .. } => write!(f, "node {node} {state}"),
-            Command::AllocateAddress { sa, addr, .. } => write!(f, "allocate {addr} to {sa}"),
-            Command::ReleaseAddress { addr } => write!(f, "release {addr}"),
+            Command::SetClusterId(id) => write!(f, "cluster-id {id}"),
+            Command::RecordAcks(acks) => write!(f, "record-acks ({} nodes)", acks.len()),
+            Command::PruneTombstones { now_ms } => write!(f, "prune-tombstones at {now_ms}"),
             Command::Batch(commands) => write!(f, "batch ({} commands)", commands.len()),
         }
     }
@@ -236,16 +253,20 @@ impl fmt::Display for Command {
 pub enum Applied {
     /// Done; nothing more to report.
     Done,
-    /// A new or imported SA was stored, owned by this node.
+    /// A new or imported SA was stored.
     Placed {
         /// The owner.
         owner: NodeId,
+        /// Its epoch (1 for a new SA; one above the context's for an import).
+        epoch: Epoch,
     },
     /// The SA as it was when this command removed it (an export that fences the SA reads it
     /// here, at its exact place in the log, so no later lease can be missed).
     Removed(Box<IkeSa>),
     /// Owner moves: for each move in order, the new epoch or why it was refused.
     Moves(Vec<Result<Epoch, Rejection>>),
+    /// Tombstones removed.
+    Pruned(usize),
     /// A batch: each command's answer in order.
     Batch(Vec<Response>),
 }
@@ -354,9 +375,6 @@ pub enum Rejection {
         /// The proposed one.
         proposed: u32,
     },
-    /// The IKE SA's children move with it; a rekeyed SA must not bring its own.
-    #[error("the rekeyed IKE SA must not carry children of its own")]
-    RekeyWithChildren,
     /// An inner address is never given to two SAs.
     #[error("address {addr} is already allocated to IKE SA {holder}")]
     AddressInUse {
@@ -364,17 +382,6 @@ pub enum Rejection {
         addr: IpAddr,
         /// The SA that has it.
         holder: SaId,
-    },
-    /// Releasing an address nobody holds.
-    #[error("address {0} is not allocated")]
-    AddressNotAllocated(IpAddr),
-    /// The SA already has an inner address.
-    #[error("IKE SA {sa} already has address {addr}")]
-    SaHasAddress {
-        /// The SA.
-        sa: SaId,
-        /// Its address.
-        addr: IpAddr,
     },
     /// A slot number at or beyond [`crate::SLOT_COUNT`].
     #[error("slot {0} is out of range")]
@@ -406,6 +413,116 @@ pub enum Rejection {
     /// An update list must not be empty.
     #[error("an update must change something")]
     EmptyUpdate,
+    /// A command carries more than `apply` accepts (see `limits`).
+    #[error("too many {what} (at most {limit})")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// SPI 0 is reserved (RFC 7296 §3.1 for IKE, RFC 4303 §2.1 for ESP).
+    #[error("SPI 0 is reserved")]
+    ReservedSpi,
+    /// A new SA's id must be the IKE SPI this cluster chose for it.
+    #[error("IKE SA {0}: the id is not the SA's local IKE SPI")]
+    IdIsNotLocalSpi(SaId),
+    /// Another SA already answers to this IKE SPI.
+    #[error("IKE SPI {spi:016x} is already used by IKE SA {by}")]
+    IkeSpiInUse {
+        /// The SPI.
+        spi: u64,
+        /// The SA using it.
+        by: SaId,
+    },
+    /// The SA was deleted or exported here; only an import of a later incarnation may bring it
+    /// back.
+    #[error("IKE SA {sa} was deleted or exported (in epoch {epoch}); it cannot be created again")]
+    SaTombstoned {
+        /// The SA.
+        sa: SaId,
+        /// Its epoch when it was deleted.
+        epoch: Epoch,
+    },
+    /// The inbound SPI belonged to a deleted child whose keys may still be alive.
+    #[error("inbound SPI {in_spi:08x} belonged to a deleted child of IKE SA {sa}")]
+    ChildSpiTombstoned {
+        /// The SPI.
+        in_spi: u32,
+        /// The SA it belonged to.
+        sa: SaId,
+    },
+    /// An import of a context not newer than what this cluster last had of the SA: it was
+    /// imported before, or an older export than one already used.
+    #[error(
+        "IKE SA {sa}: the context is from epoch {context_epoch}, but this cluster deleted or \
+         exported the SA in epoch {tombstone_epoch}; it was imported before or is older than \
+         one already used, and importing it would send sequence numbers again"
+    )]
+    StaleContext {
+        /// The SA.
+        sa: SaId,
+        /// The context's epoch.
+        context_epoch: Epoch,
+        /// The tombstone's epoch.
+        tombstone_epoch: Epoch,
+    },
+    /// The context's keys expired: no peer accepts them any more, and nothing may be sent
+    /// under them again.
+    #[error("IKE SA {sa}: the context's keys expired at {expired_at_ms} ms")]
+    ContextExpired {
+        /// The SA.
+        sa: SaId,
+        /// When its (earliest) lifetime ended.
+        expired_at_ms: u64,
+    },
+    /// An imported epoch so high it could only exhaust the epoch space.
+    #[error("epoch {0} is beyond any real SA's history")]
+    EpochTooHigh(Epoch),
+    /// The SA's epoch cannot grow any more.
+    #[error("IKE SA {0} has used up its epochs")]
+    EpochExhausted(SaId),
+    /// A selector with ends of different families or reversed bounds.
+    #[error("child {in_spi:08x} has a malformed traffic selector")]
+    BadSelector {
+        /// The child.
+        in_spi: u32,
+    },
+    /// The child's remote selectors overlap another peer's: one user would get another's
+    /// traffic.
+    #[error("child {in_spi:08x}: its remote selectors overlap those of peer {holder}")]
+    SelectorOverlap {
+        /// The child.
+        in_spi: u32,
+        /// The identity holding them.
+        holder: String,
+    },
+    /// An SA with an inner address must narrow its children's remote selectors to it.
+    #[error("child {in_spi:08x}: remote selectors go beyond the inner address {addr}")]
+    SelectorOutsideAddress {
+        /// The child.
+        in_spi: u32,
+        /// The SA's inner address.
+        addr: IpAddr,
+    },
+    /// A sequence-number range that cannot be: `out_start` must be in `1..=out_hwm + 1`.
+    #[error("child {in_spi:08x}: range {out_start}..={out_hwm} is not valid")]
+    BadRange {
+        /// The child.
+        in_spi: u32,
+        /// First number of the range.
+        out_start: u64,
+        /// The mark.
+        out_hwm: u64,
+    },
+    /// The cluster id is set once.
+    #[error("this cluster is {current}, not {proposed}")]
+    ClusterIdMismatch {
+        /// The committed id.
+        current: ClusterId,
+        /// The proposed one.
+        proposed: ClusterId,
+    },
 }
 
 #[cfg(test)]

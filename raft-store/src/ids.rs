@@ -59,16 +59,53 @@ impl Epoch {
     /// The epoch a freshly created SA starts in.
     pub const FIRST: Epoch = Epoch(1);
 
-    /// The epoch after a change of owner.
+    /// The epoch after a change of owner, or `None` when the epoch space is used up (`apply`
+    /// then refuses the move instead of wrapping around to an epoch a stale owner once had).
     #[must_use]
-    pub fn next(self) -> Epoch {
-        Epoch(self.0 + 1)
+    pub fn checked_next(self) -> Option<Epoch> {
+        self.0.checked_add(1).map(Epoch)
     }
 }
 
 impl fmt::Display for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
+    }
+}
+
+/// The identity of one cluster: 128 random bits the first leader draws and commits
+/// ([`crate::Command::SetClusterId`]). Every node records it in its data directory, so a data
+/// directory of another cluster is recognised and refused, and SA contexts name the cluster
+/// that exported them.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClusterId(pub [u8; 16]);
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterId({self})")
+    }
+}
+
+/// Error returned when a cluster id is not 32 hexadecimal digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cluster id {0:?}: expected 32 hexadecimal digits")]
+pub struct ParseClusterIdError(pub String);
+
+impl FromStr for ClusterId {
+    type Err = ParseClusterIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = hex::decode(s.trim()).map_err(|_| ParseClusterIdError(s.to_owned()))?;
+        let id: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| ParseClusterIdError(s.to_owned()))?;
+        Ok(ClusterId(id))
     }
 }
 
@@ -104,6 +141,19 @@ mod tests {
         assert!("".parse::<SaId>().is_err());
         assert!("xyz".parse::<SaId>().is_err());
         assert!("0123456789abcdef0".parse::<SaId>().is_err());
+    }
+
+    #[test]
+    fn cluster_ids_round_trip_through_text() {
+        let id = ClusterId([0xab; 16]);
+        assert_eq!(id.to_string().parse::<ClusterId>(), Ok(id));
+        assert!("abcd".parse::<ClusterId>().is_err());
+    }
+
+    #[test]
+    fn epochs_never_wrap() {
+        assert_eq!(Epoch(1).checked_next(), Some(Epoch(2)));
+        assert_eq!(Epoch(u64::MAX).checked_next(), None);
     }
 
     #[test]

@@ -35,21 +35,31 @@ mod cluster;
 mod command;
 pub mod fixture;
 mod ids;
+pub mod limits;
 mod log_store;
 mod sa;
+mod selectors;
 mod state;
 mod state_machine;
+mod tombstones;
 mod types;
 
 pub use cluster::{NodeRecord, NodeState, SlotMap};
-pub use command::{Applied, Command, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment};
-pub use ids::{Epoch, NodeId, ParseSaIdError, SLOT_COUNT, SaId, Slot, slot_for_initiator_spi};
+pub use command::{
+    Applied, Command, NodeAck, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment,
+};
+pub use ids::{
+    ClusterId, Epoch, NodeId, ParseClusterIdError, ParseSaIdError, SLOT_COUNT, SaId, Slot,
+    slot_for_initiator_spi,
+};
 pub use log_store::LogStore;
 pub use sa::{
     ChildSa, ChildSuite, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaContextError,
     SaTimes, SealedKeys, StoredMessage, TrafficSelector,
 };
+pub use selectors::SelectorIndex;
 pub use state::{State, apply};
+pub use tombstones::{NEVER, SaTombstone, SpiTombstone, Tombstones};
 pub use state_machine::{StateGuard, StateMachineStore, StateReader};
 pub use types::{Member, TypeConfig, raft};
 

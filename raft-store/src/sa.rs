@@ -294,11 +294,25 @@ impl fmt::Display for ChildSuite {
 }
 
 /// An SA context as exported from one cluster and imported into another (the paper's transfer
-/// across administrative domains). Keys stay sealed: both clusters must share the sealing key.
+/// across administrative domains), or back into the same one.
+///
+/// This is the body; on the wire the node seals it under the cluster key (so an edited context
+/// does not open, and its identities and addresses are not readable in transit) — see
+/// `evpc_node::sealing`. Keys inside stay sealed too: both clusters must share the cluster key.
+///
+/// Only a context exported with `remove` may be imported: its source deleted the SA in the
+/// same log entry that read it, so nothing under its keys is sent there any more. A copy
+/// (`remove: false`) describes an SA that may still be running.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaContext {
     /// Format tag, [`SaContext::FORMAT`].
     pub format: String,
+    /// Whether the exporting cluster removed the SA in the same entry (only then importable).
+    pub removed: bool,
+    /// The exporting cluster, if it had an id.
+    pub origin: Option<crate::ids::ClusterId>,
+    /// The log index of the export in the exporting cluster.
+    pub exported_at_index: u64,
     /// The SA as the exporting cluster last committed it.
     pub sa: IkeSa,
 }
@@ -317,26 +331,41 @@ pub enum SaContextError {
         /// What this build reads.
         expected: &'static str,
     },
+    /// A copy: the source may still be sending under these keys.
+    #[error(
+        "this context is a copy (exported without --remove): the SA may still be running where \
+         it came from, and importing it would send sequence numbers under the same keys twice; \
+         export it again with --remove"
+    )]
+    Copy,
 }
 
 impl SaContext {
     /// The format this build writes and reads.
-    pub const FORMAT: &'static str = "evpc-sa-context/1";
+    pub const FORMAT: &'static str = "evpc-sa-context/2";
 
     /// Wraps an SA for export.
-    pub fn new(sa: IkeSa) -> SaContext {
+    pub fn new(
+        sa: IkeSa,
+        removed: bool,
+        origin: Option<crate::ids::ClusterId>,
+        exported_at_index: u64,
+    ) -> SaContext {
         SaContext {
             format: Self::FORMAT.into(),
+            removed,
+            origin,
+            exported_at_index,
             sa,
         }
     }
 
-    /// Encodes for the wire.
+    /// Encodes the body.
     pub fn to_bytes(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("serializing to a Vec cannot fail")
     }
 
-    /// Decodes untrusted bytes.
+    /// Decodes a body (after it was authenticated); refuses other formats.
     pub fn from_bytes(bytes: &[u8]) -> Result<SaContext, SaContextError> {
         let context: SaContext =
             postcard::from_bytes(bytes).map_err(|e| SaContextError::Malformed(e.to_string()))?;
@@ -347,5 +376,14 @@ impl SaContext {
             });
         }
         Ok(context)
+    }
+
+    /// The SA, if this context may be imported.
+    pub fn importable(self) -> Result<IkeSa, SaContextError> {
+        if self.removed {
+            Ok(self.sa)
+        } else {
+            Err(SaContextError::Copy)
+        }
     }
 }

@@ -1,4 +1,10 @@
 //! The replicated state and its pure, deterministic transition function [`apply`].
+//!
+//! `apply` keeps every invariant below for *every* command, including ones no code path
+//! produces today: a follower replays whatever the leader committed, and one bad entry must
+//! never leave a state that a snapshot could not hold (or a node could not restart from). Each
+//! command is validated in full before anything changes; a refused command leaves the state
+//! exactly as it was.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -7,25 +13,45 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cluster::{NodeRecord, NodeState, SlotMap};
-use crate::command::{Applied, Command, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment};
-use crate::ids::{Epoch, NodeId, SLOT_COUNT, SaId};
-use crate::sa::{ChildSa, IkeSa, MessageIds, StoredMessage};
+use crate::command::{
+    Applied, Command, NodeAck, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment,
+};
+use crate::ids::{ClusterId, Epoch, NodeId, SLOT_COUNT, SaId};
+use crate::limits::{self, max_seq};
+use crate::sa::{ChildSa, IkeSa, MessageIds, Role, StoredMessage};
+use crate::selectors::{AddrRange, SelectorIndex};
+use crate::tombstones::Tombstones;
 
 /// Everything the cluster agrees on.
 ///
 /// Invariant: `child_index` maps exactly the inbound SPIs of all children to their IKE SA.
+/// Invariant: `ike_spis` maps exactly every SA's id and its current local IKE SPI to that SA, so
+/// no two SAs ever answer to the same SPI.
 /// Invariant: `addresses` maps exactly the `virtual_ip` of every SA that has one to that SA.
+/// Invariant: `selectors` indexes exactly every child's remote selectors, and no two peer
+/// identities hold overlapping ranges.
 /// Invariant: a slot only ever points at a registered, active node.
+/// Invariant: no live SA or child has a tombstone.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    cluster: Option<ClusterId>,
     sas: BTreeMap<SaId, IkeSa>,
     child_index: BTreeMap<u32, SaId>,
+    ike_spis: BTreeMap<u64, SaId>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     slots: SlotMap,
     addresses: BTreeMap<IpAddr, SaId>,
+    selectors: SelectorIndex,
+    tombstones: Tombstones,
+    acks: BTreeMap<NodeId, u64>,
 }
 
 impl State {
+    /// The cluster's identity, once the first leader committed it.
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        self.cluster
+    }
+
     /// An IKE SA by id.
     pub fn sa(&self, id: SaId) -> Option<&IkeSa> {
         self.sas.get(&id)
@@ -57,6 +83,11 @@ impl State {
         Some((sa, sa.children.get(&in_spi)?))
     }
 
+    /// The SA answering to IKE SPI `spi` (its id, or its current local SPI after a rekey).
+    pub fn sa_by_ike_spi(&self, spi: u64) -> Option<SaId> {
+        self.ike_spis.get(&spi).copied()
+    }
+
     /// The gateway node registry.
     pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
         &self.nodes
@@ -77,6 +108,35 @@ impl State {
         &self.addresses
     }
 
+    /// Tombstones of deleted and exported SAs and children.
+    pub fn tombstones(&self) -> &Tombstones {
+        &self.tombstones
+    }
+
+    /// The log index up to which each node had acknowledged entries, as a leader recorded it:
+    /// a node whose data directory ends below this lost entries it acknowledged.
+    pub fn acknowledged(&self, node: NodeId) -> u64 {
+        self.acks.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Every recorded acknowledgement, by node.
+    pub fn acks(&self) -> &BTreeMap<NodeId, u64> {
+        &self.acks
+    }
+
+    /// Whether remote selectors `ts` (of a peer with identity `holder`) would overlap another
+    /// identity's, and whose: what the IKE gateway asks before it accepts a child's selectors.
+    /// O(log n) plus the asking identity's own ranges.
+    pub fn selector_conflict(
+        &self,
+        holder: &crate::sa::Identity,
+        ts: &[crate::sa::TrafficSelector],
+    ) -> Option<crate::sa::Identity> {
+        ts.iter()
+            .filter_map(AddrRange::of)
+            .find_map(|range| self.selectors.conflict(&range, holder).cloned())
+    }
+
     /// The canonical encoding of the state: equal states give equal bytes on every replica,
     /// because every collection is ordered.
     pub fn canonical_bytes(&self) -> Vec<u8> {
@@ -88,51 +148,51 @@ impl State {
         hex::encode(Sha256::digest(self.canonical_bytes()))
     }
 
-    /// Checks the structural invariants listed on [`State`]; used by tests and on snapshot load.
+    /// Checks every invariant listed on [`State`] and every record's own
+    /// ([`IkeSa`] and [`ChildSa`] bounds, message-ID consistency, ranges), by recomputing each
+    /// index from the records. Run on snapshot load and by the property tests after every
+    /// command.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut children = BTreeMap::new();
-        let mut addresses = BTreeMap::new();
+        let mut rebuilt = State {
+            cluster: self.cluster,
+            nodes: self.nodes.clone(),
+            slots: self.slots.clone(),
+            tombstones: self.tombstones.clone(),
+            acks: self.acks.clone(),
+            ..State::default()
+        };
         for (id, sa) in &self.sas {
             if sa.id != *id {
                 return Err(format!("SA stored under {id} has id {}", sa.id));
             }
-            if sa.epoch < Epoch::FIRST {
-                return Err(format!("SA {id} has epoch {}", sa.epoch));
+            validate_record(sa).map_err(|r| format!("SA {id}: {r}"))?;
+            if self.tombstones.sa(*id).is_some() {
+                return Err(format!("SA {id} is alive and has a tombstone"));
             }
-            for (spi, child) in &sa.children {
-                if child.in_spi != *spi {
-                    return Err(format!(
-                        "child stored under {spi:08x} has SPI {:08x}",
-                        child.in_spi
-                    ));
-                }
-                if children.insert(*spi, *id).is_some() {
-                    return Err(format!("inbound SPI {spi:08x} used twice"));
+            for spi in sa.children.keys() {
+                if self.tombstones.spi(*spi).is_some() {
+                    return Err(format!("child {spi:08x} is alive and has a tombstone"));
                 }
             }
-            if let Some(addr) = sa.virtual_ip
-                && addresses.insert(addr, *id).is_some()
-            {
-                return Err(format!("address {addr} held twice"));
-            }
-            if let Some(last) = &sa.last_response
-                && last.msg_id.checked_add(1) != Some(sa.msg.next_peer_request)
-            {
-                return Err(format!(
-                    "SA {id}: stored response is not for the last request"
-                ));
-            }
-            if let Some(pending) = &sa.pending_request
-                && pending.msg_id != sa.msg.next_local_request
-            {
-                return Err(format!("SA {id}: pending request has the wrong message ID"));
-            }
+            check_indexes_free(&rebuilt, sa).map_err(|r| format!("SA {id}: {r}"))?;
+            index_sa(&mut rebuilt, sa);
+            rebuilt.sas.insert(*id, sa.clone());
         }
-        if children != self.child_index {
+        if rebuilt.child_index != self.child_index {
             return Err("child index out of sync".into());
         }
-        if addresses != self.addresses {
+        if rebuilt.ike_spis != self.ike_spis {
+            return Err("IKE SPI index out of sync".into());
+        }
+        if rebuilt.addresses != self.addresses {
             return Err("address index out of sync".into());
+        }
+        if rebuilt.selectors != self.selectors {
+            return Err("selector index out of sync".into());
+        }
+        self.tombstones.check()?;
+        if self.nodes.len() > limits::MAX_NODES || self.nodes.contains_key(&0) {
+            return Err("node registry out of bounds".into());
         }
         for (slot, owner) in self.slots.iter() {
             if let Some(node) = owner
@@ -141,6 +201,11 @@ impl State {
                 return Err(format!(
                     "slot {slot} points at node {node}, which is not active"
                 ));
+            }
+        }
+        for node in self.acks.keys() {
+            if !self.nodes.contains_key(node) {
+                return Err(format!("acknowledgement recorded for unknown node {node}"));
             }
         }
         Ok(())
@@ -154,7 +219,7 @@ impl State {
 pub fn apply(state: &mut State, command: &Command) -> Response {
     match command {
         Command::CreateSa(sa) => create_sa(state, sa),
-        Command::ImportSa(sa) => import_sa(state, sa),
+        Command::ImportSa { sa, lease, now_ms } => import_sa(state, sa, *lease, *now_ms),
         Command::Update { sa, epoch, updates } => update_sa(state, *sa, *epoch, updates),
         Command::DeleteSa { sa, epoch } => delete_sa(state, *sa, *epoch),
         Command::AssignOwners(moves) => Ok(Applied::Moves(
@@ -165,12 +230,14 @@ pub fn apply(state: &mut State, command: &Command) -> Response {
             node,
             state: s,
             at_ms,
-        } => {
-            set_node_state(state, *node, *s, *at_ms);
-            Ok(Applied::Done)
-        }
-        Command::AllocateAddress { sa, epoch, addr } => allocate_address(state, *sa, *epoch, *addr),
-        Command::ReleaseAddress { addr } => release_address(state, *addr),
+        } => set_node_state(state, *node, *s, *at_ms),
+        Command::SetClusterId(id) => set_cluster_id(state, *id),
+        Command::RecordAcks(acks) => record_acks(state, acks),
+        Command::PruneTombstones { now_ms } => Ok(Applied::Pruned(
+            state
+                .tombstones
+                .prune(*now_ms, limits::MAX_PRUNED_PER_COMMAND),
+        )),
         Command::Batch(commands) => Ok(Applied::Batch(
             commands
                 .iter()
@@ -183,13 +250,158 @@ pub fn apply(state: &mut State, command: &Command) -> Response {
     }
 }
 
-/// Invariant: a new SA starts in epoch 1 on the node that owns its slot, which is active.
+fn too_large(what: &str, limit: usize) -> Rejection {
+    Rejection::TooLarge {
+        what: what.into(),
+        limit: limit as u64,
+    }
+}
+
+fn check_message(message: &StoredMessage) -> Result<(), Rejection> {
+    if message.datagrams.len() > limits::MAX_DATAGRAMS_PER_MESSAGE {
+        return Err(too_large(
+            "datagrams in a stored message",
+            limits::MAX_DATAGRAMS_PER_MESSAGE,
+        ));
+    }
+    if message
+        .datagrams
+        .iter()
+        .any(|d| d.len() > limits::MAX_DATAGRAM_BYTES)
+    {
+        return Err(too_large(
+            "bytes in a stored datagram",
+            limits::MAX_DATAGRAM_BYTES,
+        ));
+    }
+    Ok(())
+}
+
+/// The record's own invariants, whatever state it goes into: bounded sizes, consistent message
+/// IDs, well-formed selectors, counters inside the sequence space, and ranges that make sense.
+///
+/// Invariant: `1 <= out_start <= out_hwm + 1` and `out_hwm <= max_seq(esn)` for every child
+/// (`out_start = out_hwm + 1` is an exhausted counter: the child must be rekeyed).
+/// Invariant: an SA with an inner address has children whose remote selectors are exactly that
+/// address.
+fn validate_record(sa: &IkeSa) -> Result<(), Rejection> {
+    if sa.epoch < Epoch::FIRST {
+        return Err(Rejection::BadInitialEpoch(sa.epoch));
+    }
+    if sa.slot >= SLOT_COUNT {
+        return Err(Rejection::SlotOutOfRange(sa.slot));
+    }
+    if sa.local_id.data.len() > limits::MAX_IDENTITY_BYTES
+        || sa.peer_id.data.len() > limits::MAX_IDENTITY_BYTES
+    {
+        return Err(too_large("bytes in an identity", limits::MAX_IDENTITY_BYTES));
+    }
+    if sa.keys.0.len() > limits::MAX_SEALED_BYTES {
+        return Err(too_large("bytes of sealed keys", limits::MAX_SEALED_BYTES));
+    }
+    if local_spi(sa) == 0 {
+        return Err(Rejection::ReservedSpi);
+    }
+    if let Some(last) = &sa.last_response {
+        check_message(last)?;
+        if last.msg_id.checked_add(1) != Some(sa.msg.next_peer_request) {
+            return Err(Rejection::MessageIdGap {
+                expected: sa.msg.next_peer_request.wrapping_sub(1),
+                got: last.msg_id,
+            });
+        }
+    }
+    if let Some(pending) = &sa.pending_request {
+        check_message(pending)?;
+        if pending.msg_id != sa.msg.next_local_request {
+            return Err(Rejection::MessageIdGap {
+                expected: sa.msg.next_local_request,
+                got: pending.msg_id,
+            });
+        }
+    }
+    if sa.children.len() > limits::MAX_CHILDREN_PER_SA {
+        return Err(too_large(
+            "child SAs under one IKE SA",
+            limits::MAX_CHILDREN_PER_SA,
+        ));
+    }
+    for (spi, child) in &sa.children {
+        if child.in_spi != *spi {
+            return Err(Rejection::UnknownChild {
+                sa: sa.id,
+                in_spi: child.in_spi,
+            });
+        }
+        validate_child(sa, child)?;
+    }
+    Ok(())
+}
+
+fn validate_child(sa: &IkeSa, child: &ChildSa) -> Result<(), Rejection> {
+    if child.in_spi == 0 {
+        return Err(Rejection::ReservedSpi);
+    }
+    if child.keys.0.len() > limits::MAX_SEALED_BYTES {
+        return Err(too_large("bytes of sealed keys", limits::MAX_SEALED_BYTES));
+    }
+    if child.ts_local.len() > limits::MAX_SELECTORS_PER_CHILD
+        || child.ts_remote.len() > limits::MAX_SELECTORS_PER_CHILD
+    {
+        return Err(too_large(
+            "traffic selectors on one side of a child SA",
+            limits::MAX_SELECTORS_PER_CHILD,
+        ));
+    }
+    for ts in child.ts_local.iter().chain(&child.ts_remote) {
+        if AddrRange::of(ts).is_none() {
+            return Err(Rejection::BadSelector {
+                in_spi: child.in_spi,
+            });
+        }
+    }
+    if let Some(addr) = sa.virtual_ip
+        && !child
+            .ts_remote
+            .iter()
+            .filter_map(AddrRange::of)
+            .all(|r| r.is_host(addr))
+    {
+        return Err(Rejection::SelectorOutsideAddress {
+            in_spi: child.in_spi,
+            addr,
+        });
+    }
+    check_lease_bounds(child, child.out_hwm)?;
+    if child.out_start == 0 || child.out_start > child.out_hwm.saturating_add(1) {
+        return Err(Rejection::BadRange {
+            in_spi: child.in_spi,
+            out_start: child.out_start,
+            out_hwm: child.out_hwm,
+        });
+    }
+    Ok(())
+}
+
+/// Our own IKE SPI of the SA (the one this cluster chose).
+fn local_spi(sa: &IkeSa) -> u64 {
+    match sa.role {
+        Role::Responder => sa.spi_r,
+        Role::Initiator => sa.spi_i,
+    }
+}
+
+/// Invariant: a new SA starts in epoch 1 on the node that owns its slot, which is active, and
+/// its id is the IKE SPI we chose.
 fn create_sa(state: &mut State, sa: &IkeSa) -> Response {
     if sa.epoch != Epoch::FIRST {
         return Err(Rejection::BadInitialEpoch(sa.epoch));
     }
     if sa.slot >= SLOT_COUNT {
         return Err(Rejection::SlotOutOfRange(sa.slot));
+    }
+    if local_spi(sa) != sa.id.0 {
+        return Err(Rejection::IdIsNotLocalSpi(sa.id));
     }
     let owner = state.slots.owner(sa.slot);
     if owner != Some(sa.owner) {
@@ -199,51 +411,121 @@ fn create_sa(state: &mut State, sa: &IkeSa) -> Response {
             claimed: sa.owner,
         });
     }
+    if let Some(stone) = state.tombstones.sa(sa.id) {
+        return Err(Rejection::SaTombstoned {
+            sa: sa.id,
+            epoch: stone.epoch,
+        });
+    }
+    for spi in sa.children.keys() {
+        check_spi_not_buried(state, *spi)?;
+    }
     insert_new_sa(state, sa)
 }
 
-/// An imported SA with owner 0 goes to whoever owns its slot when the command applies (the
-/// leader's view, not a possibly stale follower's).
-fn import_sa(state: &mut State, sa: &IkeSa) -> Response {
-    if sa.epoch < Epoch::FIRST {
-        return Err(Rejection::BadInitialEpoch(sa.epoch));
+fn check_spi_not_buried(state: &State, spi: u32) -> Result<(), Rejection> {
+    match state.tombstones.spi(spi) {
+        Some(stone) => Err(Rejection::ChildSpiTombstoned {
+            in_spi: spi,
+            sa: stone.sa,
+        }),
+        None => Ok(()),
     }
-    if sa.slot >= SLOT_COUNT {
-        return Err(Rejection::SlotOutOfRange(sa.slot));
+}
+
+/// An SA moved in from another cluster, or back into this one (the paper's transfer across
+/// administrative domains).
+///
+/// Invariant: an imported child never starts at or below any number the context could have
+/// used: every child starts at `max(out_hwm, its tombstone's out_hwm) + 1`, with a first lease
+/// of `lease` in the same entry, like an owner move.
+/// Invariant: an SA that was deleted or exported here comes back only from a later
+/// incarnation: its epoch must exceed the tombstone's, and the import bumps it once more, so
+/// the same context can never be imported twice.
+/// Invariant: a context whose keys expired (by the proposer's clock, `now_ms`) is refused.
+fn import_sa(state: &mut State, sa: &IkeSa, lease: u64, now_ms: u64) -> Response {
+    validate_record(sa)?;
+    if sa.epoch.0 > limits::MAX_IMPORTED_EPOCH {
+        return Err(Rejection::EpochTooHigh(sa.epoch));
     }
+    let expired = std::iter::once(sa.times.expire_at_ms)
+        .chain(sa.children.values().map(|c| c.times.expire_at_ms))
+        .find(|at| *at != 0 && *at <= now_ms);
+    if let Some(at) = expired {
+        return Err(Rejection::ContextExpired {
+            sa: sa.id,
+            expired_at_ms: at,
+        });
+    }
+    if let Some(stone) = state.tombstones.sa(sa.id)
+        && sa.epoch <= stone.epoch
+    {
+        return Err(Rejection::StaleContext {
+            sa: sa.id,
+            context_epoch: sa.epoch,
+            tombstone_epoch: stone.epoch,
+        });
+    }
+    let mut placed = sa.clone();
+    placed.epoch = sa
+        .epoch
+        .checked_next()
+        .ok_or(Rejection::EpochExhausted(sa.id))?;
     if sa.owner == 0 {
-        let owner = state.slots.owner(sa.slot).ok_or(Rejection::NotSlotOwner {
+        // Owner 0: whoever owns the slot when the command applies (the leader's view, not a
+        // possibly stale follower's).
+        placed.owner = state.slots.owner(sa.slot).ok_or(Rejection::NotSlotOwner {
             slot: sa.slot,
             owner: None,
             claimed: 0,
         })?;
-        let mut placed = sa.clone();
-        placed.owner = owner;
-        return insert_new_sa(state, &placed);
     }
-    insert_new_sa(state, sa)
+    for child in placed.children.values_mut() {
+        let mut floor = child.out_hwm;
+        if let Some(stone) = state.tombstones.spi(child.in_spi) {
+            if stone.sa != sa.id {
+                return Err(Rejection::ChildSpiTombstoned {
+                    in_spi: child.in_spi,
+                    sa: stone.sa,
+                });
+            }
+            floor = floor.max(stone.out_hwm);
+        }
+        start_above(child, floor, lease);
+    }
+    let response = insert_new_sa(state, &placed)?;
+    state
+        .tombstones
+        .revive(sa.id, placed.children.keys().copied());
+    Ok(response)
 }
 
-/// Invariant: SA ids, inbound child SPIs and inner addresses are each unique in the cluster.
-fn insert_new_sa(state: &mut State, sa: &IkeSa) -> Response {
-    check_active(state, sa.owner)?;
+/// Starts `child`'s range above `floor` with a lease of `lease` numbers. An exhausted counter
+/// stays exhausted (`out_start > out_hwm`): the child must be rekeyed.
+fn start_above(child: &mut ChildSa, floor: u64, lease: u64) {
+    let max = max_seq(child.suite.esn);
+    let floor = floor.min(max);
+    child.out_start = floor + 1;
+    child.out_hwm = floor.saturating_add(lease).min(max);
+}
+
+/// Whether `sa`'s ids, SPIs, address and selectors are free in `state`.
+fn check_indexes_free(state: &State, sa: &IkeSa) -> Result<(), Rejection> {
     if state.sas.contains_key(&sa.id) {
         return Err(Rejection::SaExists(sa.id));
     }
-    for (spi, child) in &sa.children {
-        if child.in_spi != *spi {
-            return Err(Rejection::UnknownChild {
-                sa: sa.id,
-                in_spi: child.in_spi,
-            });
+    for spi in [sa.id.0, local_spi(sa)] {
+        if let Some(by) = state.ike_spis.get(&spi) {
+            return Err(Rejection::IkeSpiInUse { spi, by: *by });
         }
+    }
+    for spi in sa.children.keys() {
         if let Some(by) = state.child_index.get(spi) {
             return Err(Rejection::ChildSpiInUse {
                 in_spi: *spi,
                 by: *by,
             });
         }
-        check_lease_bounds(child, child.out_hwm)?;
     }
     if let Some(addr) = sa.virtual_ip
         && let Some(holder) = state.addresses.get(&addr)
@@ -253,30 +535,60 @@ fn insert_new_sa(state: &mut State, sa: &IkeSa) -> Response {
             holder: *holder,
         });
     }
-    if let Some(last) = &sa.last_response
-        && last.msg_id.checked_add(1) != Some(sa.msg.next_peer_request)
-    {
-        return Err(Rejection::MessageIdGap {
-            expected: sa.msg.next_peer_request.wrapping_sub(1),
-            got: last.msg_id,
-        });
+    for child in sa.children.values() {
+        check_selectors_free(state, sa, child)?;
     }
-    if let Some(pending) = &sa.pending_request
-        && pending.msg_id != sa.msg.next_local_request
-    {
-        return Err(Rejection::MessageIdGap {
-            expected: sa.msg.next_local_request,
-            got: pending.msg_id,
-        });
+    Ok(())
+}
+
+fn check_selectors_free(state: &State, sa: &IkeSa, child: &ChildSa) -> Result<(), Rejection> {
+    match state.selector_conflict(&sa.peer_id, &child.ts_remote) {
+        Some(holder) => Err(Rejection::SelectorOverlap {
+            in_spi: child.in_spi,
+            holder: holder.to_string(),
+        }),
+        None => Ok(()),
     }
-    for spi in sa.children.keys() {
-        state.child_index.insert(*spi, sa.id);
+}
+
+fn index_child(state: &mut State, sa: &IkeSa, child: &ChildSa) {
+    state.child_index.insert(child.in_spi, sa.id);
+    for range in child.ts_remote.iter().filter_map(AddrRange::of) {
+        state.selectors.add(&range, &sa.peer_id);
+    }
+}
+
+fn unindex_child(state: &mut State, child: &ChildSa) {
+    state.child_index.remove(&child.in_spi);
+    for range in child.ts_remote.iter().filter_map(AddrRange::of) {
+        state.selectors.remove(&range);
+    }
+}
+
+/// Adds `sa` to every index (the caller checked they are free).
+fn index_sa(state: &mut State, sa: &IkeSa) {
+    state.ike_spis.insert(sa.id.0, sa.id);
+    state.ike_spis.insert(local_spi(sa), sa.id);
+    for child in sa.children.values() {
+        index_child(state, sa, child);
     }
     if let Some(addr) = sa.virtual_ip {
         state.addresses.insert(addr, sa.id);
     }
+}
+
+/// Invariant: SA ids, IKE SPIs, inbound child SPIs, inner addresses and (across identities)
+/// remote selectors are each unique in the cluster.
+fn insert_new_sa(state: &mut State, sa: &IkeSa) -> Response {
+    validate_record(sa)?;
+    check_active(state, sa.owner)?;
+    check_indexes_free(state, sa)?;
+    index_sa(state, sa);
     state.sas.insert(sa.id, sa.clone());
-    Ok(Applied::Placed { owner: sa.owner })
+    Ok(Applied::Placed {
+        owner: sa.owner,
+        epoch: sa.epoch,
+    })
 }
 
 fn check_active(state: &State, node: NodeId) -> Result<(), Rejection> {
@@ -304,7 +616,7 @@ fn check_epoch(sa: &IkeSa, given: Epoch) -> Result<(), Rejection> {
 }
 
 /// Applies the owner's updates to a copy of the SA and stores it only if every update is
-/// accepted, so a command is all or nothing.
+/// accepted and the result is a valid record, so a command is all or nothing.
 fn update_sa(state: &mut State, id: SaId, epoch: Epoch, updates: &[SaUpdate]) -> Response {
     if updates.is_empty() {
         return Err(Rejection::EmptyUpdate);
@@ -312,52 +624,71 @@ fn update_sa(state: &mut State, id: SaId, epoch: Epoch, updates: &[SaUpdate]) ->
     let current = state.sas.get(&id).ok_or(Rejection::UnknownSa(id))?;
     check_epoch(current, epoch)?;
     let mut sa = current.clone();
-    let mut successor: Option<IkeSa> = None;
     for update in updates {
-        apply_update(state, &mut sa, &mut successor, update)?;
+        apply_update(state, &mut sa, update)?;
+    }
+    validate_record(&sa)?;
+    let old_spi = local_spi(current);
+    let new_spi = local_spi(&sa);
+    if new_spi != old_spi
+        && let Some(by) = state.ike_spis.get(&new_spi)
+    {
+        return Err(Rejection::IkeSpiInUse {
+            spi: new_spi,
+            by: *by,
+        });
+    }
+    let removed: Vec<ChildSa> = current
+        .children
+        .values()
+        .filter(|c| !sa.children.contains_key(&c.in_spi))
+        .cloned()
+        .collect();
+    let added: Vec<u32> = sa
+        .children
+        .keys()
+        .filter(|spi| !current.children.contains_key(spi))
+        .copied()
+        .collect();
+    for spi in &added {
+        check_selectors_free(state, &sa, &sa.children[spi])?;
     }
 
-    // Everything was accepted: bring the indexes in line with the new children.
-    let old_children: Vec<u32> = current.children.keys().copied().collect();
-    for spi in old_children {
-        state.child_index.remove(&spi);
+    // Everything was accepted: bring the indexes in line.
+    for child in &removed {
+        unindex_child(state, child);
+        state.tombstones.bury_child(&sa, child);
     }
-    for spi in sa.children.keys() {
-        state.child_index.insert(*spi, id);
+    for spi in &added {
+        index_child(state, &sa, &sa.children[spi]);
     }
-    if let Some(new) = successor {
-        for spi in new.children.keys() {
-            state.child_index.insert(*spi, new.id);
+    if new_spi != old_spi {
+        if old_spi != id.0 {
+            state.ike_spis.remove(&old_spi);
         }
-        if let Some(addr) = new.virtual_ip {
-            state.addresses.insert(addr, new.id);
-        }
-        state.sas.insert(new.id, new);
+        state.ike_spis.insert(new_spi, id);
     }
     state.sas.insert(id, sa);
     Ok(Applied::Done)
 }
 
-/// The inbound SPI is free in the cluster, or held by a child of this SA that this very update
-/// has already deleted.
+/// A new child's inbound SPI: free in the cluster (not in use by any SA, this one included,
+/// nor by a child created earlier in the same update) and never used by a deleted child
+/// whose keys may still be alive.
 fn check_spi_free(state: &State, sa: &IkeSa, in_spi: u32) -> Result<(), Rejection> {
     if sa.children.contains_key(&in_spi) {
         return Err(Rejection::ChildSpiInUse { in_spi, by: sa.id });
     }
-    match state.child_index.get(&in_spi) {
-        Some(by) if *by != sa.id => Err(Rejection::ChildSpiInUse { in_spi, by: *by }),
-        _ => Ok(()),
+    if let Some(by) = state.child_index.get(&in_spi) {
+        return Err(Rejection::ChildSpiInUse { in_spi, by: *by });
     }
+    check_spi_not_buried(state, in_spi)
 }
 
 /// Invariant: without ESN the lease stays within 32 bits (RFC 4303 §3.3.3: the counter must not
 /// cycle); with ESN within 64 bits.
 fn check_lease_bounds(child: &ChildSa, out_hwm: u64) -> Result<(), Rejection> {
-    let max = if child.suite.esn {
-        u64::MAX
-    } else {
-        u64::from(u32::MAX)
-    };
+    let max = max_seq(child.suite.esn);
     if out_hwm > max {
         Err(Rejection::HwmBeyondCounterSpace {
             proposed: out_hwm,
@@ -384,12 +715,7 @@ fn check_next_message_id(expected: u32, got: u32) -> Result<u32, Rejection> {
     }
 }
 
-fn apply_update(
-    state: &State,
-    sa: &mut IkeSa,
-    successor: &mut Option<IkeSa>,
-    update: &SaUpdate,
-) -> Result<(), Rejection> {
+fn apply_update(state: &State, sa: &mut IkeSa, update: &SaUpdate) -> Result<(), Rejection> {
     match update {
         SaUpdate::PeerRequestAnswered { msg_id, response } => {
             sa.msg.next_peer_request = check_next_message_id(sa.msg.next_peer_request, *msg_id)?;
@@ -417,7 +743,7 @@ fn apply_update(
         }
         SaUpdate::ChildCreated(child) => {
             check_spi_free(state, sa, child.in_spi)?;
-            check_lease_bounds(child, child.out_hwm)?;
+            validate_child(sa, child)?;
             sa.children.insert(child.in_spi, (**child).clone());
         }
         SaUpdate::ChildRekeyed { old_in_spi, new } => {
@@ -429,14 +755,13 @@ fn apply_update(
                 });
             }
             check_spi_free(state, sa, new.in_spi)?;
-            check_lease_bounds(new, new.out_hwm)?;
+            validate_child(sa, new)?;
             sa.children.insert(new.in_spi, (**new).clone());
         }
         SaUpdate::ChildDeleted { in_spi } => {
             child_mut(sa, *in_spi)?;
             sa.children.remove(in_spi);
         }
-        SaUpdate::IkeRekeyed(new) => rekey_ike(state, sa, successor, new)?,
         SaUpdate::IkeRekeyedInPlace {
             spi_i,
             spi_r,
@@ -499,72 +824,44 @@ fn advance_checkpoint(child: &mut ChildSa, checkpoint: u64) -> Result<(), Reject
     Ok(())
 }
 
-/// The successor inherits owner, epoch, slot, children and inner address; the old SA keeps its
-/// message-ID state so its delete exchange can still run.
-///
-/// Invariant: the successor's rekey generation is higher and its id is new.
-fn rekey_ike(
-    state: &State,
-    sa: &mut IkeSa,
-    successor: &mut Option<IkeSa>,
-    new: &IkeSa,
-) -> Result<(), Rejection> {
-    if successor.is_some() || new.id == sa.id || state.sas.contains_key(&new.id) {
-        return Err(Rejection::SaExists(new.id));
-    }
-    if new.rekey_generation <= sa.rekey_generation {
-        return Err(Rejection::RekeyGenerationRegression {
-            current: sa.rekey_generation,
-            proposed: new.rekey_generation,
-        });
-    }
-    if !new.children.is_empty() {
-        return Err(Rejection::RekeyWithChildren);
-    }
-    let mut new = new.clone();
-    new.owner = sa.owner;
-    new.epoch = sa.epoch;
-    new.slot = sa.slot;
-    new.children = std::mem::take(&mut sa.children);
-    new.virtual_ip = sa.virtual_ip.take();
-    *successor = Some(new);
-    Ok(())
-}
-
+/// Invariant: a deleted SA leaves tombstones (its epoch, its children's SPIs and final marks)
+/// until its keys expire.
 fn delete_sa(state: &mut State, id: SaId, epoch: Option<Epoch>) -> Response {
     let sa = state.sas.get(&id).ok_or(Rejection::UnknownSa(id))?;
     if let Some(epoch) = epoch {
         check_epoch(sa, epoch)?;
     }
     let sa = state.sas.remove(&id).ok_or(Rejection::UnknownSa(id))?;
-    for spi in sa.children.keys() {
-        state.child_index.remove(spi);
+    for child in sa.children.values() {
+        unindex_child(state, child);
     }
+    state.ike_spis.remove(&sa.id.0);
+    state.ike_spis.remove(&local_spi(&sa));
     if let Some(addr) = sa.virtual_ip {
         state.addresses.remove(&addr);
     }
+    state.tombstones.bury_sa(&sa);
     Ok(Applied::Removed(Box::new(sa)))
 }
 
-/// Invariant: ownership only moves to an active node, and each move bumps the epoch by one.
+/// Invariant: ownership only moves to an active node, and each move bumps the epoch by one
+/// (never wrapping: an exhausted epoch refuses the move).
 /// Invariant: the new owner's range starts above everything the old owner could have used.
 fn assign_owner(state: &mut State, m: &OwnerMove) -> Result<Epoch, Rejection> {
     check_active(state, m.to)?;
     let sa = state.sas.get_mut(&m.sa).ok_or(Rejection::UnknownSa(m.sa))?;
     check_epoch(sa, m.from_epoch)?;
+    let epoch = sa
+        .epoch
+        .checked_next()
+        .ok_or(Rejection::EpochExhausted(m.sa))?;
     sa.owner = m.to;
-    sa.epoch = sa.epoch.next();
+    sa.epoch = epoch;
     for child in sa.children.values_mut() {
-        let max = if child.suite.esn {
-            u64::MAX
-        } else {
-            u64::from(u32::MAX)
-        };
-        // An exhausted counter stays exhausted (out_start > out_hwm): the child must be rekeyed.
-        child.out_start = child.out_hwm.saturating_add(1);
-        child.out_hwm = child.out_hwm.saturating_add(m.lease).min(max);
+        let floor = child.out_hwm;
+        start_above(child, floor, m.lease);
     }
-    Ok(sa.epoch)
+    Ok(epoch)
 }
 
 fn set_slots(state: &mut State, assignments: &[SlotAssignment]) -> Response {
@@ -584,7 +881,15 @@ fn set_slots(state: &mut State, assignments: &[SlotAssignment]) -> Response {
 
 /// A node that stops being active gives up its slots at once (they become unassigned), so a slot
 /// never points at a node that must not take new SAs.
-fn set_node_state(state: &mut State, node: NodeId, new_state: NodeState, at_ms: u64) {
+///
+/// Invariant: node 0 is never registered and the registry stays within `MAX_NODES`.
+fn set_node_state(state: &mut State, node: NodeId, new_state: NodeState, at_ms: u64) -> Response {
+    if node == 0 {
+        return Err(Rejection::UnknownNode(0));
+    }
+    if !state.nodes.contains_key(&node) && state.nodes.len() >= limits::MAX_NODES {
+        return Err(too_large("registered nodes", limits::MAX_NODES));
+    }
     state.nodes.insert(
         node,
         NodeRecord {
@@ -603,37 +908,32 @@ fn set_node_state(state: &mut State, node: NodeId, new_state: NodeState, at_ms: 
             state.slots.set(slot, None);
         }
     }
-}
-
-fn allocate_address(state: &mut State, id: SaId, epoch: Epoch, addr: IpAddr) -> Response {
-    let sa = state.sas.get(&id).ok_or(Rejection::UnknownSa(id))?;
-    check_epoch(sa, epoch)?;
-    if let Some(current) = sa.virtual_ip {
-        return Err(Rejection::SaHasAddress {
-            sa: id,
-            addr: current,
-        });
-    }
-    if let Some(holder) = state.addresses.get(&addr) {
-        return Err(Rejection::AddressInUse {
-            addr,
-            holder: *holder,
-        });
-    }
-    state.addresses.insert(addr, id);
-    if let Some(sa) = state.sas.get_mut(&id) {
-        sa.virtual_ip = Some(addr);
-    }
     Ok(Applied::Done)
 }
 
-fn release_address(state: &mut State, addr: IpAddr) -> Response {
-    let holder = state
-        .addresses
-        .remove(&addr)
-        .ok_or(Rejection::AddressNotAllocated(addr))?;
-    if let Some(sa) = state.sas.get_mut(&holder) {
-        sa.virtual_ip = None;
+/// Invariant: the cluster id is set once and never changes.
+fn set_cluster_id(state: &mut State, id: ClusterId) -> Response {
+    match state.cluster {
+        None => {
+            state.cluster = Some(id);
+            Ok(Applied::Done)
+        }
+        Some(current) if current == id => Ok(Applied::Done),
+        Some(current) => Err(Rejection::ClusterIdMismatch {
+            current,
+            proposed: id,
+        }),
+    }
+}
+
+/// Invariant: a node's recorded acknowledgement only grows, and only registered nodes have one.
+fn record_acks(state: &mut State, acks: &[NodeAck]) -> Response {
+    if let Some(ack) = acks.iter().find(|a| !state.nodes.contains_key(&a.node)) {
+        return Err(Rejection::UnknownNode(ack.node));
+    }
+    for ack in acks {
+        let entry = state.acks.entry(ack.node).or_default();
+        *entry = (*entry).max(ack.index);
     }
     Ok(Applied::Done)
 }

@@ -4,11 +4,12 @@
 
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use evpc_raft_store::{
-    Command, Epoch, NodeState, OwnerMove, SaId, SaUpdate, SlotAssignment, State, StoredMessage,
-    apply,
+    Applied, ClusterId, Command, Epoch, IkeSa, NodeAck, NodeState, OwnerMove, SaId, SaUpdate,
+    SlotAssignment, State, StoredMessage, apply,
 };
 use proptest::prelude::*;
 
@@ -81,6 +82,20 @@ fn sa_update() -> impl Strategy<Value = SaUpdate> {
         (spi(), 0u64..3000)
             .prop_map(|(in_spi, in_seq)| SaUpdate::ReplayCheckpoint { in_spi, in_seq }),
         (0u64..10_000).prop_map(|at_ms| SaUpdate::PeerSeen { at_ms }),
+        (1u64..4, 1u64..4, 0u32..3).prop_map(|(spi_i, spi_r, rekey_generation)| {
+            SaUpdate::IkeRekeyedInPlace {
+                spi_i,
+                spi_r: spi_r * 0x100,
+                rekey_generation,
+            }
+        }),
+        (spi(), 0u64..5, 0u64..5).prop_map(|(spi, out_start, out_hwm)| {
+            // A crafted child: any range, maybe not a valid one.
+            let mut child = common::child(spi, false);
+            child.out_start = out_start;
+            child.out_hwm = out_hwm;
+            SaUpdate::ChildCreated(Box::new(child))
+        }),
     ]
 }
 
@@ -94,22 +109,27 @@ enum Op {
         children: Vec<u32>,
         addr: Option<IpAddr>,
         owner_guess: Option<u64>,
+        expire_at_ms: u64,
     },
+    /// A context built here (as if from another cluster), crafted freely.
     Import {
         id: u64,
         owner: u64,
         epoch: u64,
+        children: Vec<(u32, u64)>,
+        now_ms: u64,
+    },
+    /// Re-import one of the SAs this run exported (deleted), maybe with a later epoch.
+    Reimport {
+        which: usize,
+        epoch_bump: u64,
+        /// Claim lower marks than the export had (a crafted or confused context).
+        forget_marks: bool,
     },
     Update {
         id: u64,
         epoch: u64,
         updates: Vec<SaUpdate>,
-    },
-    IkeRekey {
-        id: u64,
-        new_id: u64,
-        epoch: u64,
-        generation: u32,
     },
     Delete {
         id: u64,
@@ -122,33 +142,36 @@ enum Op {
     },
     Slots(Vec<(u16, Option<u64>)>),
     NodeState(u64, NodeState),
-    Allocate {
-        id: u64,
-        epoch: u64,
-        addr: IpAddr,
-    },
-    Release(IpAddr),
+    ClusterId(u8),
+    Acks(Vec<(u64, u64)>),
+    Prune(u64),
     Batch(Vec<Op>),
 }
 
 fn leaf_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (sa_id(), 0u16..4, proptest::collection::vec(spi(), 0..3),
-              proptest::option::of(addr()), proptest::option::of(node()))
-            .prop_map(|(id, slot, children, addr, owner_guess)| Op::Create {
-                id, slot, children, addr, owner_guess
+              proptest::option::of(addr()), proptest::option::of(node()),
+              prop_oneof![Just(0u64), 1u64..5_000])
+            .prop_map(|(id, slot, children, addr, owner_guess, expire_at_ms)| Op::Create {
+                id, slot, children, addr, owner_guess, expire_at_ms
             }),
-        1 => (sa_id(), node(), epoch()).prop_map(|(id, owner, epoch)| Op::Import { id, owner, epoch }),
+        1 => (sa_id(), prop_oneof![Just(0u64), node()],
+              prop_oneof![epoch(), Just(u64::MAX), Just(1u64 << 48)],
+              proptest::collection::vec((spi(), 0u64..3000), 0..3), 0u64..6_000)
+            .prop_map(|(id, owner, epoch, children, now_ms)| Op::Import { id, owner, epoch, children, now_ms }),
+        3 => (0usize..8, 0u64..3, any::<bool>()).prop_map(|(which, epoch_bump, forget_marks)| {
+            Op::Reimport { which, epoch_bump, forget_marks }
+        }),
         8 => (sa_id(), epoch(), proptest::collection::vec(sa_update(), 0..4))
             .prop_map(|(id, epoch, updates)| Op::Update { id, epoch, updates }),
-        1 => (sa_id(), sa_id(), epoch(), 0u32..3)
-            .prop_map(|(id, new_id, epoch, generation)| Op::IkeRekey { id, new_id, epoch, generation }),
-        1 => (sa_id(), proptest::option::of(epoch())).prop_map(|(id, epoch)| Op::Delete { id, epoch }),
+        2 => (sa_id(), proptest::option::of(epoch())).prop_map(|(id, epoch)| Op::Delete { id, epoch }),
         2 => (sa_id(), epoch(), node()).prop_map(|(id, from, to)| Op::Move { id, from, to }),
         1 => proptest::collection::vec((0u16..1030, proptest::option::of(node())), 1..5).prop_map(Op::Slots),
-        1 => (node(), node_state()).prop_map(|(n, s)| Op::NodeState(n, s)),
-        1 => (sa_id(), epoch(), addr()).prop_map(|(id, epoch, addr)| Op::Allocate { id, epoch, addr }),
-        1 => addr().prop_map(Op::Release),
+        1 => (prop_oneof![Just(0u64), node()], node_state()).prop_map(|(n, s)| Op::NodeState(n, s)),
+        1 => (1u8..3).prop_map(Op::ClusterId),
+        1 => proptest::collection::vec((0u64..6, 0u64..100), 0..4).prop_map(Op::Acks),
+        1 => (0u64..6_000).prop_map(Op::Prune),
     ]
 }
 
@@ -159,7 +182,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn to_command(state: &State, op: &Op) -> Command {
+/// What a run remembers: the SAs it exported (deleted), for re-imports.
+#[derive(Default)]
+struct Harness {
+    exported: Vec<IkeSa>,
+}
+
+fn to_command(state: &State, harness: &Harness, op: &Op) -> Command {
     match op {
         Op::Create {
             id,
@@ -167,38 +196,70 @@ fn to_command(state: &State, op: &Op) -> Command {
             children,
             addr,
             owner_guess,
+            expire_at_ms,
         } => {
             let mut sa = common::sa(&common::cluster(1), *id, *slot, children);
             sa.owner = owner_guess.or(state.slots().owner(*slot)).unwrap_or(1);
             sa.virtual_ip = *addr;
+            sa.times.expire_at_ms = *expire_at_ms;
+            if let Some(a) = addr {
+                for child in sa.children.values_mut() {
+                    child.ts_remote = vec![common::host(*a)];
+                }
+            }
             Command::CreateSa(Box::new(sa))
         }
-        Op::Import { id, owner, epoch } => {
-            let mut sa = common::sa(&common::cluster(1), *id, 0, &[]);
+        Op::Import {
+            id,
+            owner,
+            epoch,
+            children,
+            now_ms,
+        } => {
+            let spis: Vec<u32> = children.iter().map(|(spi, _)| *spi).collect();
+            let mut sa = common::sa(&common::cluster(1), *id, 0, &spis);
+            for (spi, hwm) in children {
+                if let Some(c) = sa.children.get_mut(spi) {
+                    c.out_hwm = *hwm;
+                }
+            }
             sa.owner = *owner;
             sa.epoch = Epoch(*epoch);
-            Command::ImportSa(Box::new(sa))
+            sa.times.expire_at_ms = 3_000;
+            Command::ImportSa {
+                sa: Box::new(sa),
+                lease: 700,
+                now_ms: *now_ms,
+            }
         }
+        Op::Reimport {
+            which,
+            epoch_bump,
+            forget_marks,
+        } => match harness.exported.get(*which) {
+            Some(sa) => {
+                let mut sa = sa.clone();
+                sa.owner = 0;
+                sa.epoch = Epoch(sa.epoch.0 + epoch_bump);
+                if *forget_marks {
+                    for child in sa.children.values_mut() {
+                        child.out_start = 1;
+                        child.out_hwm = 0;
+                    }
+                }
+                Command::ImportSa {
+                    sa: Box::new(sa),
+                    lease: 700,
+                    now_ms: 0,
+                }
+            }
+            None => Command::PruneTombstones { now_ms: 0 },
+        },
         Op::Update { id, epoch, updates } => Command::Update {
             sa: SaId(*id),
             epoch: Epoch(*epoch),
             updates: updates.clone(),
         },
-        Op::IkeRekey {
-            id,
-            new_id,
-            epoch,
-            generation,
-        } => {
-            let mut new = common::sa(&common::cluster(1), *new_id, 0, &[]);
-            new.rekey_generation = *generation;
-            new.msg = Default::default();
-            Command::Update {
-                sa: SaId(*id),
-                epoch: Epoch(*epoch),
-                updates: vec![SaUpdate::IkeRekeyed(Box::new(new))],
-            }
-        }
         Op::Delete { id, epoch } => Command::DeleteSa {
             sa: SaId(*id),
             epoch: epoch.map(Epoch),
@@ -223,13 +284,69 @@ fn to_command(state: &State, op: &Op) -> Command {
             state: *s,
             at_ms: 0,
         },
-        Op::Allocate { id, epoch, addr } => Command::AllocateAddress {
-            sa: SaId(*id),
-            epoch: Epoch(*epoch),
-            addr: *addr,
-        },
-        Op::Release(addr) => Command::ReleaseAddress { addr: *addr },
-        Op::Batch(ops) => Command::Batch(ops.iter().map(|o| to_command(state, o)).collect()),
+        Op::ClusterId(b) => Command::SetClusterId(ClusterId([*b; 16])),
+        Op::Acks(acks) => Command::RecordAcks(
+            acks.iter()
+                .map(|(node, index)| NodeAck {
+                    node: *node,
+                    index: *index,
+                })
+                .collect(),
+        ),
+        Op::Prune(now_ms) => Command::PruneTombstones { now_ms: *now_ms },
+        Op::Batch(ops) => {
+            Command::Batch(ops.iter().map(|o| to_command(state, harness, o)).collect())
+        }
+    }
+}
+
+/// SAs removed by a command's response (export --remove and deletes), to re-import later.
+fn removed_by(response: &evpc_raft_store::Response, out: &mut Vec<IkeSa>) {
+    match response {
+        Ok(Applied::Removed(sa)) => out.push((**sa).clone()),
+        Ok(Applied::Batch(responses)) => responses.iter().for_each(|r| removed_by(r, out)),
+        _ => {}
+    }
+}
+
+/// Per inbound SPI, across the whole run: the highest `out_hwm` ever committed, and the
+/// (SA, epoch) it last ran in.
+#[derive(Default)]
+struct Ledger {
+    highest: HashMap<u32, u64>,
+    running: HashMap<u32, (SaId, Epoch)>,
+}
+
+impl Ledger {
+    /// The counter rule, across every way a child starts (creation, move, import, re-import):
+    /// a child that starts (appears, or runs in a new epoch) starts above every mark its SPI
+    /// ever had, unless its keys expired and its tombstone was pruned (a new child may then
+    /// take the SPI with new keys).
+    fn check(&mut self, state: &State) -> Result<(), TestCaseError> {
+        let mut live = BTreeMap::new();
+        for sa in state.sas() {
+            for (spi, child) in &sa.children {
+                live.insert(*spi, ());
+                let now = (sa.id, sa.epoch);
+                if self.running.get(spi) != Some(&now)
+                    && let Some(highest) = self.highest.get(spi)
+                {
+                    prop_assert!(
+                        child.out_start > *highest,
+                        "child {spi:08x} starts at {} in {now:?}, but {highest} was committed before",
+                        child.out_start
+                    );
+                }
+                self.running.insert(*spi, now);
+                let h = self.highest.entry(*spi).or_default();
+                *h = (*h).max(child.out_hwm);
+            }
+        }
+        // A SPI that is neither live nor tombstoned may be taken afresh.
+        self.highest
+            .retain(|spi, _| live.contains_key(spi) || state.tombstones().spi(*spi).is_some());
+        self.running.retain(|spi, _| live.contains_key(spi));
+        Ok(())
     }
 }
 
@@ -253,17 +370,20 @@ fn check_monotonic(before: &State, after: &State, command: &Command) -> Result<(
             continue;
         };
         prop_assert!(new.epoch >= old.epoch, "epoch regressed on {}", old.id);
-        prop_assert!(
-            new.msg.next_peer_request >= old.msg.next_peer_request,
-            "peer message ID regressed on {}",
-            old.id
-        );
-        prop_assert!(
-            new.msg.next_local_request >= old.msg.next_local_request,
-            "local message ID regressed on {}",
-            old.id
-        );
         prop_assert!(new.rekey_generation >= old.rekey_generation);
+        // An IKE rekey in place starts the new IKE SA's message IDs at 0 (RFC 7296 §2.8).
+        if new.rekey_generation == old.rekey_generation {
+            prop_assert!(
+                new.msg.next_peer_request >= old.msg.next_peer_request,
+                "peer message ID regressed on {}",
+                old.id
+            );
+            prop_assert!(
+                new.msg.next_local_request >= old.msg.next_local_request,
+                "local message ID regressed on {}",
+                old.id
+            );
+        }
         for (spi, child) in &old.children {
             // A child keeps its counters wherever it lives (it may move to a rekeyed IKE SA).
             if let Some((sa, now)) = after.child(*spi) {
@@ -298,9 +418,12 @@ proptest! {
     #[test]
     fn random_commands_never_break_an_invariant(ops in proptest::collection::vec(op(), 1..60)) {
         let mut state = common::cluster(3);
+        let mut harness = Harness::default();
+        let mut ledger = Ledger::default();
+        ledger.check(&state)?;
         let mut accepted = 0;
         for op in &ops {
-            let command = to_command(&state, op);
+            let command = to_command(&state, &harness, op);
             let before = state.clone();
             let response = apply(&mut state, &command);
             if let Err(rejection) = &response {
@@ -308,10 +431,13 @@ proptest! {
             } else {
                 accepted += 1;
             }
+            // Every invariant after every command: a bad entry must never reach a snapshot.
             if let Err(broken) = state.check_invariants() {
                 return Err(TestCaseError::fail(format!("after {command}: {broken}")));
             }
             check_monotonic(&before, &state, &command)?;
+            ledger.check(&state)?;
+            removed_by(&response, &mut harness.exported);
         }
         // Not a vacuous run: the generators must reach accepted commands.
         prop_assume!(accepted > 0);
@@ -320,11 +446,14 @@ proptest! {
     #[test]
     fn applying_the_same_log_twice_gives_identical_bytes(ops in proptest::collection::vec(op(), 1..60)) {
         let mut first = common::cluster(3);
+        let mut harness = Harness::default();
         let mut log = Vec::new();
         let mut responses = Vec::new();
         for op in &ops {
-            let command = to_command(&first, op);
-            responses.push(apply(&mut first, &command));
+            let command = to_command(&first, &harness, op);
+            let response = apply(&mut first, &command);
+            removed_by(&response, &mut harness.exported);
+            responses.push(response);
             log.push(command);
         }
         let mut second = common::cluster(3);

@@ -34,6 +34,19 @@ pub fn cluster(nodes: u64) -> State {
     state
 }
 
+/// A selector for one host.
+pub fn host(addr: IpAddr) -> TrafficSelector {
+    TrafficSelector {
+        protocol: 0,
+        start_port: 0,
+        end_port: 65535,
+        start_addr: addr,
+        end_addr: addr,
+    }
+}
+
+/// A child whose remote selector is a host address of its own (10.200.x.y from the SPI), so
+/// children of different peers never overlap; ours is anything.
 pub fn child(in_spi: u32, esn: bool) -> ChildSa {
     let any = TrafficSelector {
         protocol: 0,
@@ -42,6 +55,7 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
         start_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         end_addr: IpAddr::V4(Ipv4Addr::BROADCAST),
     };
+    let [_, _, hi, lo] = in_spi.to_be_bytes();
     ChildSa {
         in_spi,
         out_spi: in_spi ^ 0xffff_0000,
@@ -52,7 +66,7 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
         },
         keys: SealedKeys(vec![7; 60]),
         ts_local: vec![any],
-        ts_remote: vec![any],
+        ts_remote: vec![host(IpAddr::V4(Ipv4Addr::new(10, 200, hi, lo)))],
         out_start: 1,
         out_hwm: 0,
         in_checkpoint: 0,
@@ -64,7 +78,7 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
 /// An SA whose owner is whoever owns `slot` in `state`, with `children` (no ESN).
 pub fn sa(state: &State, id: u64, slot: u16, children: &[u32]) -> IkeSa {
     let owner: NodeId = state.slots().owner(slot).expect("slot assigned");
-    let mut sa = fixture::ike_sa(SaId(id), id.rotate_left(17), slot, owner, 0);
+    let mut sa = fixture::ike_sa(SaId(id), id.rotate_left(17), slot, owner, 1);
     sa.children = children
         .iter()
         .map(|spi| (*spi, child(*spi, false)))
