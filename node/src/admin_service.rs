@@ -13,7 +13,7 @@ use std::time::Duration;
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::admin::v1::admin_server::Admin;
 use evpc_raft_store::{
-    Applied, ChildSa, Command, Epoch, IkeSa, Member, NodeId, NodeState, OwnerMove, Rejection, Role,
+    Applied, ChildSa, Command, IkeSa, Member, NodeId, NodeState, OwnerMove, Rejection, Role,
     SaContext, SaId, TrafficSelector, slot_for_initiator_spi,
 };
 use openraft::ServerState;
@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
+use crate::sealing::{ClusterKey, ContextError};
 
 /// Metadata key with the leader's admin address on a not-leader answer.
 pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
@@ -102,6 +103,16 @@ impl AdminService {
             owned_sas,
             log_index,
         }))
+    }
+
+    /// The key SA contexts are sealed with: the cluster key, which both clusters of a transfer
+    /// share.
+    fn context_key(&self) -> Result<&ClusterKey, Status> {
+        self.node.cluster_key.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "SA contexts are sealed under the cluster key: set cluster_key_file on this node",
+            )
+        })
     }
 
     async fn propose(&self, command: Command) -> Result<(u64, Applied), Status> {
@@ -645,9 +656,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ExportSaResponse>, Status> {
         let request = request.into_inner();
         let id = parse_sa_id(&request.id)?;
+        let key = self.context_key()?;
         let (sa, log_index) = if request.remove {
             // Remove and read in one log entry: whatever the owner committed before is in the
-            // export, and it can commit nothing after (the SA is gone, its epoch with it).
+            // export, and it can commit nothing after (the SA is gone, its epoch with it). The
+            // entry also leaves tombstones, so this context cannot come back here unchanged.
             match self
                 .propose(Command::DeleteSa {
                     sa: id,
@@ -670,8 +683,11 @@ impl Admin for AdminService {
                 .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
             (sa, state.applied_index())
         };
+        let origin = self.node.state.read().cluster_id();
+        let context = SaContext::new(sa, request.remove, origin, log_index);
+        tracing::info!(sa = %id, removed = request.remove, log_index, "SA exported");
         Ok(Response::new(pb::ExportSaResponse {
-            context: SaContext::new(sa).to_bytes(),
+            context: key.seal_context(&context, rand::random()),
             id: id.to_string(),
             removed: request.remove,
             log_index,
@@ -683,25 +699,37 @@ impl Admin for AdminService {
         request: Request<pb::ImportSaRequest>,
     ) -> Result<Response<pb::ImportSaResponse>, Status> {
         let request = request.into_inner();
-        let context = SaContext::from_bytes(&request.context)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut sa = context.sa;
-        // Placement and ownership are this cluster's own: the old epoch meant nothing here.
+        let key = self.context_key()?;
+        let context = key.open_context(&request.context).map_err(|e| match e {
+            ContextError::Body(_) | ContextError::NotAContext => {
+                Status::invalid_argument(e.to_string())
+            }
+            ContextError::NotAuthentic => Status::permission_denied(e.to_string()),
+        })?;
+        let origin = context.origin;
+        let mut sa = context
+            .importable()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Placement is this cluster's own; the epoch is the context's (apply bumps it, and
+        // refuses a context not newer than what this cluster last had of the SA).
         sa.slot = slot_for_initiator_spi(sa.spi_i);
         // Owner 0: the slot's owner as the leader applies it, not this node's possibly stale view.
         sa.owner = request.owner.unwrap_or(0);
-        sa.epoch = Epoch::FIRST;
         let id = sa.id;
-        let owner = match self.propose(Command::ImportSa(Box::new(sa))).await? {
-            (log_index, Applied::Placed { owner }) => (owner, log_index),
+        let command = Command::ImportSa {
+            sa: Box::new(sa),
+            lease: self.node.config.ownership.move_lease,
+            now_ms: crate::node::now_ms(),
+        };
+        let (owner, epoch, log_index) = match self.propose(command).await? {
+            (log_index, Applied::Placed { owner, epoch }) => (owner, epoch, log_index),
             (_, other) => {
                 return Err(Status::internal(format!(
                     "import answered {other:?} instead of the placement"
                 )));
             }
         };
-        let (owner, log_index) = owner;
-        tracing::info!(sa = %id, owner, log_index, "SA imported");
+        tracing::info!(sa = %id, owner, %epoch, ?origin, log_index, "SA imported");
         Ok(Response::new(pb::ImportSaResponse {
             id: id.to_string(),
             owner,

@@ -34,7 +34,8 @@ pub struct LocalCluster {
     pub ownership: OwnershipConfig,
     /// Data plane for every node.
     pub dataplane: DataplaneConfig,
-    /// The cluster key file every node uses.
+    /// The cluster key file every node uses; `None`: `dir/cluster.key`, created (0600) with a
+    /// fresh random key if it does not exist.
     pub cluster_key_file: Option<PathBuf>,
     /// Give node `i` its own loopback address `127.0.0.(10+i)` instead of sharing 127.0.0.1, so
     /// a firewall rule can cut one node off (the chaos runner's partitions).
@@ -102,10 +103,40 @@ impl LocalCluster {
             raft: self.raft.clone(),
             ownership: self.ownership.clone(),
             dataplane: self.dataplane.clone(),
-            cluster_key_file: self.cluster_key_file.clone(),
+            cluster_key_file: Some(self.cluster_key_path()),
             metrics_addr: None,
             ike: None,
         }
+    }
+
+    /// The cluster key file the nodes use.
+    pub fn cluster_key_path(&self) -> PathBuf {
+        self.cluster_key_file
+            .clone()
+            .unwrap_or_else(|| self.dir.join("cluster.key"))
+    }
+
+    /// Creates the cluster key file (owner-only) with a fresh random key, unless it exists.
+    fn ensure_cluster_key(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.cluster_key_path();
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let key = zeroize::Zeroizing::new(hex::encode(rand::random::<[u8; 32]>()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(key.as_bytes())?;
+        file.sync_all()?;
+        Ok(())
     }
 
     /// Admin endpoints of all nodes.
@@ -128,6 +159,7 @@ impl LocalCluster {
             self.base_port,
             self.nodes
         );
+        self.ensure_cluster_key()?;
         (1..=self.nodes)
             .map(|id| {
                 let config = self.node_config(id);

@@ -160,6 +160,51 @@ impl ClusterKey {
     }
 }
 
+/// First bytes of a sealed SA context file (`evpcctl sa export`).
+const CONTEXT_MAGIC: &[u8; 8] = b"EVPCCTX2";
+/// Additional data binding a sealed blob to being an SA context of this format.
+const CONTEXT_AAD: &[u8] = b"evpc-sa-context/2";
+
+/// An SA context file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// Not an evpc SA context file at all.
+    #[error("not an evpc SA context (exported by `evpcctl sa export`)")]
+    NotAContext,
+    /// The seal does not verify.
+    #[error(
+        "the SA context does not authenticate under this cluster's key: it was edited, \
+         truncated, or exported by a cluster with another cluster key"
+    )]
+    NotAuthentic,
+    /// It authenticates but its body is of another format or malformed.
+    #[error(transparent)]
+    Body(#[from] evpc_raft_store::SaContextError),
+}
+
+impl ClusterKey {
+    /// Seals an SA context for export: authenticated (an edited file does not open) and
+    /// encrypted (identities and addresses do not travel in the clear). `nonce` must be fresh
+    /// random bytes.
+    pub fn seal_context(&self, context: &evpc_raft_store::SaContext, nonce: [u8; 12]) -> Vec<u8> {
+        let body = Zeroizing::new(context.to_bytes());
+        let mut out = CONTEXT_MAGIC.to_vec();
+        out.extend_from_slice(&self.seal_blob(CONTEXT_AAD, &body, nonce).0);
+        out
+    }
+
+    /// Opens a sealed SA context.
+    pub fn open_context(&self, bytes: &[u8]) -> Result<evpc_raft_store::SaContext, ContextError> {
+        let sealed = bytes
+            .strip_prefix(CONTEXT_MAGIC)
+            .ok_or(ContextError::NotAContext)?;
+        let body = self
+            .open_blob(CONTEXT_AAD, &SealedKeys(sealed.to_vec()))
+            .map_err(|_| ContextError::NotAuthentic)?;
+        Ok(evpc_raft_store::SaContext::from_bytes(&body)?)
+    }
+}
+
 /// Opens child keys for the owner runtime (`None` without a cluster key or for SAs that carry
 /// no keys, like the synthetic ones of load tests).
 #[derive(Debug)]
@@ -217,6 +262,36 @@ mod tests {
                 .is_err()
         );
         assert_eq!(format!("{key:?}"), "ClusterKey(<redacted>)");
+    }
+
+    #[test]
+    fn sa_contexts_open_only_unedited_and_under_the_same_key() {
+        let key = ClusterKey::from_bytes(&[7; 32]);
+        let sa = evpc_raft_store::fixture::ike_sa(SaId(5), 9, 0, 1, 0x100);
+        let context = evpc_raft_store::SaContext::new(sa.clone(), true, None, 42);
+        let sealed = key.seal_context(&context, [1; 12]);
+        assert_eq!(key.open_context(&sealed).unwrap(), context);
+        // Identities do not travel in the clear.
+        assert!(!sealed.windows(6).any(|w| w == b"client"));
+        for at in [8, sealed.len() / 2, sealed.len() - 1] {
+            let mut edited = sealed.clone();
+            edited[at] ^= 1;
+            assert!(matches!(
+                key.open_context(&edited),
+                Err(ContextError::NotAuthentic)
+            ));
+        }
+        assert!(matches!(
+            ClusterKey::from_bytes(&[8; 32]).open_context(&sealed),
+            Err(ContextError::NotAuthentic)
+        ));
+        assert!(matches!(
+            key.open_context(b"garbage"),
+            Err(ContextError::NotAContext)
+        ));
+        // A copy opens, but is not importable.
+        let copy = key.seal_context(&evpc_raft_store::SaContext::new(sa, false, None, 1), [2; 12]);
+        assert!(key.open_context(&copy).unwrap().importable().is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use evpc_api::AdminClient;
 use evpc_node::config::RaftTuning;
 use evpc_node::local::{LocalCluster, ProcessCluster};
+use evpc_node::sealing::ClusterKey;
 use evpc_raft_store::{
     ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaId,
     SaTimes, SealedKeys,
@@ -38,8 +39,17 @@ async fn evpcctl(cluster: &ProcessCluster, args: &[&str]) -> anyhow::Result<Stri
     Ok(String::from_utf8(out)?)
 }
 
-/// An SA context as another cluster would export it.
-fn foreign_sa(id: u64) -> Vec<u8> {
+/// The cluster key of `cluster` (another cluster sharing it could have exported contexts).
+fn key_of(cluster: &ProcessCluster) -> ClusterKey {
+    ClusterKey::load(&cluster.spec.cluster_key_path()).unwrap()
+}
+
+/// An SA context as another cluster (sharing the cluster key) would export it with --remove.
+fn foreign_sa(key: &ClusterKey, id: u64) -> Vec<u8> {
+    key.seal_context(&SaContext::new(foreign_record(id), true, None, 77), rand::random())
+}
+
+fn foreign_record(id: u64) -> IkeSa {
     let child = ChildSa {
         in_spi: id as u32,
         out_spi: !(id as u32),
@@ -57,7 +67,7 @@ fn foreign_sa(id: u64) -> Vec<u8> {
         rekey_generation: 2,
         times: SaTimes::default(),
     };
-    let sa = IkeSa {
+    IkeSa {
         id: SaId(id),
         spi_i: id.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         spi_r: id,
@@ -88,8 +98,7 @@ fn foreign_sa(id: u64) -> Vec<u8> {
         owner: 99,
         epoch: Epoch(7),
         children: BTreeMap::from([(id as u32, child)]),
-    };
-    SaContext::new(sa).to_bytes()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,9 +144,10 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         .unwrap();
 
     // A write sent to a follower is forwarded to the leader.
+    let key = key_of(&cluster);
     let mut via_follower = cluster.admin_of(follower).unwrap();
     let imported = via_follower
-        .import_sa(foreign_sa(0x51), None)
+        .import_sa(foreign_sa(&key, 0x51), None)
         .await
         .unwrap();
     assert_eq!(imported.id, "0000000000000051");
@@ -149,28 +159,50 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
             .get_sa(&imported.id)
             .await
             .unwrap();
-        assert_eq!(sa.epoch, 1, "ownership restarts in this cluster");
+        assert_eq!(sa.epoch, 8, "the context's epoch, bumped by the import");
         assert_eq!(sa.owner, imported.owner);
         assert_eq!(sa.next_peer_request, 17);
-        assert_eq!(sa.children[0].out_hwm, 5_000 + 0x51);
+        // Above everything the context could have used, with a first lease.
+        assert_eq!(sa.children[0].out_hwm, 5_000 + 0x51 + 4_096);
     }
 
     // Importing the same SA again is refused with a reason.
     let err = via_follower
-        .import_sa(foreign_sa(0x51), None)
+        .import_sa(foreign_sa(&key, 0x51), None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::AlreadyExists), "{err}");
-    // Garbage is refused too.
+    // Garbage is refused too, and so is an edited context or one sealed under another key.
     let err = via_follower
         .import_sa(vec![1, 2, 3], None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    let mut edited = foreign_sa(&key, 0x52);
+    let last = edited.len() - 1;
+    edited[last] ^= 1;
+    let err = via_follower.import_sa(edited, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("does not authenticate"), "{err}");
+    let other_key = ClusterKey::from_bytes(&[9; 32]);
+    let err = via_follower
+        .import_sa(foreign_sa(&other_key, 0x53), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
 
-    // Export with removal through evpcctl, then import it back from the file.
+    // A copy export (no --remove) is readable but never importable.
     let file = tempfile::NamedTempFile::new().unwrap();
     let path = file.path().to_str().unwrap();
+    evpcctl(&cluster, &["sa", "export", &imported.id, "--out", path])
+        .await
+        .unwrap();
+    let err = evpcctl(&cluster, &["sa", "import", path]).await.unwrap_err();
+    assert!(format!("{err:#}").contains("copy"), "{err:#}");
+
+    // Export with removal through evpcctl: the SA is gone here. Importing the context back is
+    // refused — it was used already (another cluster may run it now) — while a later
+    // incarnation of it (exported from there) comes back above both clusters' marks.
     let out = evpcctl(
         &cluster,
         &["sa", "export", &imported.id, "--remove", "--out", path],
@@ -183,10 +215,31 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         admin.get_sa(&imported.id).await.unwrap_err().code(),
         Some(tonic::Code::NotFound)
     );
-    let out = evpcctl(&cluster, &["sa", "import", path]).await.unwrap();
-    assert!(out.contains("imported"), "{out}");
+    let err = evpcctl(&cluster, &["sa", "import", path]).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("imported before"),
+        "{err:#}"
+    );
+    let exported = key.open_context(&std::fs::read(path).unwrap()).unwrap();
+    let mut later = exported.sa.clone();
+    later.epoch = Epoch(later.epoch.0 + 3);
+    for child in later.children.values_mut() {
+        child.out_hwm += 1_000;
+    }
+    let later = key.seal_context(&SaContext::new(later, true, None, 5), rand::random());
+    let back = admin.import_sa(later, None).await.unwrap();
+    let sa = admin.get_sa(&back.id).await.unwrap();
+    assert_eq!(sa.epoch, exported.sa.epoch.0 + 4);
+    assert_eq!(
+        sa.children[0].out_hwm,
+        exported.sa.children.values().next().unwrap().out_hwm + 1_000 + 4_096
+    );
+    evpcctl(&cluster, &["sa", "delete", &back.id]).await.unwrap();
     for i in 1..=20 {
-        admin.import_sa(foreign_sa(0x1000 + i), None).await.unwrap();
+        admin
+            .import_sa(foreign_sa(&key, 0x1000 + i), None)
+            .await
+            .unwrap();
     }
     evpcctl(&cluster, &["sa", "delete", "0000000000001001"])
         .await
@@ -238,8 +291,12 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
     cluster.sigkill(lagging).await.unwrap();
 
     let mut admin = cluster.admin().unwrap();
+    let key = key_of(&cluster);
     for i in 1..=150 {
-        admin.import_sa(foreign_sa(0x2000 + i), None).await.unwrap();
+        admin
+            .import_sa(foreign_sa(&key, 0x2000 + i), None)
+            .await
+            .unwrap();
     }
     cluster.restart(lagging).unwrap();
     let digests = cluster.digests().await.unwrap();
@@ -264,7 +321,10 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
     let new_leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
     assert_ne!(new_leader, leader);
     let mut admin = cluster.admin().unwrap();
-    admin.import_sa(foreign_sa(0x3000), None).await.unwrap();
+    admin
+        .import_sa(foreign_sa(&key_of(&cluster), 0x3000), None)
+        .await
+        .unwrap();
     cluster.restart(leader).unwrap();
     cluster.converged(Duration::from_secs(10)).await.unwrap();
 
@@ -355,8 +415,12 @@ async fn owners(cluster: &ProcessCluster) -> BTreeMap<u64, usize> {
 async fn evpcctl_transfers_drains_and_rebalances() {
     let mut cluster = launch(3, 17_600, RaftTuning::default()).await;
     let mut admin = cluster.admin().unwrap();
+    let key = key_of(&cluster);
     for i in 1..=30 {
-        admin.import_sa(foreign_sa(0x4000 + i), None).await.unwrap();
+        admin
+            .import_sa(foreign_sa(&key, 0x4000 + i), None)
+            .await
+            .unwrap();
     }
 
     // Planned transfer of one SA: new owner, epoch + 1, a range above the old mark.

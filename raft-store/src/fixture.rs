@@ -90,3 +90,19 @@ pub fn without_keys(mut sa: IkeSa) -> IkeSa {
     }
     sa
 }
+
+/// `sa` holding inner address `addr`, its children's remote selectors narrowed to it (as the
+/// IKE gateway narrows them).
+pub fn with_inner_address(mut sa: IkeSa, addr: IpAddr) -> IkeSa {
+    sa.virtual_ip = Some(addr);
+    for child in sa.children.values_mut() {
+        child.ts_remote = vec![TrafficSelector {
+            protocol: 0,
+            start_port: 0,
+            end_port: 65535,
+            start_addr: addr,
+            end_addr: addr,
+        }];
+    }
+    sa
+}

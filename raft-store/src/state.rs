@@ -672,6 +672,25 @@ fn update_sa(state: &mut State, id: SaId, epoch: Epoch, updates: &[SaUpdate]) ->
     Ok(Applied::Done)
 }
 
+impl IkeSa {
+    /// The record as `apply` would store it after `updates`, checked against the record's own
+    /// invariants only (message IDs, leases, bounds, ranges — not the cluster-wide uniqueness of
+    /// SPIs, addresses and selectors, which only the replicated state can judge). The IKE
+    /// gateway uses it to know the record it is about to commit.
+    pub fn with_updates(&self, updates: &[SaUpdate]) -> Result<IkeSa, Rejection> {
+        if updates.is_empty() {
+            return Err(Rejection::EmptyUpdate);
+        }
+        let alone = State::default();
+        let mut sa = self.clone();
+        for update in updates {
+            apply_update(&alone, &mut sa, update)?;
+        }
+        validate_record(&sa)?;
+        Ok(sa)
+    }
+}
+
 /// A new child's inbound SPI: free in the cluster (not in use by any SA, this one included,
 /// nor by a child created earlier in the same update) and never used by a deleted child
 /// whose keys may still be alive.

@@ -23,9 +23,8 @@ use evpc_dataplane::ChildKeymat;
 use evpc_ike::snapshot::{ChildSa as EngineChild, IkeGeneration};
 use evpc_ike::{Event, IkeSaSnapshot, Lifetimes};
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Command, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, NodeState,
-    Rejection, Role, SaId, SaTimes, SaUpdate, SealedKeys, State, StoredMessage, TrafficSelector,
-    apply, slot_for_initiator_spi,
+    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, NodeId, Rejection, Role,
+    SaId, SaTimes, SaUpdate, SealedKeys, StoredMessage, TrafficSelector, slot_for_initiator_spi,
 };
 use rand::RngCore;
 use zeroize::Zeroizing;
@@ -365,36 +364,15 @@ impl Mapper<'_> {
     }
 }
 
-/// Applies `updates` to a copy of `sa` with the replicated state's own `apply`: the record the
-/// cluster will hold, or the reason it would refuse them.
+/// The record the cluster will hold after `updates`, or the reason it would refuse them.
 fn replay(sa: &IkeSa, updates: &[SaUpdate]) -> Result<IkeSa, Rejection> {
-    let mut scratch = State::default();
-    apply(
-        &mut scratch,
-        &Command::SetNodeState {
-            node: sa.owner,
-            state: NodeState::Active,
-            at_ms: 0,
-        },
-    )?;
-    apply(&mut scratch, &Command::ImportSa(Box::new(sa.clone())))?;
-    apply(
-        &mut scratch,
-        &Command::Update {
-            sa: sa.id,
-            epoch: sa.epoch,
-            updates: updates.to_vec(),
-        },
-    )?;
-    scratch
-        .sa(sa.id)
-        .cloned()
-        .ok_or(Rejection::UnknownSa(sa.id))
+    sa.with_updates(updates)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use evpc_raft_store::{Command, State, apply};
     use std::net::Ipv4Addr;
     use std::sync::Arc;
 

@@ -123,9 +123,11 @@ mod tests {
 
     #[test]
     fn addresses_taken_in_the_cluster_are_not_picked() {
-        let mut sa = crate::ownership::test_support::sa(9, 0x2000);
+        let mut sa = evpc_raft_store::fixture::with_inner_address(
+            crate::ownership::test_support::sa(9, 0x2000),
+            IpAddr::V4(Ipv4Addr::new(10, 10, 0, 2)),
+        );
         sa.owner = 1;
-        sa.virtual_ip = Some(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 2)));
         let state = crate::ownership::test_support::state_with_sa(&sa);
         assert_eq!(
             state.address_holder(IpAddr::V4(Ipv4Addr::new(10, 10, 0, 2))),
