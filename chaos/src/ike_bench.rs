@@ -166,6 +166,7 @@ fn ike_settings(prefix: &str) -> IkeSettings {
         psk: vec![PskSetting {
             peer: CLIENT_ID.into(),
             secret: PskSecret::new(PSK),
+            remote_ts: None,
         }],
         pool: Some(format!("{prefix}/16")),
         local_ts: vec![format!("{prefix}/16")],

@@ -2,7 +2,11 @@
 //! selectors, which timers. Shared by every SA of a node through `Arc<Config>`
 //! and deliberately not part of a snapshot (only what was negotiated is).
 
+use std::sync::Arc;
+
 use crate::crypto::{DhGroup, EncrAlg, PrfAlg, Secret};
+use crate::policy::ChildPolicy;
+use crate::snapshot::InnerAddress;
 use crate::wire::{Identity, TrafficSelector};
 
 /// Acceptable IKE SA algorithms, most preferred first.
@@ -95,6 +99,11 @@ impl RetransmitPolicy {
 pub struct PskEntry {
     pub peer: Identity,
     pub psk: Secret,
+    /// The selectors this peer's side of a child SA may cover when it holds
+    /// no inner address (a site-to-site peer and the networks behind it).
+    /// `Some` replaces [`Config::remote_ts`] for this identity and exempts it
+    /// from [`Config::require_inner_address`]; `Some(vec![])` allows nothing.
+    pub remote_ts: Option<Vec<TrafficSelector>>,
 }
 
 #[derive(Clone, Debug)]
@@ -107,8 +116,22 @@ pub struct Config {
     pub esp: EspPolicy,
     /// Our side of child SAs (the responder narrows the peer's TSr to these).
     pub local_ts: Vec<TrafficSelector>,
-    /// What the peer side may be when it did not get an inner address.
+    /// What the peer side may be when it holds no inner address and its
+    /// [`PskEntry`] has no `remote_ts` of its own. Never used for such a peer
+    /// while `require_inner_address` is set.
     pub remote_ts: Vec<TrafficSelector>,
+    /// A peer without selectors of its own ([`PskEntry::remote_ts`]) must
+    /// hold an inner address to get a child SA: without a CP request in
+    /// IKE_AUTH its child is refused with FAILED_CP_REQUIRED (RFC 7296
+    /// §3.10.1), and a CREATE_CHILD_SA of an IKE SA without an inner address
+    /// with TS_UNACCEPTABLE (§2.9). Set it whenever addresses come from a
+    /// pool: otherwise such a peer is narrowed to the shared `remote_ts` and
+    /// can claim the addresses of other peers.
+    pub require_inner_address: bool,
+    /// The caller's admission check for narrowed child SAs (e.g. no overlap
+    /// with another SA's selectors). `None` admits every child. See
+    /// [`ChildPolicy`] for what an implementation may and must not do.
+    pub child_policy: Option<Arc<dyn ChildPolicy>>,
     pub lifetimes: Lifetimes,
     pub retransmit: RetransmitPolicy,
     /// Number of half-open SAs at which IKE_SA_INIT requires a cookie (§2.6).
@@ -136,6 +159,8 @@ impl Config {
             },
             local_ts: vec![TrafficSelector::any_v4()],
             remote_ts: vec![TrafficSelector::any_v4()],
+            require_inner_address: false,
+            child_policy: None,
             lifetimes: Lifetimes::default(),
             retransmit: RetransmitPolicy::default(),
             cookie_threshold: 1_000,
@@ -143,15 +168,89 @@ impl Config {
         }
     }
 
+    /// Adds a PSK for `peer`, which has no selectors of its own.
     pub fn with_psk(mut self, peer: Identity, psk: &[u8]) -> Self {
         self.psks.push(PskEntry {
             peer,
             psk: Secret::from_slice(psk),
+            remote_ts: None,
         });
         self
     }
 
+    /// Adds a PSK for a site-to-site `peer` whose side of a child SA may
+    /// cover `remote_ts` (see [`PskEntry::remote_ts`]).
+    pub fn with_site_psk(
+        mut self,
+        peer: Identity,
+        psk: &[u8],
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Self {
+        self.psks.push(PskEntry {
+            peer,
+            psk: Secret::from_slice(psk),
+            remote_ts: Some(remote_ts),
+        });
+        self
+    }
+
+    /// The entry of `peer`, if we have a PSK for it.
+    pub fn psk_entry(&self, peer: &Identity) -> Option<&PskEntry> {
+        self.psks.iter().find(|e| &e.peer == peer)
+    }
+
     pub fn psk_for(&self, peer: &Identity) -> Option<&Secret> {
-        self.psks.iter().find(|e| &e.peer == peer).map(|e| &e.psk)
+        self.psk_entry(peer).map(|e| &e.psk)
+    }
+
+    /// What the side of `peer` may cover in a child SA it proposes (the
+    /// responder narrows TSi to it, RFC 7296 §2.9): its inner address if it
+    /// holds one, else its own selectors, else the shared `remote_ts`.
+    /// `None` when it must hold an inner address (`require_inner_address`).
+    pub(crate) fn remote_allowed(
+        &self,
+        peer: &Identity,
+        inner: Option<&InnerAddress>,
+    ) -> Option<Vec<TrafficSelector>> {
+        if let Some(a) = inner {
+            return Some(vec![TrafficSelector::v4_host(a.ipv4)]);
+        }
+        match self.psk_entry(peer).and_then(|e| e.remote_ts.as_ref()) {
+            Some(own) => Some(own.clone()),
+            None if self.require_inner_address => None,
+            None => Some(self.remote_ts.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// The precedence of the peer's allowed selectors: inner address, then
+    /// the identity's own selectors, then (only if no inner address is
+    /// required) the shared `remote_ts`.
+    #[test]
+    fn remote_allowed_precedence() {
+        let site = TrafficSelector::v4_prefix(Ipv4Addr::new(10, 20, 0, 0), 16);
+        let road = Identity::fqdn("road.example");
+        let branch = Identity::fqdn("branch.example");
+        let mut c = Config::new(Identity::fqdn("gw.example"))
+            .with_psk(road.clone(), b"k1")
+            .with_site_psk(branch.clone(), b"k2", vec![site]);
+        let vip = InnerAddress::new(Ipv4Addr::new(10, 10, 0, 7));
+        let host = vec![TrafficSelector::v4_host(vip.ipv4)];
+        assert_eq!(c.remote_allowed(&road, None), Some(c.remote_ts.clone()));
+        assert_eq!(c.remote_allowed(&branch, None), Some(vec![site]));
+        c.require_inner_address = true;
+        assert_eq!(c.remote_allowed(&road, None), None);
+        assert_eq!(c.remote_allowed(&branch, None), Some(vec![site]));
+        assert_eq!(c.remote_allowed(&road, Some(&vip)), Some(host.clone()));
+        assert_eq!(c.remote_allowed(&branch, Some(&vip)), Some(host));
+        // An identity we have no key for never gets here, but is treated
+        // like one without selectors of its own.
+        assert_eq!(c.remote_allowed(&Identity::fqdn("x"), None), None);
     }
 }

@@ -53,6 +53,12 @@ pub enum PeerError {
     AuthenticationFailed,
     #[error("traffic selectors not acceptable")]
     TsUnacceptable,
+    #[error("a child SA needs an inner address, but the peer sent no CP request for one")]
+    InnerAddressRequired,
+    #[error("local policy refused the child SA's traffic selectors (they overlap another SA's)")]
+    TsOverlap,
+    #[error("traffic selectors in the response are not within the ones we proposed")]
+    TsNotProposed,
     #[error("no inner address available")]
     InternalAddressFailure,
     #[error("child SA with SPI {spi:#010x} not found")]
@@ -108,6 +114,15 @@ impl PeerError {
             PeerError::UnsupportedAuthMethod(_) => Notify(N::AUTHENTICATION_FAILED),
             PeerError::AuthenticationFailed => Notify(N::AUTHENTICATION_FAILED),
             PeerError::TsUnacceptable => Notify(N::TS_UNACCEPTABLE),
+            // §3.10.1: CP(CFG_REQUEST) was expected but not received; §1.2:
+            // in IKE_AUTH only the child fails, the IKE SA stays up.
+            PeerError::InnerAddressRequired => Notify(N::FAILED_CP_REQUIRED),
+            // §2.9 / §3.10.1: the narrowed selectors conflict with local
+            // policy (another SA holds them); the peer may try others.
+            PeerError::TsOverlap => Notify(N::TS_UNACCEPTABLE),
+            // Found in a response, which gets no answer; we just do not
+            // install the child (§2.9: the responder may only narrow).
+            PeerError::TsNotProposed => Drop,
             PeerError::InternalAddressFailure => Notify(N::INTERNAL_ADDRESS_FAILURE),
             PeerError::ChildSaNotFound { .. } => Notify(N::CHILD_SA_NOT_FOUND),
             PeerError::TemporaryFailure => Notify(N::TEMPORARY_FAILURE),

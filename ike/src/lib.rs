@@ -68,6 +68,20 @@
 //!
 //! A client-side initiator uses the same type: [`IkeSa::connect`].
 //!
+//! # Whose addresses a child SA may cover
+//!
+//! As the responder the engine narrows (RFC 7296 §2.9) the peer's side of
+//! every child SA (TSi) to the inner address it handed out (a /32), else to
+//! the peer's own [`PskEntry::remote_ts`] (a site-to-site peer), else to
+//! [`Config::remote_ts`]. With [`Config::require_inner_address`] that last
+//! fallback is gone: such a peer gets no child SA (FAILED_CP_REQUIRED in
+//! IKE_AUTH, TS_UNACCEPTABLE in CREATE_CHILD_SA; the IKE SA stays up). A
+//! gateway with an address pool sets it, or one road warrior could claim
+//! 0.0.0.0/0 and with it the return traffic of every other peer. Last,
+//! [`Config::child_policy`] sees the narrowed selectors and may refuse them
+//! (TS_UNACCEPTABLE), e.g. because another SA of the cluster holds them.
+//! As the initiator the engine accepts no selectors wider than it proposed.
+//!
 //! # Modules
 //!
 //! [`wire`] parses and emits messages (one file per payload group), [`crypto`]
@@ -75,7 +89,8 @@
 //! and 14, key derivation, PSK AUTH), [`sa`] the per-SA machinery (routing to
 //! a generation, message-ID window, retransmission, timers, outcome), and
 //! [`exchange`] the four exchanges. [`snapshot`] is the committed state,
-//! [`outcome`] what comes back from a call, [`error`] what peers do wrong.
+//! [`outcome`] what comes back from a call, [`error`] what peers do wrong,
+//! [`policy`] the caller's admission hook for child SAs.
 //!
 //! # Notes for the node
 //!
@@ -97,6 +112,7 @@ pub mod crypto;
 pub mod error;
 pub mod exchange;
 pub mod outcome;
+pub mod policy;
 pub mod sa;
 pub mod snapshot;
 pub mod wire;
@@ -106,6 +122,7 @@ pub use crypto::{DhGroup, EncrAlg, EspSuite, IkeSuite, PrfAlg, Secret};
 pub use error::{ApiError, PeerError, Reaction};
 pub use exchange::init::{Accepted, Endpoint};
 pub use outcome::{ChildSaInfo, CloseReason, Commit, Datagram, Event, Outcome, StateChange};
+pub use policy::{ChildContext, ChildPolicy};
 pub use sa::{ConnectOptions, IkeSa};
 pub use snapshot::{IkeSaSnapshot, InnerAddress, Role};
 pub use wire::{Identity, Route, TrafficSelector};

@@ -418,6 +418,7 @@ fn settings(psk_file: PathBuf) -> IkeSettings {
         psk: vec![PskSetting {
             peer: "other.example".into(),
             secret: PskSecret::new("an-inline-key-for-another-peer"),
+            remote_ts: None,
         }],
         pool: Some("10.10.0.0/24".into()),
         dns: vec![GW_INNER],

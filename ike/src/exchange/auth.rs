@@ -10,14 +10,17 @@ use crate::crypto::keys::psk_auth;
 use crate::crypto::secret::ct_eq;
 use crate::crypto::{ChildKeymat, Secret};
 use crate::error::{ApiError, PeerError, Reaction};
+use crate::exchange::create_child::within;
 use crate::exchange::proposal;
 use crate::outcome::{CloseReason, Event, Outcome};
+use crate::policy::ChildContext;
 use crate::sa::{IkeSa, Request, keyed, keyed_ref};
 use crate::snapshot::{ChildSa, InnerAddress, Role};
 use crate::wire::ts::narrow;
 use crate::wire::{
-    AuthMethod, AuthPayload, CfgAttributeType, CfgType, CpAttribute, CpPayload, Identity,
-    NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt, SaPayload, TrafficSelector,
+    AuthMethod, AuthPayload, CfgAttributeType, CfgType, CpAttribute, CpPayload, ExchangeType,
+    Identity, NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt, SaPayload,
+    TrafficSelector,
 };
 use crate::{Random, random_nonzero_u32};
 
@@ -298,16 +301,29 @@ impl IkeSa {
                     Some(Some(a)) => Some(a.clone()),
                     Some(None) => return Err(PeerError::InternalAddressFailure),
                 };
+                // Without an inner address and without selectors of its own
+                // the peer could only get the shared remote_ts; with
+                // require_inner_address that is refused (FAILED_CP_REQUIRED).
+                let remote_allowed = config
+                    .remote_allowed(&s.peer_id, inner.as_ref())
+                    .ok_or(PeerError::InnerAddressRequired)?;
                 let sel = proposal::select_esp(&config.esp, &ask.sa, None, true)?;
-                let remote_allowed = match &inner {
-                    Some(a) => vec![TrafficSelector::v4_host(a.ipv4)],
-                    None => config.remote_ts.clone(),
-                };
                 let ts_i = narrow(&ask.ts_i, &remote_allowed);
                 let ts_r = narrow(&ask.ts_r, &config.local_ts);
                 if ts_i.is_empty() || ts_r.is_empty() {
                     return Err(PeerError::TsUnacceptable);
                 }
+                config.admit_child(ChildContext {
+                    exchange: ExchangeType::IKE_AUTH,
+                    local_ike_spi: s.current.local_spi(),
+                    ike_spi_i: s.current.spi_i,
+                    ike_spi_r: s.current.spi_r,
+                    peer_identity: &s.peer_id,
+                    inner_address: inner.as_ref().map(|a| a.ipv4),
+                    remote_ts: &ts_i,
+                    local_ts: &ts_r,
+                    rekey_of: None,
+                })?;
                 Ok((sel, inner, ts_i, ts_r))
             })();
             match outcome {
@@ -477,6 +493,10 @@ impl IkeSa {
             .ok_or(PeerError::MissingPayload(PayloadType::SA))
             .and_then(|ask| {
                 let sel = proposal::accept_esp(&config.esp, &ask.sa, None, true)?;
+                let o = &ia.options;
+                if !within(&ask.ts_i, &o.ts_i) || !within(&ask.ts_r, &o.ts_r) {
+                    return Err(PeerError::TsNotProposed);
+                }
                 Ok((sel, ask))
             });
         match child {

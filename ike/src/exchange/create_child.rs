@@ -10,6 +10,7 @@ use crate::crypto::{ChildKeymat, DhGroup, DhPrivate, IkeKeys, Secret};
 use crate::error::PeerError;
 use crate::exchange::proposal;
 use crate::outcome::Event;
+use crate::policy::ChildContext;
 use crate::sa::{GenRef, IkeSa, Request, Retransmit, keyed, keyed_ref};
 use crate::snapshot::{
     ChildRequest, ChildSa, Collision, IkeGeneration, IkeRekeyRequest, PendingExchange,
@@ -47,6 +48,16 @@ fn parts(p: &[Payload]) -> Result<Parts<'_>, PeerError> {
     })
 }
 
+/// True if every selector of a response lies within one we proposed: the
+/// responder may only narrow (RFC 7296 §2.9). Taking wider selectors would
+/// let the peer claim traffic we never offered, e.g. in a rekey we started of
+/// a child whose selectors the child policy once admitted.
+pub(crate) fn within(answered: &[TrafficSelector], proposed: &[TrafficSelector]) -> bool {
+    answered
+        .iter()
+        .all(|a| proposed.iter().any(|p| a.is_subset_of(p)))
+}
+
 /// True if the exchange with nonces `(a_i, a_r)` holds the lowest of the four
 /// nonces of two colliding exchanges (§2.8.1). Nonces compare as octet strings.
 pub(crate) fn holds_lowest_nonce(a_i: &[u8], a_r: &[u8], b_i: &[u8], b_r: &[u8]) -> bool {
@@ -57,12 +68,13 @@ pub(crate) fn holds_lowest_nonce(a_i: &[u8], a_r: &[u8], b_i: &[u8], b_r: &[u8])
 
 impl IkeSa {
     /// What the peer's side of a child SA may cover: its inner address if we
-    /// gave it one, otherwise the configured remote selectors.
-    fn remote_allowed(&self) -> Vec<TrafficSelector> {
-        match keyed_ref(&self.state).and_then(|s| s.peer_inner_address.as_ref()) {
-            Some(a) => vec![TrafficSelector::v4_host(a.ipv4)],
-            None => self.config.remote_ts.clone(),
-        }
+    /// gave it one, else its identity's own selectors, else the configured
+    /// remote selectors; `None` if it must hold an inner address and does not
+    /// (see [`crate::Config::remote_allowed`]).
+    fn remote_allowed(&self) -> Option<Vec<TrafficSelector>> {
+        let s = keyed_ref(&self.state)?;
+        self.config
+            .remote_allowed(&s.peer_id, s.peer_inner_address.as_ref())
     }
 
     /// What our side of a child SA may cover: the inner address the peer gave
@@ -275,11 +287,27 @@ impl IkeSa {
             return Err(PeerError::MissingPayload(PayloadType::TSI));
         };
         let sel = proposal::select_esp(&config.esp, p.sa, p.ke.map(|k| k.group), false)?;
+        // An IKE SA without an inner address whose peer has no selectors of
+        // its own (require_inner_address) may cover nothing: §2.9 refusal.
+        let remote_allowed = remote_allowed.ok_or(PeerError::TsUnacceptable)?;
         let ts_i = narrow(ts_i_req, &remote_allowed);
         let ts_r = narrow(ts_r_req, &local_allowed);
         if ts_i.is_empty() || ts_r.is_empty() {
             return Err(PeerError::TsUnacceptable);
         }
+        // A rekey is asked too: the policy sees `rekey_of` and must let the
+        // new child overlap its predecessor (see `ChildPolicy`).
+        config.admit_child(ChildContext {
+            exchange: ExchangeType::CREATE_CHILD_SA,
+            local_ike_spi: s.current.local_spi(),
+            ike_spi_i: s.current.spi_i,
+            ike_spi_r: s.current.spi_r,
+            peer_identity: &s.peer_id,
+            inner_address: s.peer_inner_address.as_ref().map(|a| a.ipv4),
+            remote_ts: &ts_i,
+            local_ts: &ts_r,
+            rekey_of,
+        })?;
         let (shared, our_ke) = match (sel.suite.dh, p.ke) {
             (Some(g), Some(ke)) => {
                 let dh = DhPrivate::generate(g, rng);
@@ -556,6 +584,9 @@ impl IkeSa {
                 .ts_r
                 .cloned()
                 .ok_or(PeerError::MissingPayload(PayloadType::TSR))?;
+            if !within(&ts_i, &req.ts_i) || !within(&ts_r, &req.ts_r) {
+                return Err(PeerError::TsNotProposed);
+            }
             Ok((sel, shared, p.nonce.to_vec(), ts_i, ts_r))
         })();
         let (sel, shared, nr, ts_i, ts_r) = match result {
@@ -827,7 +858,31 @@ impl IkeSa {
 
 #[cfg(test)]
 mod tests {
-    use super::holds_lowest_nonce;
+    use std::net::Ipv4Addr;
+
+    use super::{holds_lowest_nonce, within};
+    use crate::wire::TrafficSelector;
+
+    /// §2.9: a response may narrow what we proposed, never widen it.
+    #[test]
+    fn response_selectors_must_lie_within_the_proposal() {
+        let net = |a, b, len| TrafficSelector::v4_prefix(Ipv4Addr::new(10, a, b, 0), len);
+        let proposed = [net(10, 0, 24), net(20, 0, 16)];
+        assert!(within(&[net(10, 0, 24)], &proposed));
+        assert!(within(&[net(10, 0, 25), net(20, 7, 24)], &proposed));
+        assert!(within(
+            &[TrafficSelector::v4_host(Ipv4Addr::new(10, 20, 1, 2))],
+            &proposed
+        ));
+        assert!(!within(&[TrafficSelector::any_v4()], &proposed));
+        assert!(!within(&[net(10, 0, 24), net(30, 0, 24)], &proposed));
+        assert!(!within(&[net(10, 0, 23)], &proposed));
+        // A narrower port or protocol is still within; a wider one is not.
+        let mut tcp = net(10, 0, 24);
+        tcp.ip_protocol = 6;
+        assert!(within(&[tcp], &proposed));
+        assert!(!within(&proposed[..1], &[tcp]));
+    }
 
     /// §2.8.1: the exchange holding the lowest of the four nonces made the
     /// redundant SA (the lowest nonce loses), whichever side of it the nonce is on.

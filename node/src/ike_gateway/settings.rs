@@ -4,13 +4,13 @@
 //! ```toml
 //! [ike]
 //! local_id = "gw.example"                  # IDr: FQDN, user@domain, or an IPv4 address
-//! psk_file = "/etc/evpc/psk.toml"          # [[psk]] peer = "...", secret = "..." (kept out of node.toml)
-//! # [[ike.psk]]                            # or inline
-//! # peer = "client.example"
-//! # secret = "..."
-//! pool = "10.10.0.0/24"                    # inner addresses for peers that ask (CP, RFC 7296 §2.19)
+//! psk_file = "/etc/evpc/psk.toml"          # [[psk]] entries as below (kept out of node.toml)
+//! pool = "10.10.0.0/24"                    # inner addresses (CP, RFC 7296 §2.19); with a pool,
+//!                                          # a peer without its own remote_ts must take one
 //! dns = ["10.10.0.1"]
 //! local_ts = ["10.10.0.0/24"]              # what peers reach through the tunnel
+//! remote_ts = ["0.0.0.0/0"]                # a peer's side without inner address and own
+//!                                          # remote_ts; unused when pool is set
 //! ike_proposals = ["aes128gcm16-aes256gcm16-prfsha256-prfsha384-prfsha512-x25519-ecp256-modp2048"]
 //! esp_proposals = ["aes128gcm16-aes256gcm16-x25519-ecp256-modp2048-noesn-esn"]
 //! ike_rekey_s = 14400                      # 0: never
@@ -18,11 +18,26 @@
 //! child_rekey_s = 3600
 //! child_lifetime_s = 3960
 //! dpd_s = 30                               # liveness check after this much IKE silence; 0: off
+//!
+//! # [[ike.psk]]                            # or inline (after the [ike] keys: TOML tables)
+//! # peer = "client.example"                # a road warrior: gets an address from the pool
+//! # secret = "..."
+//! # [[ike.psk]]
+//! # peer = "branch.example"                # a site-to-site peer: no inner address; its side
+//! # secret = "..."                         # of a child SA is narrowed to these networks,
+//! # remote_ts = ["10.20.0.0/16"]           # which must be outside the pool and no other
+//! #                                        # peer's remote_ts
 //! ```
 //!
 //! A proposal is strongSwan-style: algorithm names joined by `-`; every algorithm of every
 //! proposal is acceptable, in the order written (most preferred first). Secrets never appear in
 //! `Debug` output and are wiped from memory when dropped.
+//!
+//! Traffic selectors decide whose return traffic a child SA carries, so the validation makes
+//! sure no two peers can be given the same addresses: with a pool, every peer either takes an
+//! inner address (a /32 of its own; `require_inner_address` in the engine policy) or has its
+//! own `remote_ts`, and those never overlap the pool or each other. Overlaps between SAs at
+//! run time (e.g. a peer connected twice) are the business of the engine's child policy hook.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -72,6 +87,11 @@ pub struct PskSetting {
     pub peer: String,
     /// The key.
     pub secret: PskSecret,
+    /// A site-to-site peer: the IPv4 prefixes on its side of a child SA, to which its TSi is
+    /// narrowed (RFC 7296 §2.9) when it takes no inner address. It then needs no address from
+    /// the pool. None of them may overlap the pool or another peer's `remote_ts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ts: Option<Vec<String>>,
 }
 
 /// The file `psk_file` points at.
@@ -90,17 +110,20 @@ pub struct IkeSettings {
     pub local_id: String,
     /// Pre-shared keys by peer identity, inline.
     pub psk: Vec<PskSetting>,
-    /// A TOML file of `[[psk]]` entries (`peer`, `secret`), read at start.
+    /// A TOML file of `[[psk]]` entries (`peer`, `secret`, optional `remote_ts`), read at start.
     pub psk_file: Option<PathBuf>,
     /// The inner-address pool, an IPv4 prefix such as "10.10.0.0/24" (network and broadcast
     /// addresses, the DNS servers and this node's TUN addresses are never handed out). Without a
-    /// pool, a peer asking for an address gets INTERNAL_ADDRESS_FAILURE.
+    /// pool, a peer asking for an address gets INTERNAL_ADDRESS_FAILURE. With a pool, a peer
+    /// without its own `remote_ts` must take an address: a child SA without one is refused with
+    /// FAILED_CP_REQUIRED (RFC 7296 §3.10.1).
     pub pool: Option<String>,
     /// DNS servers announced with an inner address (when the peer asks for them).
     pub dns: Vec<Ipv4Addr>,
     /// Our side of child SAs, IPv4 prefixes; a peer's TSr is narrowed to these.
     pub local_ts: Vec<String>,
-    /// What a peer's side may be when it did not get an inner address.
+    /// What a peer's side may be when it holds no inner address and has no `remote_ts` of its
+    /// own. Unused when `pool` is set: such a peer must then take an inner address.
     pub remote_ts: Vec<String>,
     /// IKE SA proposals (strongSwan-style, e.g. "aes128gcm16-prfsha256-x25519").
     pub ike_proposals: Vec<String>,
@@ -180,6 +203,58 @@ fn parse_v4_prefix(what: &str, text: &str) -> Result<(Ipv4Addr, u8), String> {
         .filter(|l| *l <= 32)
         .ok_or_else(|| format!("{what}: {text:?} has a prefix length outside 0..=32"))?;
     Ok((addr, len))
+}
+
+/// `text` as a prefix without host bits (a typo there would silently widen or move a range).
+fn exact_v4_prefix(what: &str, text: &str) -> Result<TrafficSelector, String> {
+    let (addr, len) = parse_v4_prefix(what, text)?;
+    let ts = TrafficSelector::v4_prefix(addr, len);
+    if ts.start != IpAddr::V4(addr) {
+        return Err(format!(
+            "{what}: {text:?} has host bits set; did you mean {}/{len}?",
+            ts.start
+        ));
+    }
+    Ok(ts)
+}
+
+/// One peer's own selectors, as written (for messages) and parsed.
+struct PeerSelectors<'a> {
+    peer: &'a str,
+    prefixes: Vec<(&'a str, TrafficSelector)>,
+}
+
+/// Per-identity `remote_ts` must stay clear of the pool and of each other: otherwise two peers
+/// (or a peer and the pool's users) could be given the same addresses and one would receive
+/// the other's return traffic.
+fn check_peer_selectors(
+    pool: Option<(&str, TrafficSelector)>,
+    peers: &[PeerSelectors<'_>],
+) -> Result<(), String> {
+    for (i, a) in peers.iter().enumerate() {
+        for (text, ts) in &a.prefixes {
+            if let Some((pool_text, pool_ts)) = pool
+                && ts.intersect(&pool_ts).is_some()
+            {
+                return Err(format!(
+                    "ike.psk {:?}: remote_ts {text:?} overlaps ike.pool {pool_text:?}; a site's \
+                     networks must lie outside the inner-address pool",
+                    a.peer
+                ));
+            }
+            for b in &peers[i + 1..] {
+                if let Some((other, _)) = b.prefixes.iter().find(|(_, o)| ts.intersect(o).is_some())
+                {
+                    return Err(format!(
+                        "ike.psk: remote_ts {text:?} of {:?} overlaps {other:?} of {:?}; two \
+                         peers must never be given the same addresses",
+                        a.peer, b.peer
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn selectors(what: &str, list: &[String]) -> Result<Vec<TrafficSelector>, String> {
@@ -297,11 +372,17 @@ impl IkeSettings {
             return Err("ike.local_id must be set (our IKE identity, e.g. \"gw.example\")".into());
         }
         let mut config = Config::new(parse_identity(&self.local_id));
+        let pool = self.pool_prefix()?;
+        // With a pool, a peer without selectors of its own must take an inner address, or it
+        // would be narrowed to the shared remote_ts (0.0.0.0/0 by default) and could claim
+        // the addresses of every other peer.
+        config.require_inner_address = pool.is_some();
         let psks = self.all_psks()?;
         if psks.is_empty() {
             return Err("ike: no pre-shared key; add [[ike.psk]] entries or ike.psk_file".into());
         }
         let mut peers = BTreeSet::new();
+        let mut sites = Vec::new();
         for entry in &psks {
             if entry.peer.trim().is_empty() {
                 return Err("ike.psk: an entry has an empty peer identity".into());
@@ -312,11 +393,35 @@ impl IkeSettings {
             if !peers.insert(entry.peer.clone()) {
                 return Err(format!("ike.psk: peer {:?} is listed twice", entry.peer));
             }
+            let remote_ts = match &entry.remote_ts {
+                None => None,
+                Some(list) => {
+                    let what = format!("ike.psk {:?} remote_ts", entry.peer);
+                    if list.is_empty() {
+                        return Err(format!(
+                            "{what} must list at least one prefix (or be left out)"
+                        ));
+                    }
+                    let prefixes = list
+                        .iter()
+                        .map(|p| exact_v4_prefix(&what, p).map(|ts| (p.as_str(), ts)))
+                        .collect::<Result<Vec<_>, String>>()?;
+                    let parsed = prefixes.iter().map(|(_, ts)| *ts).collect();
+                    sites.push(PeerSelectors {
+                        peer: &entry.peer,
+                        prefixes,
+                    });
+                    Some(parsed)
+                }
+            };
             config.psks.push(PskEntry {
                 peer: parse_identity(&entry.peer),
                 psk: Secret::from_slice(entry.secret.expose().as_bytes()),
+                remote_ts,
             });
         }
+        let pool_ts = pool.map(|p| TrafficSelector::v4_prefix(p.network, p.len));
+        check_peer_selectors(self.pool.as_deref().zip(pool_ts), &sites)?;
         let ike = parse_proposals("ike.ike_proposals", &self.ike_proposals)?;
         if ike.encr.is_empty() || ike.prf.is_empty() || ike.dh.is_empty() {
             return Err(format!(
@@ -373,13 +478,15 @@ impl IkeSettings {
             return Err("ike.cookie_threshold must be positive".into());
         }
         config.cookie_threshold = self.cookie_threshold;
-        let pool = self.pool_prefix()?;
         if pool.is_none() && !self.dns.is_empty() {
             return Err(
                 "ike.dns is set but ike.pool is not: DNS servers go out with an inner address"
                     .into(),
             );
         }
+        // The admission hook (no child SA overlapping another SA's selectors) is installed by
+        // the gateway, which holds the shared state it reads.
+        config.child_policy = None;
         Ok(config)
     }
 
@@ -405,6 +512,7 @@ mod tests {
             psk: vec![PskSetting {
                 peer: "client.example".into(),
                 secret: PskSecret::new("s3cret-psk-value"),
+                remote_ts: None,
             }],
             pool: Some("10.10.0.0/24".into()),
             dns: vec![Ipv4Addr::new(10, 10, 0, 1)],
@@ -510,6 +618,121 @@ mod tests {
         assert!(config.psk_for(&Identity::fqdn("client.example")).is_some());
     }
 
+    fn site(peer: &str, remote_ts: &[&str]) -> PskSetting {
+        PskSetting {
+            peer: peer.into(),
+            secret: PskSecret::new("a-site-secret"),
+            remote_ts: Some(remote_ts.iter().map(|p| p.to_string()).collect()),
+        }
+    }
+
+    fn with_sites(sites: Vec<PskSetting>) -> IkeSettings {
+        let mut s = good();
+        s.psk.extend(sites);
+        s
+    }
+
+    #[test]
+    fn a_pool_requires_inner_addresses_and_sites_get_their_own_selectors() {
+        let config = with_sites(vec![site(
+            "branch.example",
+            &["10.20.0.0/16", "10.21.0.0/24"],
+        )])
+        .engine_config()
+        .unwrap();
+        assert!(config.require_inner_address);
+        assert!(
+            config.child_policy.is_none(),
+            "the gateway installs the hook"
+        );
+        let entry = |id: &str| config.psk_entry(&Identity::fqdn(id)).unwrap();
+        assert_eq!(entry("client.example").remote_ts, None);
+        assert_eq!(
+            entry("branch.example").remote_ts,
+            Some(vec![
+                TrafficSelector::v4_prefix(Ipv4Addr::new(10, 20, 0, 0), 16),
+                TrafficSelector::v4_prefix(Ipv4Addr::new(10, 21, 0, 0), 24),
+            ])
+        );
+        // Without a pool nobody can take an address, so nobody must.
+        let no_pool = IkeSettings {
+            pool: None,
+            dns: vec![],
+            ..good()
+        };
+        assert!(!no_pool.engine_config().unwrap().require_inner_address);
+    }
+
+    #[test]
+    fn overlapping_selectors_are_refused() {
+        let err = |sites| with_sites(sites).validate().unwrap_err();
+        let e = err(vec![site("branch.example", &["10.10.0.128/25"])]);
+        assert!(
+            e.contains("\"branch.example\"")
+                && e.contains("remote_ts \"10.10.0.128/25\" overlaps ike.pool \"10.10.0.0/24\""),
+            "{e}"
+        );
+        let e = err(vec![site("branch.example", &["0.0.0.0/0"])]);
+        assert!(e.contains("overlaps ike.pool"), "{e}");
+        let e = err(vec![
+            site("a.example", &["10.20.0.0/16"]),
+            site("b.example", &["10.30.0.0/16", "10.20.5.0/24"]),
+        ]);
+        assert!(
+            e.contains(
+                "remote_ts \"10.20.0.0/16\" of \"a.example\" overlaps \"10.20.5.0/24\" of \"b.example\""
+            ) && e.contains("never be given the same addresses"),
+            "{e}"
+        );
+        // Adjacent networks do not overlap; one peer's own list may.
+        assert!(
+            with_sites(vec![
+                site("a.example", &["10.20.0.0/16", "10.20.1.0/24"]),
+                site("b.example", &["10.21.0.0/16"]),
+            ])
+            .validate()
+            .is_ok()
+        );
+        let e = err(vec![site("a.example", &["10.20.0.1/16"])]);
+        assert!(e.contains("did you mean 10.20.0.0/16"), "{e}");
+        let e = err(vec![site("a.example", &[])]);
+        assert!(e.contains("must list at least one prefix"), "{e}");
+        let e = err(vec![site("a.example", &["10.20.0.0/33"])]);
+        assert!(e.contains("ike.psk \"a.example\" remote_ts"), "{e}");
+    }
+
+    #[test]
+    fn site_selectors_come_from_the_psk_file_too_and_are_checked_against_inline_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psk.toml");
+        std::fs::write(
+            &path,
+            "[[psk]]\npeer = \"branch@example\"\nsecret = \"s\"\nremote_ts = [\"10.20.0.0/16\"]\n",
+        )
+        .unwrap();
+        let settings = IkeSettings {
+            psk_file: Some(path),
+            ..with_sites(vec![site("inline.example", &["10.20.128.0/17"])])
+        };
+        let e = settings.validate().unwrap_err();
+        assert!(e.contains("\"inline.example\" overlaps"), "{e}");
+        let settings = IkeSettings {
+            psk: good().psk,
+            ..settings
+        };
+        let config = settings.engine_config().unwrap();
+        assert_eq!(
+            config
+                .psk_entry(&Identity::email("branch@example"))
+                .unwrap()
+                .remote_ts,
+            Some(vec![TrafficSelector::v4_prefix(
+                Ipv4Addr::new(10, 20, 0, 0),
+                16
+            )])
+        );
+    }
+
     #[test]
     fn identities_parse_like_strongswan() {
         assert_eq!(parse_identity("gw.example"), Identity::fqdn("gw.example"));
@@ -538,11 +761,22 @@ mod tests {
             [[ike.psk]]
             peer = "client.example"
             secret = "s3cret"
+            [[ike.psk]]
+            peer = "branch.example"
+            secret = "another"
+            remote_ts = ["10.20.0.0/16"]
         "#;
         let config = crate::config::NodeConfig::parse(text).unwrap();
         let ike = config.ike.unwrap();
         assert_eq!(ike.pool.as_deref(), Some("10.10.0.0/24"));
         assert_eq!(ike.dpd_s, 30);
+        assert_eq!(ike.psk[0].remote_ts, None);
+        assert_eq!(ike.psk[1].remote_ts, Some(vec!["10.20.0.0/16".to_string()]));
+        let clash = text.replace("10.20.0.0/16", "10.10.0.0/16");
+        let err = crate::config::NodeConfig::parse(&clash)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlaps ike.pool"), "{err}");
         let bad = text.replace("pool = \"10.10.0.0/24\"", "pool = \"10.10.0.0/40\"");
         let err = crate::config::NodeConfig::parse(&bad)
             .unwrap_err()
