@@ -13,6 +13,10 @@
 //!             inbound:  matches(ts_remote, src side) && matches(ts_local, dst side)
 //! ```
 //!
+//! When several children's selectors contain a flow, the most specific wins: the one whose
+//! matching remote selector has the smallest [`Span`] (fewest addresses, then fewest ports), so
+//! a road warrior's `/32` is never shadowed by a site's `/24` that was started earlier.
+//!
 //! Ports are only known for the first fragment of TCP, UDP, SCTP, DCCP and UDP-Lite; for ICMP
 //! and ICMPv6 the port range carries Type (high byte) and Code (low byte), RFC 7296 §3.13.1.
 //! A flow whose ports are unknown ("OPAQUE", RFC 4301 §4.4.1.1) only matches a selector that
@@ -145,6 +149,25 @@ impl Flow {
         any_contains(ts_remote, self.dst_end()) && any_contains(ts_local, self.src_end())
     }
 
+    /// How specific the most specific of `ts_remote` containing this outbound flow is, if the
+    /// flow belongs to a child with these selectors at all (the same test as
+    /// [`Flow::outbound_matches`]).
+    pub fn outbound_span(
+        &self,
+        ts_local: &[TrafficSelector],
+        ts_remote: &[TrafficSelector],
+    ) -> Option<Span> {
+        if !any_contains(ts_local, self.src_end()) {
+            return None;
+        }
+        let dst = self.dst_end();
+        ts_remote
+            .iter()
+            .filter(|ts| contains(ts, dst))
+            .map(span)
+            .min()
+    }
+
     /// Whether a decrypted inbound packet with this flow is one the child's selectors allow.
     pub fn inbound_matches(
         &self,
@@ -211,6 +234,41 @@ pub fn address_in_range(addr: IpAddr, start: IpAddr, end: IpAddr) -> bool {
         (IpAddr::V4(a), IpAddr::V4(s), IpAddr::V4(e)) => (s..=e).contains(&a),
         (IpAddr::V6(a), IpAddr::V6(s), IpAddr::V6(e)) => (s..=e).contains(&a),
         _ => false,
+    }
+}
+
+/// How much of the address and port space a selector covers: the smaller, the more specific.
+/// Ordered by addresses first, then ports, which is how outbound routing breaks overlaps
+/// between children.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Span {
+    /// Addresses covered, minus one (0: a single host; `u128::MAX`: all of IPv6, which does not
+    /// fit as a count).
+    pub addresses: u128,
+    /// Ports covered, minus one (0: one port; 65535: any).
+    pub ports: u16,
+}
+
+impl Span {
+    /// The span of a single-address, single-port selector: nothing is more specific.
+    pub const HOST: Span = Span {
+        addresses: 0,
+        ports: 0,
+    };
+}
+
+/// The [`Span`] of one selector. A malformed selector (start above end) counts as covering
+/// one address or port: it contains no flow anyway.
+pub fn span(ts: &TrafficSelector) -> Span {
+    let addresses = match (ts.start_addr, ts.end_addr) {
+        (IpAddr::V4(s), IpAddr::V4(e)) => u128::from(u32::from(e).saturating_sub(u32::from(s))),
+        (IpAddr::V6(s), IpAddr::V6(e)) => u128::from(e).saturating_sub(u128::from(s)),
+        // mixed families: contains nothing, so as wide as can be
+        _ => u128::MAX,
+    };
+    Span {
+        addresses,
+        ports: ts.end_port.saturating_sub(ts.start_port),
     }
 }
 
@@ -332,6 +390,68 @@ mod tests {
         p[40 + 8 + 3] = 0x10;
         let later = Flow::parse(&p).unwrap();
         assert_eq!((later.protocol, later.src_port), (17, None));
+    }
+
+    #[test]
+    fn spans_order_by_addresses_then_ports() {
+        let host = prefix_selector(v4("10.9.0.7"), 32);
+        let lan = prefix_selector(v4("10.9.0.0"), 24);
+        let site = prefix_selector(v4("10.9.0.0"), 16);
+        assert_eq!(
+            span(&host),
+            Span {
+                addresses: 0,
+                ports: 65535
+            }
+        );
+        assert_eq!(span(&lan).addresses, 255);
+        assert!(span(&host) < span(&lan) && span(&lan) < span(&site));
+        let dns = TrafficSelector {
+            protocol: 17,
+            start_port: 53,
+            end_port: 53,
+            ..lan
+        };
+        assert_eq!(
+            span(&dns),
+            Span {
+                addresses: 255,
+                ports: 0
+            }
+        );
+        assert!(span(&dns) < span(&lan), "fewer ports, same addresses");
+        assert!(span(&host) < span(&dns), "addresses decide before ports");
+        let all_v6 = prefix_selector("::".parse().unwrap(), 0);
+        assert_eq!(span(&all_v6).addresses, u128::MAX);
+        assert_eq!(
+            span(&TrafficSelector {
+                start_port: 9,
+                end_port: 8,
+                ..host
+            }),
+            Span::HOST,
+            "malformed ranges do not wrap"
+        );
+
+        let udp = [0x1f, 0x40, 0x00, 0x35, 0, 8, 0, 0];
+        let out = Flow::parse(&ipv4([10, 0, 0, 1], [10, 9, 0, 7], 17, 0, &udp)).unwrap();
+        let local = [prefix_selector(v4("10.0.0.0"), 24)];
+        assert_eq!(
+            out.outbound_span(&local, &[site, lan, dns]),
+            Some(span(&dns)),
+            "the most specific selector that contains the flow"
+        );
+        let tcp = Flow { protocol: 6, ..out };
+        assert_eq!(tcp.outbound_span(&local, &[site, dns]), Some(span(&site)));
+        assert_eq!(
+            out.outbound_span(&[host], &[lan]),
+            None,
+            "source outside ts_local"
+        );
+        assert_eq!(
+            out.outbound_span(&local, &[prefix_selector(v4("10.8.0.0"), 16)]),
+            None
+        );
     }
 
     #[test]

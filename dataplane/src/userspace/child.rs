@@ -12,7 +12,21 @@
 //!   start/stop ──build──► Arc<Table> ──swap──► RwLock<Arc<Table>> ◄──clone once per batch── workers
 //!                          ├─ by_spi:  in_spi → child            (inbound: ESP SPI lookup)
 //!                          ├─ by_host: single remote address → children (road warriors' virtual IPs)
-//!                          └─ ranged:  children with range selectors (linear scan)
+//!                          └─ ranged:  children with range selectors, narrowest first (scan)
+//! ```
+//!
+//! Outbound, among the children whose selectors contain a packet's flow, [`Table::route`] picks
+//! the one whose matching remote selector is the most specific ([`Span`]: fewest addresses,
+//! then fewest ports), and among equally specific ones the earliest started (a rekey's old
+//! child keeps the traffic until it is stopped). Otherwise a child with `10.9.0.0/24` started
+//! first would take the return traffic of another user's `10.9.0.7/32`.
+//!
+//! ```text
+//!   flow.dst ──by_host──► host children ── one matches with a single-address selector? ──► it
+//!                                                  │ no (nothing can be more specific)
+//!                                                  ▼
+//!            ranged, sorted by their narrowest selector: scan until the next child's narrowest
+//!            selector is wider than the best match so far ──► best (span, start order)
 //! ```
 
 use std::collections::HashMap;
@@ -28,7 +42,7 @@ use evpc_esp::{
 use evpc_raft_store::{ChildSuite, TrafficSelector};
 use nix::sys::socket::SockaddrStorage;
 
-use crate::selector::{Flow, single_address};
+use crate::selector::{Flow, Span, single_address, span};
 use crate::{ChildCounters, ChildStart, DriverError};
 
 /// ENCR_AES_GCM_16 (RFC 4106 §8.4; IKEv2 transform type 1, ID 20).
@@ -274,7 +288,9 @@ pub(crate) struct Table {
     pub children: Vec<Arc<Child>>,
     by_spi: HashMap<u32, usize>,
     by_host: HashMap<IpAddr, Vec<usize>>,
-    ranged: Vec<usize>,
+    /// Children with a range among their remote selectors, with the narrowest [`Span`] of
+    /// their remote selectors, ordered by (span, start order).
+    ranged: Vec<(Span, usize)>,
 }
 
 impl Table {
@@ -297,10 +313,11 @@ impl Table {
                     None => has_range = true,
                 }
             }
-            if has_range {
-                table.ranged.push(index);
+            if has_range && let Some(narrowest) = child.ts_remote.iter().map(span).min() {
+                table.ranged.push((narrowest, index));
             }
         }
+        table.ranged.sort_unstable();
         table.children = children;
         table
     }
@@ -313,23 +330,39 @@ impl Table {
         self.by_spi.get(&in_spi).copied()
     }
 
-    /// The child an outbound packet with this flow belongs to: the first started whose
-    /// selectors contain it.
+    /// The child an outbound packet with this flow belongs to: of those whose selectors
+    /// contain it, the one whose matching remote selector is the most specific, the earliest
+    /// started among equals (see the module documentation).
     pub(crate) fn route(&self, flow: &Flow) -> Option<usize> {
-        let matches = |&index: &usize| {
+        let candidate = |index: usize| {
             let child = &self.children[index];
-            flow.outbound_matches(&child.ts_local, &child.ts_remote)
+            flow.outbound_span(&child.ts_local, &child.ts_remote)
+                .map(|span| (span, index))
         };
-        let host = self
+        let mut best = self
             .by_host
             .get(&flow.dst)
-            .and_then(|candidates| candidates.iter().copied().find(matches));
-        let ranged = || self.ranged.iter().copied().find(matches);
-        match host {
-            // a child started earlier with a range selector takes precedence, as in a scan
-            Some(h) => Some(ranged().map_or(h, |r| r.min(h))),
-            None => ranged(),
+            .into_iter()
+            .flatten()
+            .filter_map(|&index| candidate(index))
+            .min();
+        // A match on a single-address selector is the narrowest possible, and every child that
+        // has one for this address is in `by_host`: no range child can beat it.
+        if best.is_some_and(|(span, _)| span.addresses == 0) {
+            return best.map(|(_, index)| index);
         }
+        for &(narrowest, index) in &self.ranged {
+            // sorted by narrowest selector: no later child can match more specifically
+            if best.is_some_and(|(span, _)| narrowest > span) {
+                break;
+            }
+            if let Some(found) = candidate(index)
+                && best.is_none_or(|b| found < b)
+            {
+                best = Some(found);
+            }
+        }
+        best.map(|(_, index)| index)
     }
 }
 
@@ -507,24 +540,28 @@ pub(crate) mod tests {
         );
     }
 
+    fn child(in_spi: u32, local: &str, remote: &str) -> Arc<Child> {
+        Arc::new(Child::new(&sample_start(in_spi, local, remote), 64).unwrap())
+    }
+
+    fn flow_to(dst: [u8; 4]) -> Flow {
+        Flow::parse(&udp_packet([10, 0, 0, 1], dst)).unwrap()
+    }
+
     #[test]
-    fn routing_prefers_the_first_started_child_whose_selectors_match() {
-        let a =
-            Arc::new(Child::new(&sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32"), 64).unwrap());
-        let b =
-            Arc::new(Child::new(&sample_start(0x2000, "10.0.0.0/24", "10.9.0.0/24"), 64).unwrap());
-        let c =
-            Arc::new(Child::new(&sample_start(0x3000, "10.0.0.0/24", "10.9.0.7/32"), 64).unwrap());
+    fn routing_prefers_the_most_specific_child_then_the_first_started() {
+        let a = child(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        let b = child(0x2000, "10.0.0.0/24", "10.9.0.0/24");
+        let c = child(0x3000, "10.0.0.0/24", "10.9.0.7/32");
         let table = Table::build(vec![a, b, c]);
-        let flow = |dst: [u8; 4]| Flow::parse(&udp_packet([10, 0, 0, 1], dst)).unwrap();
-        assert_eq!(table.route(&flow([10, 9, 0, 5])), Some(0));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 5])), Some(0));
         assert_eq!(
-            table.route(&flow([10, 9, 0, 7])),
-            Some(1),
-            "b was started before c"
+            table.route(&flow_to([10, 9, 0, 7])),
+            Some(2),
+            "c's /32 beats b's /24 although b was started first"
         );
-        assert_eq!(table.route(&flow([10, 9, 0, 8])), Some(1));
-        assert_eq!(table.route(&flow([10, 9, 1, 8])), None);
+        assert_eq!(table.route(&flow_to([10, 9, 0, 8])), Some(1));
+        assert_eq!(table.route(&flow_to([10, 9, 1, 8])), None);
         let wrong_source = Flow::parse(&udp_packet([10, 0, 1, 1], [10, 9, 0, 5])).unwrap();
         assert_eq!(table.route(&wrong_source), None);
         assert_eq!(table.index_of_spi(0x3000), Some(2));
@@ -536,5 +573,118 @@ pub(crate) mod tests {
                 4500
             ))))
         );
+    }
+
+    #[test]
+    fn a_narrower_range_beats_a_wider_one_started_earlier() {
+        let wide = child(0x1000, "10.0.0.0/24", "10.8.0.0/16");
+        let narrow = child(0x2000, "10.0.0.0/24", "10.8.3.0/24");
+        let table = Table::build(vec![wide, narrow]);
+        assert_eq!(
+            table.route(&flow_to([10, 8, 3, 1])),
+            Some(1),
+            "/24 beats /16"
+        );
+        assert_eq!(table.route(&flow_to([10, 8, 4, 1])), Some(0));
+    }
+
+    #[test]
+    fn equally_specific_children_go_to_the_first_started() {
+        // a rekey: the new child has the old one's selectors; the old keeps the traffic
+        let old = child(0x1000, "10.0.0.0/24", "10.7.0.0/24");
+        let new = child(0x2000, "10.0.0.0/24", "10.7.0.0/24");
+        let host_old = child(0x3000, "10.0.0.0/24", "10.9.0.9/32");
+        let host_new = child(0x4000, "10.0.0.0/24", "10.9.0.9/32");
+        let table = Table::build(vec![old, new.clone(), host_old, host_new.clone()]);
+        assert_eq!(table.route(&flow_to([10, 7, 0, 1])), Some(0));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(2));
+        // the old ones stopped: the new ones take over
+        let table = Table::build(vec![new, host_new]);
+        assert_eq!(table.route(&flow_to([10, 7, 0, 1])), Some(0));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(1));
+    }
+
+    #[test]
+    fn ports_break_ties_between_equal_address_ranges() {
+        let any = child(0x1000, "10.0.0.0/24", "10.9.0.0/24");
+        let mut start = sample_start(0x2000, "10.0.0.0/24", "10.9.0.0/24");
+        // the test packets go to UDP port 8001
+        start.ts_remote[0].protocol = 17;
+        start.ts_remote[0].start_port = 8001;
+        start.ts_remote[0].end_port = 8001;
+        let one_port = Arc::new(Child::new(&start, 64).unwrap());
+        let table = Table::build(vec![any, one_port]);
+        assert_eq!(table.route(&flow_to([10, 9, 0, 3])), Some(1));
+        let other_port = {
+            let udp = [0x1f, 0x40, 0x00, 0x35, 0, 8, 0, 0];
+            let packet =
+                crate::selector::tests_support::ipv4([10, 0, 0, 1], [10, 9, 0, 3], 17, 0, &udp);
+            Flow::parse(&packet).unwrap()
+        };
+        assert_eq!(table.route(&other_port), Some(0));
+    }
+
+    #[test]
+    fn a_host_child_that_does_not_match_falls_through_to_the_ranges() {
+        // the /32 child only carries traffic from 10.0.1.0/24; ours comes from 10.0.0.1
+        let host = child(0x1000, "10.0.1.0/24", "10.9.0.7/32");
+        let range = child(0x2000, "10.0.0.0/24", "10.9.0.0/24");
+        let table = Table::build(vec![host, range]);
+        assert_eq!(table.route(&flow_to([10, 9, 0, 7])), Some(1));
+        let from_other_lan = Flow::parse(&udp_packet([10, 0, 1, 1], [10, 9, 0, 7])).unwrap();
+        assert_eq!(table.route(&from_other_lan), Some(0));
+    }
+
+    #[test]
+    fn routing_agrees_with_a_full_scan() {
+        // children with one or two remote selectors, overlapping in every way, in an order
+        // that is not their specificity
+        let remotes: [&[&str]; 9] = [
+            &["10.9.0.0/16"],
+            &["10.9.0.0/24", "10.9.2.0/23"],
+            &["10.9.0.7/32"],
+            &["10.9.0.0/25"],
+            &["10.9.0.7/32", "10.9.1.0/24"],
+            &["10.9.0.0/24"],
+            &["10.9.3.0/24", "10.9.0.128/25"],
+            &["10.9.0.8/29"],
+            &["10.9.0.12/32", "10.9.0.0/16"],
+        ];
+        let children: Vec<Arc<Child>> = remotes
+            .iter()
+            .enumerate()
+            .map(|(i, selectors)| {
+                let mut start = sample_start(0x1000 + i as u32, "10.0.0.0/24", selectors[0]);
+                start.ts_remote = selectors
+                    .iter()
+                    .map(|s| {
+                        let (addr, len) = s.split_once('/').unwrap();
+                        prefix_selector(addr.parse().unwrap(), len.parse().unwrap())
+                    })
+                    .collect();
+                Arc::new(Child::new(&start, 64).unwrap())
+            })
+            .collect();
+        let table = Table::build(children.clone());
+        for third in 0..=4u8 {
+            for fourth in 0..=255u8 {
+                let flow = flow_to([10, 9, third, fourth]);
+                let expected = children
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| {
+                        flow.outbound_span(&c.ts_local, &c.ts_remote)
+                            .map(|s| (s, i))
+                    })
+                    .min()
+                    .map(|(_, i)| i);
+                assert_eq!(table.route(&flow), expected, "10.9.{third}.{fourth}");
+            }
+        }
+        assert_eq!(table.route(&flow_to([10, 9, 0, 7])), Some(2));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 12])), Some(8));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(7));
+        assert_eq!(table.route(&flow_to([10, 9, 0, 200])), Some(6));
+        assert_eq!(table.route(&flow_to([10, 9, 4, 1])), Some(0));
     }
 }

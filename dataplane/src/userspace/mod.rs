@@ -12,7 +12,7 @@
 //!   │ fence gate open? (else count, drop ESP)   │     │ fence gate open? (else count, drop)   │
 //!   │ classify (RFC 3948 §2):                   │     │ Flow::parse → child whose ts_remote   │
 //!   │   0xff → NAT-keepalive, ignored           │     │   holds dst and ts_local holds src    │
-//!   │   0x00000000 → IKE → node's channel       │     │   (none: count no_child, drop)        │
+//!   │   0x00000000 → IKE → node's channel       │     │   most specific; none: no_child, drop │
 //!   │   else ESP: SPI → child (else count       │     │ seal_in_place under the lease         │
 //!   │     unknown_spi: another node's SA)       │     │   (used up: count lease_waits, drop)  │
 //!   │   open: replay window, ICV, trailer       │     │ sendmmsg to each child's peer (runs   │

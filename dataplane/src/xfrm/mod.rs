@@ -7,20 +7,50 @@
 //! RFC 3948 through a `UDP_ENCAP_ESPINUDP` socket on the cluster address).
 //!
 //! ```text
-//!  XfrmDriver::new ── probe: NEWSA of a throwaway ESP state ── refused? ──► XfrmUnavailable
+//!  XfrmDriver::new ── flush_owned(reqids): DELSA / DELPOLICY what carries this node's reqids
+//!        │            (left by a killed predecessor; everyone else's stays)
+//!        ├─ probe: NEWSA of a throwaway ESP state ── refused? ──► XfrmUnavailable
 //!        │                                                     (the node falls back to userspace)
 //!        ├─ UDP 4500 with UDP_ENCAP_ESPINUDP: the kernel takes ESP, IKE (marker) reaches us ─┐
 //!        ├─ UDP 500 ──────────────────────────────────────────────────── IKE reader ─────────┴► IkeReceiver
 //!        └─ watchdog: fence gate closed → remove the states (policies stay: traffic is dropped)
 //!
-//!  start:    NEWSA out (oseq = next_seq - 1, hard packet limit = the lease)
+//!  start:    reqid: the next free one in the node's range (XfrmConfig::reqids)
+//!            NEWSA out (oseq = next_seq - 1, hard packet limit = the lease)
 //!            NEWSA in  (replay seq = replay_floor, bitmap all ones)
+//!              └ EEXIST from a state of ours: DELSA, NEWSA again (install_sa)
 //!            NEWPOLICY out (ts_local → ts_remote), in + fwd (ts_remote → ts_local), template ESP
-//!            tunnel local ⇄ peer, reqid = in_spi
+//!            tunnel local ⇄ peer, the child's reqid, priority by specificity
+//!              └ EEXIST from a policy of ours: UPDPOLICY (install_policy); a selector another
+//!                running child already has: shared, no kernel change
 //!  counters: GETAE out (oseq, packets), GETAE in (seq, packets), GETSA in (replay / ICV stats)
 //!  extend:   UPDSA out with the larger hard packet limit (or NEWSA again if it expired)
-//!  stop:     counters, DELPOLICY ×n, DELSA ×2
+//!  stop:     counters, DELPOLICY ×n (or UPDPOLICY to hand a shared one over), DELSA ×2
 //! ```
+//!
+//! ## Whose kernel objects these are
+//!
+//! Everything the driver installs carries a reqid from [`XfrmConfig::reqids`], a range that
+//! belongs to this node ([`ReqidRange::for_node`]). [`XfrmDriver::new`] first removes every
+//! state and policy with a reqid in that range ([`flush_owned`]): a process killed with
+//! SIGKILL leaves its states encrypting (unfenced, within their last lease) and its policies
+//! in place, where the next start would fail on EEXIST. Nothing outside the range (a key
+//! manager's, the operator's) is touched, then or later; see [`owned`](self::owned).
+//!
+//! ## Which policy the kernel picks
+//!
+//! The kernel uses the matching policy with the lowest priority value. Each policy gets
+//! [`policy_priority`]: `policy_priority` of the config (the base) plus 17 per remote address
+//! bit its prefix leaves free plus one per free remote port bit. A child's `/32` is thus
+//! chosen over another's `/24` however they were installed — the same choice as the userspace
+//! backend's routing, so one user cannot take another's return traffic. Policies of equal
+//! priority go to the older one.
+//!
+//! The kernel holds one policy per selector and direction. Children with the same selectors
+//! (a rekey's old and new child) share it: it carries the first started child's reqid and
+//! tunnel, and passes to the next when that child stops. Until then the newer child's
+//! inbound packets fail the policy's template check (`XfrmInTmplMismatch`), which ends when
+//! the old child is stopped at the end of the rekey.
 //!
 //! ## How the lease is enforced in the kernel
 //!
@@ -53,6 +83,7 @@
 
 mod msg;
 mod netlink;
+pub mod owned;
 
 use std::collections::HashMap;
 use std::io;
@@ -69,11 +100,16 @@ use nix::{setsockopt_impl, sockopt_impl};
 use zeroize::Zeroizing;
 
 pub use self::msg::{
-    AEAD_RFC4106, AeValues, Direction, NULL_CIPHER, PolicyDir, SaParams, Sel, alloc_spi_message,
-    get_ae, null_esp_message, parse_ae, policy_id_message, policy_message, port_range_to_masks,
-    prefix_sel, range_to_prefixes, sa_id_message, sa_message, selectors,
+    AEAD_RFC4106, AeValues, Direction, NULL_CIPHER, PRIORITY_PER_ADDRESS_BIT, PolicyDir, SaParams,
+    Sel, alloc_spi_message, get_ae, null_esp_message, parse_ae, policy_id_message, policy_message,
+    policy_priority, port_range_to_masks, prefix_sel, range_to_prefixes, sa_id_message, sa_message,
+    selectors,
 };
 pub use self::netlink::{NetlinkError, XfrmNetlink};
+use self::owned::ReqidAllocator;
+pub use self::owned::{
+    FlushReport, FlushedPolicy, FlushedState, ReqidRange, flush_owned, install_policy, install_sa,
+};
 use crate::ike::{self, IkePort, IkeReceiver, IkeSender};
 use crate::userspace::esp_suite;
 use crate::userspace::udp::bind_udp;
@@ -100,16 +136,21 @@ pub enum XfrmUnavailable {
     /// No XFRM netlink at all, or another failure.
     #[error("XFRM netlink is unusable: {0}")]
     Unusable(String),
+    /// The configuration cannot work (e.g. an unusable reqid range).
+    #[error("the kernel data plane is misconfigured: {0}")]
+    BadConfig(String),
 }
 
 /// Checks, with a throwaway state that is removed at once, that this kernel can do ESP with
 /// AES-GCM-16 (in the calling thread's network namespace).
 pub fn probe() -> Result<(), XfrmUnavailable> {
     let netlink = XfrmNetlink::open().map_err(|e| XfrmUnavailable::Unusable(e.to_string()))?;
-    probe_with(&netlink)
+    probe_with(&netlink, 0)
 }
 
-fn probe_with(netlink: &XfrmNetlink) -> Result<(), XfrmUnavailable> {
+/// The probe, its AES-GCM state tagged with `reqid` (the driver's: the first of its range, so
+/// that a probe state left by a crash is flushed with the rest at the next start).
+fn probe_with(netlink: &XfrmNetlink, reqid: u32) -> Result<(), XfrmUnavailable> {
     let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
     let dst = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     // a SPI nobody else picks: high, and different per process
@@ -143,7 +184,7 @@ fn probe_with(netlink: &XfrmNetlink) -> Result<(), XfrmUnavailable> {
         src,
         dst,
         spi,
-        reqid: 0,
+        reqid,
         keymat: &keymat,
         esn: false,
         encap: None,
@@ -175,8 +216,13 @@ pub struct XfrmConfig {
     pub freebind: bool,
     /// Inbound anti-replay window (32 to 4096 packets).
     pub replay_window: u32,
-    /// Priority of the installed policies (lower wins).
+    /// Base priority of the installed policies (lower wins): each gets this plus how
+    /// unspecific its remote selector is ([`policy_priority`]), 0 to 2192 more.
     pub policy_priority: u32,
+    /// The reqids this node tags its states and policies with, and flushes at start: derive
+    /// it from the node id with [`ReqidRange::for_node`], unique among the nodes (and other
+    /// users of the range) that share this kernel's XFRM tables.
+    pub reqids: ReqidRange,
     /// Depth of the IKE channel.
     pub ike_queue: usize,
     /// How often the fence gate is checked: the kernel processes packets by itself, so a
@@ -185,8 +231,8 @@ pub struct XfrmConfig {
 }
 
 impl XfrmConfig {
-    /// Defaults: ports 4500 and 500, a 1024-packet window, policy priority 1000, a 20 ms
-    /// watchdog.
+    /// Defaults: ports 4500 and 500, a 1024-packet window, base policy priority 1000, the
+    /// reqids of node 0 ([`ReqidRange::for_node`]`(0)`: set the node's own), a 20 ms watchdog.
     pub fn new(cluster: IpAddr) -> XfrmConfig {
         XfrmConfig {
             cluster,
@@ -195,6 +241,7 @@ impl XfrmConfig {
             freebind: true,
             replay_window: 1024,
             policy_priority: 1000,
+            reqids: ReqidRange::for_node(0),
             ike_queue: ike::DEFAULT_IKE_QUEUE,
             watchdog: Duration::from_millis(20),
         }
@@ -217,9 +264,11 @@ const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
 #[derive(Debug)]
 struct KChild {
     start: ChildStart,
+    /// From the node's range; tags the child's states and policy templates.
     reqid: u32,
-    out_sels: Vec<Sel>,
-    in_sels: Vec<Sel>,
+    /// The kernel policies the child needs, without duplicates: `Out` for each selector of
+    /// ts_local → ts_remote, `In` and `Fwd` for each of ts_remote → ts_local.
+    policy_keys: Vec<(Sel, PolicyDir)>,
     /// `oseq` the outbound state was (last) installed with.
     install_base: u64,
     /// Lease limit in force.
@@ -232,9 +281,21 @@ struct KChild {
     last: ChildCounters,
 }
 
+/// A running child's claim on a kernel policy.
+#[derive(Copy, Clone, Debug)]
+struct PolicyUser {
+    in_spi: u32,
+    reqid: u32,
+    peer: IpAddr,
+}
+
 #[derive(Debug)]
 struct State {
     children: HashMap<u32, KChild>,
+    /// The kernel keeps one policy per selector and direction, so children with the same
+    /// selectors share it: its users in start order; the installed policy is the first one's.
+    policies: HashMap<(Sel, PolicyDir), Vec<PolicyUser>>,
+    reqids: ReqidAllocator,
     node_fenced: bool,
     applied_fence: bool,
 }
@@ -265,8 +326,19 @@ impl XfrmDriver {
         config: XfrmConfig,
         gate: Arc<FenceGate>,
     ) -> Result<(XfrmDriver, IkeReceiver), XfrmUnavailable> {
+        config
+            .reqids
+            .check()
+            .map_err(|e| XfrmUnavailable::BadConfig(format!("XfrmConfig::reqids: {e}")))?;
         let netlink = XfrmNetlink::open().map_err(|e| XfrmUnavailable::Unusable(e.to_string()))?;
-        probe_with(&netlink)?;
+        // before anything else, even on a kernel without ESP: leftover policies of ours would
+        // drop the traffic of the userspace data plane the node falls back to
+        let flushed = flush_owned(&netlink, config.reqids).map_err(|e| match e.errno {
+            libc::EPERM | libc::EACCES => XfrmUnavailable::NotPermitted(e),
+            _ => XfrmUnavailable::Unusable(format!("flushing this node's XFRM objects: {e}")),
+        })?;
+        log_flush(&flushed, config.reqids);
+        probe_with(&netlink, config.reqids.base)?;
         let io = |e: io::Error| XfrmUnavailable::Unusable(e.to_string());
         let natt = bind_udp(
             SocketAddr::new(config.cluster, config.natt_port),
@@ -284,12 +356,15 @@ impl XfrmDriver {
             None => None,
         };
         let (ike_tx, ike_rx) = tokio::sync::mpsc::channel(config.ike_queue.max(1));
+        let reqids = ReqidAllocator::new(config.reqids);
         let inner = Arc::new(Inner {
             netlink,
             config,
             gate,
             state: Mutex::new(State {
                 children: HashMap::new(),
+                policies: HashMap::new(),
+                reqids,
                 node_fenced: false,
                 applied_fence: false,
             }),
@@ -372,6 +447,33 @@ impl XfrmDriver {
     }
 }
 
+/// Says what [`flush_owned`] removed at start: a summary, and each object at debug level.
+fn log_flush(report: &FlushReport, reqids: ReqidRange) {
+    if report.is_empty() {
+        tracing::debug!(
+            %reqids,
+            kept_states = report.states_kept,
+            kept_policies = report.policies_kept,
+            "no XFRM states or policies of this node's to flush"
+        );
+        return;
+    }
+    tracing::warn!(
+        %reqids,
+        states = report.states.len(),
+        policies = report.policies.len(),
+        kept_states = report.states_kept,
+        kept_policies = report.policies_kept,
+        "removed XFRM states and policies a previous run of this node left in the kernel"
+    );
+    for state in &report.states {
+        tracing::debug!("flushed {state}");
+    }
+    for policy in &report.policies {
+        tracing::debug!("flushed {policy}");
+    }
+}
+
 impl Drop for XfrmDriver {
     fn drop(&mut self) {
         self.shutdown();
@@ -449,8 +551,12 @@ impl Inner {
 
     fn install_out(&self, child: &mut KChild, oseq: u64) -> Result<(), NetlinkError> {
         let message = self.out_message(child, oseq, child.limit);
-        self.netlink
-            .request("NEWSA (outbound)", XfrmMessage::AddSa(message), ADD)?;
+        install_sa(
+            &self.netlink,
+            "NEWSA (outbound)",
+            message,
+            self.config.reqids,
+        )?;
         child.install_base = oseq;
         child.out_installed = true;
         Ok(())
@@ -458,8 +564,12 @@ impl Inner {
 
     fn install_in(&self, child: &mut KChild, floor: u64) -> Result<(), NetlinkError> {
         let message = self.in_message(child, floor);
-        self.netlink
-            .request("NEWSA (inbound)", XfrmMessage::AddSa(message), ADD)?;
+        install_sa(
+            &self.netlink,
+            "NEWSA (inbound)",
+            message,
+            self.config.reqids,
+        )?;
         child.in_floor = floor;
         child.in_installed = true;
         Ok(())
@@ -476,43 +586,86 @@ impl Inner {
         }
     }
 
-    fn policies(&self, child: &KChild) -> Vec<(Sel, PolicyDir)> {
-        let mut all: Vec<(Sel, PolicyDir)> = child
-            .out_sels
-            .iter()
-            .map(|s| (*s, PolicyDir::Out))
-            .collect();
-        for sel in &child.in_sels {
-            all.push((*sel, PolicyDir::In));
-            all.push((*sel, PolicyDir::Fwd));
-        }
-        all
+    /// The policy for `sel` in `dir` as `user` (its reqid and tunnel) holds it.
+    fn policy_for(
+        &self,
+        (sel, dir): (Sel, PolicyDir),
+        user: &PolicyUser,
+    ) -> netlink_packet_xfrm::policy::ModifyMessage {
+        let local = self.local();
+        let (src, dst) = if dir == PolicyDir::Out {
+            (local, user.peer)
+        } else {
+            (user.peer, local)
+        };
+        let priority = policy_priority(self.config.policy_priority, &sel, dir);
+        policy_message(sel, dir, src, dst, user.reqid, priority)
     }
 
-    fn install_policies(&self, child: &KChild) -> Result<(), NetlinkError> {
-        let local = self.local();
-        let peer = child.start.peer.ip();
-        for (sel, dir) in self.policies(child) {
-            let (src, dst) = if dir == PolicyDir::Out {
-                (local, peer)
-            } else {
-                (peer, local)
-            };
-            let message =
-                policy_message(sel, dir, src, dst, child.reqid, self.config.policy_priority);
-            self.netlink
-                .request("NEWPOLICY", XfrmMessage::AddPolicy(message), ADD)?;
+    /// Installs the child's policies, or joins those another running child already holds
+    /// for the same selector and direction. On failure, what was done stays registered:
+    /// [`Inner::release_policies`] undoes it.
+    fn install_policies(
+        &self,
+        policies: &mut HashMap<(Sel, PolicyDir), Vec<PolicyUser>>,
+        child: &KChild,
+    ) -> Result<(), NetlinkError> {
+        let user = PolicyUser {
+            in_spi: child.start.in_spi,
+            reqid: child.reqid,
+            peer: child.start.peer.ip(),
+        };
+        for &key in &child.policy_keys {
+            let shared = policies.get(&key).is_some_and(|users| !users.is_empty());
+            if !shared {
+                install_policy(
+                    &self.netlink,
+                    self.policy_for(key, &user),
+                    self.config.reqids,
+                )?;
+            }
+            policies.entry(key).or_default().push(user);
         }
         Ok(())
     }
 
-    fn remove_policies(&self, child: &KChild) {
-        for (sel, dir) in self.policies(child) {
-            let _ = self.netlink.request(
-                "DELPOLICY",
-                XfrmMessage::DeletePolicy(policy_id_message(sel, dir)),
-                ACK,
-            );
+    /// Gives up the child's claims: a policy it held passes to the next child using it
+    /// (UPDPOLICY), or is deleted when none is left.
+    fn release_policies(
+        &self,
+        policies: &mut HashMap<(Sel, PolicyDir), Vec<PolicyUser>>,
+        child: &KChild,
+    ) {
+        for &key in &child.policy_keys {
+            let Some(users) = policies.get_mut(&key) else {
+                continue;
+            };
+            let Some(at) = users.iter().position(|u| u.in_spi == child.start.in_spi) else {
+                continue;
+            };
+            users.remove(at);
+            if at != 0 {
+                continue; // the kernel's policy is another child's
+            }
+            if let Some(next) = users.first() {
+                let message = self.policy_for(key, next);
+                if let Err(e) = self.netlink.request(
+                    "UPDPOLICY (hand over)",
+                    XfrmMessage::UpdatePolicy(message),
+                    ACK,
+                ) {
+                    // the policy still names the stopped child's reqid: its traffic is dropped,
+                    // not sent in the clear
+                    tracing::error!(error = %e, "handing a shared policy to the next child");
+                }
+            } else {
+                policies.remove(&key);
+                let _ = self.netlink.request(
+                    "DELPOLICY",
+                    XfrmMessage::DeletePolicy(policy_id_message(key.0, key.1)),
+                    ACK,
+                );
+            }
         }
     }
 
@@ -647,14 +800,32 @@ impl SaDriver for XfrmDriver {
                 in_sels.len()
             )));
         }
+        let mut policy_keys: Vec<(Sel, PolicyDir)> = Vec::new();
+        let wanted = out_sels.iter().map(|s| (*s, PolicyDir::Out)).chain(
+            in_sels
+                .iter()
+                .flat_map(|s| [(*s, PolicyDir::In), (*s, PolicyDir::Fwd)]),
+        );
+        for key in wanted {
+            // overlapping traffic selectors can yield one kernel selector twice
+            if !policy_keys.contains(&key) {
+                policy_keys.push(key);
+            }
+        }
         let mut state = self.inner.lock();
         if state.children.contains_key(&in_spi) {
             return Err(DriverError::AlreadyRunning(in_spi));
         }
+        let Some(reqid) = state.reqids.allocate() else {
+            return Err(DriverError::Io(format!(
+                "child SA {in_spi:08x}: no free reqid left in {} ({} children running)",
+                self.inner.config.reqids,
+                state.children.len()
+            )));
+        };
         let mut kchild = KChild {
-            reqid: in_spi,
-            out_sels,
-            in_sels,
+            reqid,
+            policy_keys,
             install_base: child.next_seq.max(1) - 1,
             limit: child.limit,
             in_floor: child.replay_floor,
@@ -670,14 +841,21 @@ impl SaDriver for XfrmDriver {
                 self.inner.install_out(&mut kchild, base)?;
                 self.inner.install_in(&mut kchild, floor)?;
             }
-            self.inner.install_policies(&kchild)
+            self.inner.install_policies(&mut state.policies, &kchild)
         })();
         if let Err(e) = result {
+            // undo only what this start did: a state or policy found in the way is someone
+            // else's, or another child's
             let local = self.inner.local();
             let peer = kchild.start.peer.ip();
-            self.inner.remove_policies(&kchild);
-            let _ = self.inner.delete_sa(peer, kchild.start.out_spi, local);
-            let _ = self.inner.delete_sa(local, in_spi, peer);
+            self.inner.release_policies(&mut state.policies, &kchild);
+            if kchild.out_installed {
+                let _ = self.inner.delete_sa(peer, kchild.start.out_spi, local);
+            }
+            if kchild.in_installed {
+                let _ = self.inner.delete_sa(local, in_spi, peer);
+            }
+            state.reqids.release(reqid);
             return Err(driver_error(in_spi, e));
         }
         state.children.insert(in_spi, kchild);
@@ -734,7 +912,8 @@ impl SaDriver for XfrmDriver {
         self.inner.refresh(&mut child);
         let local = self.inner.local();
         let peer = child.start.peer.ip();
-        self.inner.remove_policies(&child);
+        self.inner.release_policies(&mut state.policies, &child);
+        state.reqids.release(child.reqid);
         if let Err(e) = self.inner.delete_sa(peer, child.start.out_spi, local) {
             tracing::error!(error = %e, "stop: removing the outbound state");
         }

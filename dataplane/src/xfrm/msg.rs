@@ -7,7 +7,8 @@
 //!        ──► sa_message(in)   NEWSA        dst = local, spi = in_spi,  replay seq = replay_floor,
 //!                                          bitmap all ones (≤ floor refused)
 //!        ──► policy_message   NEWPOLICY    out: local TS → remote TS, in/fwd: remote → local,
-//!                                          template ESP tunnel local ⇄ peer, reqid
+//!                                          template ESP tunnel local ⇄ peer, reqid,
+//!                                          priority = policy_priority (more specific: lower)
 //!        ──► get_ae           GETAE        → NEWAE: replay state (oseq / seq) + lifetime current
 //! ```
 //!
@@ -270,7 +271,7 @@ pub fn parse_ae(message: &NewAsyncEventMessage) -> AeValues {
 }
 
 /// An XFRM selector: addresses as prefixes, one protocol, ports as value/mask.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Sel {
     /// Source prefix.
     pub src: (IpAddr, u8),
@@ -406,7 +407,7 @@ pub fn selectors(from: &[TrafficSelector], to: &[TrafficSelector]) -> Vec<Sel> {
 
 /// Policy directions for a selector: `Out` for local → remote; `In` and `Fwd` for remote →
 /// local (`Fwd`: traffic forwarded to the protected network behind this gateway).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PolicyDir {
     /// XFRM_POLICY_OUT.
     Out,
@@ -417,13 +418,46 @@ pub enum PolicyDir {
 }
 
 impl PolicyDir {
-    fn code(self) -> u8 {
+    /// The kernel's `XFRM_POLICY_*` code.
+    pub fn code(self) -> u8 {
         match self {
             PolicyDir::Out => XFRM_POLICY_OUT,
             PolicyDir::In => XFRM_POLICY_IN,
             PolicyDir::Fwd => XFRM_POLICY_FWD,
         }
     }
+
+    /// The direction of a kernel code; `None` for socket policies and unknown codes.
+    pub fn from_code(code: u8) -> Option<PolicyDir> {
+        match code {
+            XFRM_POLICY_OUT => Some(PolicyDir::Out),
+            XFRM_POLICY_IN => Some(PolicyDir::In),
+            XFRM_POLICY_FWD => Some(PolicyDir::Fwd),
+            _ => None,
+        }
+    }
+}
+
+/// Priority steps per remote address bit a selector leaves free: more than the 0 to 16 free
+/// port bits add, so a narrower address prefix always wins over a narrower port mask.
+pub const PRIORITY_PER_ADDRESS_BIT: u32 = 17;
+
+/// The priority of the policy for `sel` in direction `dir`: `base` plus how unspecific its
+/// remote side is (the destination of `Out`, the source of `In` and `Fwd`):
+/// `base + 17 × (address bits not fixed by the remote prefix) + (port bits not fixed by the
+/// remote port mask)`. The kernel uses the matching policy with the lowest priority value
+/// (`xfrm_policy_lookup_bytype`, equal priorities: the older one), so a `/32` is chosen over a
+/// `/24` whatever order they were installed in: the same choice as the userspace backend's
+/// routing ([`crate::selector::Span`]). Ranges over `base` by 0 to 2192 (IPv6 `::/0`, any port).
+pub fn policy_priority(base: u32, sel: &Sel, dir: PolicyDir) -> u32 {
+    let ((addr, prefix_len), (_, port_mask)) = match dir {
+        PolicyDir::Out => (sel.dst, sel.dport),
+        PolicyDir::In | PolicyDir::Fwd => (sel.src, sel.sport),
+    };
+    let bits: u32 = if addr.is_ipv4() { 32 } else { 128 };
+    let free_address_bits = bits.saturating_sub(u32::from(prefix_len));
+    let free_port_bits = port_mask.count_zeros();
+    base.saturating_add(free_address_bits * PRIORITY_PER_ADDRESS_BIT + free_port_bits)
 }
 
 /// NEWPOLICY body: `sel` in direction `dir` must go through ESP in tunnel mode between
@@ -662,6 +696,47 @@ mod tests {
             "reqid"
         );
         assert_eq!(tmpl[48], 1, "tunnel mode");
+    }
+
+    #[test]
+    fn more_specific_remote_selectors_get_lower_priorities() {
+        let local = (ip("10.0.0.0"), 24);
+        let out = |remote: (IpAddr, u8)| prefix_sel(local, remote)[0];
+        let host = out((ip("10.9.0.7"), 32));
+        let lan = out((ip("10.9.0.0"), 24));
+        let site = out((ip("10.9.0.0"), 16));
+        let p = |sel: &Sel, dir| policy_priority(1000, sel, dir);
+        assert_eq!(p(&host, PolicyDir::Out), 1000 + 16, "a host, any port");
+        assert_eq!(p(&lan, PolicyDir::Out), 1000 + 8 * 17 + 16);
+        assert!(p(&host, PolicyDir::Out) < p(&lan, PolicyDir::Out));
+        assert!(p(&lan, PolicyDir::Out) < p(&site, PolicyDir::Out));
+        // inbound and forward: the remote side is the source
+        let back = |remote: (IpAddr, u8)| prefix_sel(remote, local)[0];
+        for dir in [PolicyDir::In, PolicyDir::Fwd] {
+            assert_eq!(p(&back((ip("10.9.0.7"), 32)), dir), 1016);
+            assert!(p(&back((ip("10.9.0.7"), 32)), dir) < p(&back((ip("10.9.0.0"), 24)), dir));
+        }
+        // the local side does not count
+        let wide_local = prefix_sel((ip("0.0.0.0"), 0), (ip("10.9.0.7"), 32))[0];
+        assert_eq!(p(&wide_local, PolicyDir::Out), p(&host, PolicyDir::Out));
+        // one port beats any port on the same prefix, but never a narrower prefix
+        let mut dns = prefix_selector(ip("10.9.0.0"), 24);
+        (dns.protocol, dns.start_port, dns.end_port) = (17, 53, 53);
+        let dns = selectors(&[prefix_selector(local.0, local.1)], &[dns])[0];
+        assert_eq!(p(&dns, PolicyDir::Out), 1000 + 8 * 17);
+        assert!(p(&dns, PolicyDir::Out) < p(&lan, PolicyDir::Out));
+        let host_25 = out((ip("10.9.0.0"), 25));
+        assert!(p(&host_25, PolicyDir::Out) < p(&dns, PolicyDir::Out));
+        let all_v6 = prefix_sel((ip("2001:db8::"), 64), (ip("::"), 0))[0];
+        assert_eq!(p(&all_v6, PolicyDir::Out), 1000 + 128 * 17 + 16);
+        assert_eq!(
+            policy_priority(u32::MAX - 1, &site, PolicyDir::Out),
+            u32::MAX
+        );
+        for dir in [PolicyDir::Out, PolicyDir::In, PolicyDir::Fwd] {
+            assert_eq!(PolicyDir::from_code(dir.code()), Some(dir));
+        }
+        assert_eq!(PolicyDir::from_code(3), None, "socket policies");
     }
 
     #[test]
