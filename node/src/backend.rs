@@ -17,7 +17,7 @@ use std::sync::Arc;
 use evpc_dataplane::SaDriver;
 use evpc_dataplane::ike::{IkeReceiver, IkeSocket};
 use evpc_dataplane::userspace::{TunConfig, UserspaceConfig, UserspaceDriver};
-use evpc_dataplane::xfrm::{XfrmConfig, XfrmDriver};
+use evpc_dataplane::xfrm::{ReqidRange, XfrmConfig, XfrmDriver};
 
 use crate::config::{DataplaneConfig, parse_prefix};
 use crate::node::Node;
@@ -103,6 +103,9 @@ pub fn start(node: &Arc<Node>) -> anyhow::Result<Option<Backend>> {
         "userspace" => userspace(node, cluster()?)?,
         "xfrm" => {
             let mut xc = XfrmConfig::new(cluster()?);
+            // Every kernel state and policy this node installs carries a reqid of its own
+            // range, so the driver can flush what a crashed process left (and only that).
+            xc.reqids = ReqidRange::for_node(node.id);
             if let Some(port) = config.natt_port {
                 xc.natt_port = port;
             }

@@ -4,7 +4,10 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use evpc_proto::cluster::v1::cluster_server::Cluster;
-use evpc_proto::cluster::v1::{PingMessage, Proposal, ProposalResult, RaftMessage, SnapshotChunk};
+use evpc_proto::cluster::v1::{
+    CheckInRequest, CheckInResponse, PingMessage, Proposal, ProposalResult, RaftMessage,
+    ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+};
 use evpc_raft_store::Command;
 use evpc_raft_store::raft::{Snapshot, SnapshotMeta, Vote};
 use tokio_stream::StreamExt;
@@ -26,6 +29,32 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    /// Raft traffic is refused until this node checked in, and after its Raft core stopped.
+    fn require_in_service(&self) -> Result<(), Status> {
+        if self.node.in_service() {
+            Ok(())
+        } else if !self.node.raft_running() {
+            Err(Status::unavailable(format!(
+                "node {}: its Raft core has stopped",
+                self.node.id
+            )))
+        } else {
+            Err(Status::unavailable(format!(
+                "node {} is starting: it has not checked its data directory in with its peers yet",
+                self.node.id
+            )))
+        }
+    }
+
+    /// Whether `node` is a member (voter or learner) in this node's view.
+    fn is_member(&self, node: u64) -> bool {
+        let metrics = self.node.raft.metrics();
+        let m = openraft::rt::WatchReceiver::borrow_watched(&metrics);
+        m.membership_config.membership().get_node(&node).is_some()
+    }
+}
+
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
     Ok(Response::new(RaftMessage {
         payload: wire::encode(value)?,
@@ -44,6 +73,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<AppendReplies>, Status> {
+        self.require_in_service()?;
         // A request that does not decode ends the input; the leader sees the stream close and
         // falls back to a fresh one.
         let requests = request.into_inner().map_while(|message| {
@@ -68,11 +98,13 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.require_in_service()?;
         let rpc = wire::decode(&request.into_inner().payload)?;
         reply(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.require_in_service()?;
         let rpc = wire::decode(&request.into_inner().payload)?;
         reply(&self.node.raft.vote(rpc).await)
     }
@@ -81,6 +113,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.require_in_service()?;
         let rpc = wire::decode(&request.into_inner().payload)?;
         reply(&self.node.raft.pre_vote(rpc).await)
     }
@@ -89,6 +122,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.require_in_service()?;
         let rpc = wire::decode(&request.into_inner().payload)?;
         reply(&self.node.raft.handle_transfer_leader(rpc).await)
     }
@@ -97,6 +131,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.require_in_service()?;
         let mut chunks = request.into_inner();
         let first = chunks
             .next()
@@ -121,19 +156,70 @@ impl Cluster for ClusterService {
         reply(&self.node.raft.install_full_snapshot(vote, snapshot).await)
     }
 
+    /// Answers a peer's ping. Being pinged is not contact (only a round trip of this node's own
+    /// pings is, see [`crate::pinger`]); the answer lets the peer count the round trip. A node
+    /// that is starting or whose Raft core stopped does not answer, so it is failed over.
     async fn ping(&self, request: Request<PingMessage>) -> Result<Response<PingMessage>, Status> {
+        self.require_in_service()?;
         let message = request.into_inner();
-        if message.from == 0 {
-            return Err(Status::invalid_argument("ping from node 0"));
+        if message.from == 0 || message.from == self.node.id {
+            return Err(Status::invalid_argument(format!(
+                "ping from node {}",
+                message.from
+            )));
         }
-        crate::pinger::heard(&self.node, &message);
+        if !self.is_member(message.from) {
+            tracing::warn!(from = message.from, "ping from a node that is not a member");
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of this cluster",
+                message.from
+            )));
+        }
         Ok(Response::new(crate::pinger::message(&self.node)))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.require_in_service()?;
+        let from = request.into_inner().from;
+        if !self.is_member(from) {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member of this cluster"
+            )));
+        }
+        let (index, term) = self.node.local_read_index().await?;
+        Ok(Response::new(ReadIndexResponse { index, term }))
+    }
+
+    /// Answered from the applied state whatever this node's own state: members that restart
+    /// together must be able to check each other in.
+    async fn check_in(
+        &self,
+        request: Request<CheckInRequest>,
+    ) -> Result<Response<CheckInResponse>, Status> {
+        let request = request.into_inner();
+        if request.node == 0 {
+            return Err(Status::invalid_argument("check-in from node 0"));
+        }
+        let state = self.node.state.read();
+        Ok(Response::new(CheckInResponse {
+            from: self.node.id,
+            cluster_id: state
+                .cluster_id()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            acknowledged: state.acknowledged(request.node),
+            applied_index: state.applied_index(),
+        }))
     }
 
     async fn propose(
         &self,
         request: Request<Proposal>,
     ) -> Result<Response<ProposalResult>, Status> {
+        self.require_in_service()?;
         let command: Command = wire::decode(&request.into_inner().command)?;
         // Only the leader commits a forwarded command; forwarding again could loop.
         let proposed = self.node.propose_local(command).await?;

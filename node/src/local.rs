@@ -423,6 +423,25 @@ impl ProcessCluster {
         Ok(())
     }
 
+    /// Waits (up to `timeout`) for node `id`'s process to exit by itself; its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let node = &mut self.nodes[(id - 1) as usize];
+        let status = tokio::time::timeout(timeout, node.child.wait())
+            .await
+            .with_context(|| format!("node {id} did not exit within {timeout:?}"))??;
+        self.alive[(id - 1) as usize] = false;
+        Ok(status)
+    }
+
+    /// What node `id` logged so far.
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.nodes[(id - 1) as usize].log).unwrap_or_default()
+    }
+
     /// Starts node `id` again on its data directory.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let dir = self.spec.dir.join(format!("node{id}"));

@@ -136,10 +136,13 @@ pub struct Node {
     pub lease_commits: AtomicU64,
     /// The applied index the owner runtime last acted on (what the data plane reflects).
     pub reconciled_index: AtomicU64,
-    /// Latest committed index heard from the leader.
-    pub leader_committed: AtomicU64,
     /// The applied index and state digest this node recovered from its data directory.
     pub recovered: Recovered,
+    /// What the data directory says about itself (node id, cluster id).
+    pub identity: Mutex<crate::data_dir::Identity>,
+    /// Whether this node checked its data directory in with its peers and takes part in Raft;
+    /// until then its Raft RPCs and pings are refused both ways.
+    pub joined: Arc<AtomicBool>,
 }
 
 /// What a node found in its data directory at start: a restart after SIGKILL must reproduce the
@@ -150,6 +153,10 @@ pub struct Recovered {
     pub applied_index: u64,
     /// The state digest at that index.
     pub digest: String,
+    /// The last index in the log on disk (applied or not).
+    pub last_log_index: u64,
+    /// The cluster the recovered state belongs to.
+    pub cluster: Option<evpc_raft_store::ClusterId>,
 }
 
 /// Whether a command changes who owns an SA.
@@ -159,6 +166,15 @@ fn moves_owners(command: &Command) -> bool {
         Command::Batch(commands) => commands.iter().any(moves_owners),
         _ => false,
     }
+}
+
+/// Creates `dir` (and its parents) readable by the owner only: it holds the replicated log.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the times proposers put into commands.
@@ -171,38 +187,52 @@ pub fn now_ms() -> u64 {
 impl Node {
     /// Opens the data directory and starts the Raft member (not yet serving RPCs).
     pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        create_private_dir(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
+        let identity = crate::data_dir::load_or_create(&config.data_dir, config.id)?;
         let cluster_key = config
             .cluster_key_file
             .as_deref()
             .map(ClusterKey::load)
             .transpose()?;
-        let (log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
+        let (mut log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
+        let last_log_index = {
+            use openraft::storage::RaftLogStorage;
+            log_store
+                .get_log_state()
+                .await?
+                .last_log_id
+                .map_or(0, |l| l.index)
+        };
         let state = state_machine.reader();
         let own_ip = config.raft_addr.ip();
         let peers = Peers::new(
             Duration::from_millis(config.timeouts.rpc_ms),
             (!own_ip.is_unspecified()).then_some(own_ip),
         );
+        let joined = Arc::new(AtomicBool::new(false));
         let raft = Raft::new(
             config.id,
             Arc::new(config.raft_config()?),
-            NetworkFactory::new(peers.clone()),
+            NetworkFactory::new(peers.clone(), joined.clone()),
             log_store,
             state_machine,
         )
         .await?;
         // openraft has replayed the log up to the persisted committed index by now; nothing new
-        // can be applied before this node takes part in an election.
+        // can be applied before this node takes part in Raft (its RPCs are refused until it
+        // checked in with its peers).
         let recovered = {
             let guard = state.read();
             Recovered {
                 applied_index: guard.applied_index(),
                 digest: guard.digest(),
+                last_log_index,
+                cluster: guard.cluster_id(),
             }
         };
+        crate::data_dir::check_state(&config.data_dir, config.id, &identity, recovered.cluster)?;
         tracing::info!(
             node = config.id,
             raft_addr = %config.raft_addr,
@@ -230,9 +260,175 @@ impl Node {
             running_children: AtomicU64::new(0),
             lease_commits: AtomicU64::new(0),
             reconciled_index: AtomicU64::new(0),
-            leader_committed: AtomicU64::new(0),
             recovered,
+            identity: Mutex::new(identity),
+            joined,
         }))
+    }
+
+    /// Checks the data directory in with the peers (see [`crate::data_dir`]) and, if it is
+    /// current and this cluster's, joins Raft. Peers that do not answer within `patience` are
+    /// taken to be starting too (a whole-cluster restart): the node then joins with a warning.
+    pub async fn check_in(&self, patience: Duration) -> Result<(), crate::data_dir::DataDirError> {
+        let ours = self
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cluster_id()
+            .or(self.recovered.cluster);
+        let mut targets: BTreeMap<NodeId, String> = self
+            .config
+            .peers
+            .iter()
+            .map(|p| (p.id, p.raft_addr.to_string()))
+            .collect();
+        {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            for (id, member) in m.membership_config.membership().nodes() {
+                targets.insert(*id, member.raft_addr.clone());
+            }
+        }
+        targets.remove(&self.id);
+        let started = tokio::time::Instant::now();
+        let mut answers = Vec::new();
+        while !targets.is_empty() {
+            let asked = targets
+                .iter()
+                .map(|(peer, addr)| self.ask_check_in(*peer, addr.clone()));
+            answers = futures::future::join_all(asked)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            if !answers.is_empty() || started.elapsed() >= patience {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        crate::data_dir::judge(
+            &self.config.data_dir,
+            self.id,
+            ours,
+            self.recovered.last_log_index,
+            &answers,
+        )?;
+        if answers.is_empty() && !targets.is_empty() {
+            tracing::warn!(
+                peers = ?targets.keys().collect::<Vec<_>>(),
+                "no peer answered the check-in: joining without verifying the data directory \
+                 (every member is starting, as after a whole-cluster restart)"
+            );
+        } else {
+            tracing::info!(
+                answers = answers.len(),
+                last_log_index = self.recovered.last_log_index,
+                "data directory checked in with the peers"
+            );
+        }
+        self.joined
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    async fn ask_check_in(
+        &self,
+        peer: NodeId,
+        addr: String,
+    ) -> Option<crate::data_dir::CheckInAnswer> {
+        let mut client = self.peers.client(peer, &addr).ok()?;
+        let request = evpc_proto::cluster::v1::CheckInRequest {
+            node: self.id,
+            cluster_id: self
+                .recovered
+                .cluster
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            last_log_index: self.recovered.last_log_index,
+        };
+        match tokio::time::timeout(Duration::from_millis(500), client.check_in(request)).await {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                (reply.from == peer).then(|| crate::data_dir::CheckInAnswer {
+                    from: peer,
+                    cluster: reply.cluster_id.parse().ok(),
+                    acknowledged: reply.acknowledged,
+                })
+            }
+            Ok(Err(status)) => {
+                if crate::peers::is_transport_error(&status) {
+                    self.peers.reset(peer);
+                }
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Whether this node takes part in Raft: it checked in, and its Raft core still runs (a
+    /// storage error stops the core; the node must then look dead to everyone).
+    pub fn in_service(&self) -> bool {
+        self.joined.load(std::sync::atomic::Ordering::Acquire) && self.raft_running()
+    }
+
+    /// Whether the Raft core runs (no fatal storage or internal error).
+    pub fn raft_running(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.running_state.is_ok() && m.state != ServerState::Shutdown
+    }
+
+    /// A read barrier: the leader's linearizable read index (Raft §6.4), asked for now. Every
+    /// entry committed before this call is at or below it, so a node that has applied up to it
+    /// has seen everything the cluster committed when it asked — including what this node
+    /// itself committed before a crash, even if its own committed index was not yet on disk.
+    /// Retries (through elections) until `patience` runs out.
+    pub async fn read_barrier(&self, patience: Duration) -> Result<u64, ProposeError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Some(index) = self.try_read_barrier().await {
+                return Ok(index);
+            }
+            if started.elapsed() > patience {
+                return Err(ProposeError::NoLeader(patience));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_read_barrier(&self) -> Option<u64> {
+        if self.is_leader() {
+            return self.local_read_index().await.ok().map(|(index, _)| index);
+        }
+        let (leader, member) = self.leader()?;
+        if leader == self.id {
+            return None;
+        }
+        let mut client = self.peers.client(leader, &member.raft_addr).ok()?;
+        let request = evpc_proto::cluster::v1::ReadIndexRequest { from: self.id };
+        let timeout = Duration::from_millis(self.config.timeouts.rpc_ms);
+        match tokio::time::timeout(timeout, client.read_index(request)).await {
+            Ok(Ok(reply)) => Some(reply.into_inner().index),
+            Ok(Err(status)) => {
+                if crate::peers::is_transport_error(&status) {
+                    self.peers.reset(leader);
+                }
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// This node's read index as the leader: (index, term), once a quorum confirmed that it
+    /// still leads.
+    pub async fn local_read_index(&self) -> Result<(u64, u64), ProposeError> {
+        let linearizer = self
+            .raft
+            .get_read_linearizer(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let term = self.raft.metrics().borrow_watched().current_term;
+        Ok((linearizer.read_log_id().index(), term))
     }
 
     /// This node's member record (its advertised addresses).

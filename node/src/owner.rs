@@ -63,9 +63,18 @@ pub async fn run(
     driver: Arc<dyn SaDriver>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // No waiting for the state machine to replay here: the node starts fenced, and the pinger
-    // reopens the gate only once this loop has acted on a state as new as the leader's commit
-    // index, so nothing runs on a stale view.
+    // The counter rule after a restart: a child's first number may only be picked from a state
+    // that holds everything the cluster had committed when this process came back — never
+    // from what the data directory alone recovered (its committed index may not have been on
+    // disk, or the whole cluster may have crashed with leases this node used). So the first
+    // scan waits for a read barrier from the leader, and for the state to reach it.
+    let Some(barrier) = startup_barrier(&node, &mut shutdown).await else {
+        return Ok(());
+    };
+    tracing::info!(
+        barrier,
+        "applied everything committed before this start; starting child SAs"
+    );
     let mut runtime = OwnerRuntime::new(node.id, owner_config(&node));
     let mut applied = node.state.applied_index();
     let mut tick = tokio::time::interval(TICK);
@@ -126,6 +135,25 @@ pub async fn run(
         driver.stop(in_spi);
     }
     Ok(())
+}
+
+/// Waits for a read barrier taken after this process started, then until the applied state
+/// reaches it. `None` if asked to shut down first.
+async fn startup_barrier(node: &Arc<Node>, shutdown: &mut watch::Receiver<bool>) -> Option<u64> {
+    let barrier = loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+            asked = node.read_barrier(Duration::from_secs(5)) => match asked {
+                Ok(index) => break index,
+                Err(e) => tracing::info!(error = %e, "waiting for a leader before starting child SAs"),
+            },
+        }
+    };
+    let mut applied = node.state.applied_index();
+    tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => None,
+        reached = applied.wait_for(|index| *index >= barrier) => reached.ok().map(|_| barrier),
+    }
 }
 
 fn execute(

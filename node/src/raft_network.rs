@@ -2,6 +2,8 @@
 
 use std::future::Future;
 use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use evpc_proto::cluster::v1::{RaftMessage, SnapshotChunk};
@@ -28,12 +30,14 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct NetworkFactory {
     peers: Peers,
+    joined: Arc<AtomicBool>,
 }
 
 impl NetworkFactory {
-    /// A factory sharing `peers`' channels.
-    pub fn new(peers: Peers) -> Self {
-        NetworkFactory { peers }
+    /// A factory sharing `peers`' channels. Nothing is sent until `joined` turns true: a node
+    /// that has not checked its data directory in with its peers must not vote or replicate.
+    pub fn new(peers: Peers, joined: Arc<AtomicBool>) -> Self {
+        NetworkFactory { peers, joined }
     }
 }
 
@@ -43,6 +47,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
         PeerNetwork {
             peers: self.peers.clone(),
+            joined: self.joined.clone(),
             target,
             addr: node.raft_addr.clone(),
         }
@@ -53,6 +58,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 #[derive(Debug)]
 pub struct PeerNetwork {
     peers: Peers,
+    joined: Arc<AtomicBool>,
     target: NodeId,
     addr: String,
 }
@@ -68,6 +74,21 @@ impl WireError {
 }
 
 impl PeerNetwork {
+    /// The client to the target, once this node may take part in Raft.
+    fn client(
+        &self,
+    ) -> Result<
+        evpc_proto::cluster::v1::cluster_client::ClusterClient<tonic::transport::Channel>,
+        tonic::Status,
+    > {
+        if !self.joined.load(Ordering::Acquire) {
+            return Err(tonic::Status::unavailable(
+                "this node has not checked its data directory in with its peers yet",
+            ));
+        }
+        self.peers.client(self.target, &self.addr)
+    }
+
     /// Sends one unary Raft RPC and decodes the peer's `Result<Resp, E>`.
     async fn call<Req, Resp, E, F, Fut>(
         &mut self,
@@ -86,10 +107,7 @@ impl PeerNetwork {
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let payload = wire::encode(request).map_err(|e| network(&e))?;
-        let client = self
-            .peers
-            .client(self.target, &self.addr)
-            .map_err(|e| unreachable(&e))?;
+        let client = self.client().map_err(|e| unreachable(&e))?;
         let deadline = option.hard_ttl().max(Duration::from_millis(50));
         let reply =
             match tokio::time::timeout(deadline, send(client, RaftMessage { payload })).await {
@@ -148,10 +166,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     {
         Box::pin(async move {
             let target = self.target;
-            let mut client = self
-                .peers
-                .client(target, &self.addr)
-                .map_err(|e| unreachable(&e))?;
+            let mut client = self.client().map_err(|e| unreachable(&e))?;
             let requests = input.filter_map(|rpc| {
                 std::future::ready(match wire::encode(&rpc) {
                     Ok(payload) => Some(RaftMessage { payload }),
@@ -272,8 +287,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         chunks[0].header = header;
 
         let mut client = self
-            .peers
-            .client(self.target, &self.addr)
+            .client()
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
         let send = client.install_snapshot(tokio_stream::iter(chunks));
         let reply = tokio::select! {

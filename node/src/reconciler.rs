@@ -1,6 +1,8 @@
 //! The leader's reconciler: every round (a heartbeat) the leader plans placement with
 //! [`crate::ownership::planner`] — registry, failure takeover, drain, rebalance, slots — and
-//! proposes the batch. Every node runs it; only the leader acts.
+//! proposes the batch; about once a second it also proposes [`crate::housekeeping`] (cluster
+//! id, acknowledged marks, expired tombstones). Every node runs it; only the leader proposes.
+//! Every node also records the cluster id in its data directory once it has applied it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,6 +12,50 @@ use tokio::sync::watch;
 
 use crate::node::{Node, now_ms};
 use crate::ownership::planner::{PlanInput, PlannerConfig, plan};
+
+/// How often the leader proposes housekeeping.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+/// Writes the cluster id into the data directory's identity once this node has applied it.
+fn record_cluster_id(node: &Node) {
+    let Some(cluster) = node.state.read().cluster_id() else {
+        return;
+    };
+    let mut identity = node.identity.lock().unwrap_or_else(|e| e.into_inner());
+    if identity.cluster_id() != Some(cluster)
+        && let Err(e) = identity.record_cluster(&node.config.data_dir, cluster)
+    {
+        tracing::warn!(error = %e, "cannot record the cluster id in the data directory");
+    }
+}
+
+async fn housekeeping(node: &Node) {
+    use openraft::rt::WatchReceiver;
+    let matched: std::collections::BTreeMap<_, _> = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .replication
+        .iter()
+        .flatten()
+        .filter_map(|(id, log)| log.as_ref().map(|l| (*id, l.index)))
+        .collect();
+    let command = {
+        let state = node.state.read();
+        crate::housekeeping::plan(&crate::housekeeping::HousekeepingInput {
+            state: &state,
+            matched: &matched,
+            wall_ms: now_ms(),
+            fresh_cluster_id: evpc_raft_store::ClusterId(rand::random()),
+        })
+    };
+    if let Some(command) = command {
+        match node.propose_local(command).await {
+            Ok(p) => tracing::debug!(log_index = p.log_index, "housekeeping committed"),
+            Err(e) => tracing::debug!(error = %e, "housekeeping proposal failed"),
+        }
+    }
+}
 
 /// Runs until `shutdown` turns true.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -22,13 +68,19 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_housekeeping = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return Ok(()),
             _ = tick.tick() => {}
         }
+        record_cluster_id(&node);
         if !node.is_leader() {
             continue;
+        }
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_PERIOD {
+            last_housekeeping = tokio::time::Instant::now();
+            housekeeping(&node).await;
         }
         let voters = node.voters();
         let rebalance = node.rebalance_requested.load(Ordering::Relaxed);

@@ -290,7 +290,10 @@ mod tests {
             Err(ContextError::NotAContext)
         ));
         // A copy opens, but is not importable.
-        let copy = key.seal_context(&evpc_raft_store::SaContext::new(sa, false, None, 1), [2; 12]);
+        let copy = key.seal_context(
+            &evpc_raft_store::SaContext::new(sa, false, None, 1),
+            [2; 12],
+        );
         assert!(key.open_context(&copy).unwrap().importable().is_err());
     }
 

@@ -19,7 +19,12 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    raft_watch: Option<tokio::task::JoinHandle<anyhow::Error>>,
 }
+
+/// How long a starting node waits for its peers to answer its check-in before it assumes the
+/// whole cluster is starting.
+const CHECK_IN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for RunningNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,16 +99,43 @@ impl RunningNode {
             node.clone(),
             shutdown.subscribe(),
         )));
-        Ok(RunningNode {
+        let raft_watch = Some(tokio::spawn(watch_raft(node.clone())));
+        let running = RunningNode {
             node,
             shutdown,
             tasks,
-        })
+            raft_watch,
+        };
+        // cluster.v1 serves CheckIn already; Raft RPCs wait until this node checked in.
+        if let Err(e) = running.node.check_in(CHECK_IN_PATIENCE).await {
+            let _ = running.stop().await;
+            return Err(e.into());
+        }
+        Ok(running)
+    }
+
+    /// Resolves when the Raft core stopped on its own (a storage error, disk full): the node
+    /// can no longer commit anything and must go, so the cluster fails its SAs over and a
+    /// supervisor restarts it.
+    pub async fn fatal(&mut self) -> anyhow::Error {
+        match self.raft_watch.as_mut() {
+            Some(watch) => {
+                let error = watch
+                    .await
+                    .unwrap_or_else(|e| anyhow::anyhow!("the Raft watchdog failed: {e}"));
+                self.raft_watch = None;
+                error
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Stops serving, then stops Raft. Entries already acknowledged are on disk.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
+        if let Some(watch) = self.raft_watch {
+            watch.abort();
+        }
         for task in self.tasks {
             task.await??;
         }
@@ -178,12 +210,55 @@ where
     })
 }
 
-/// Runs a node until SIGTERM or SIGINT.
+/// Waits until the Raft core stops by itself and says why.
+async fn watch_raft(node: Arc<Node>) -> anyhow::Error {
+    use openraft::rt::WatchReceiver;
+    let mut metrics = node.raft.metrics();
+    loop {
+        let stopped = {
+            let m = metrics.borrow_watched();
+            match &m.running_state {
+                Err(fatal) => Some(fatal.to_string()),
+                Ok(()) if m.state == openraft::ServerState::Shutdown => {
+                    Some("the Raft core shut down".to_owned())
+                }
+                Ok(()) => None,
+            }
+        };
+        if let Some(why) = stopped {
+            return anyhow::anyhow!(
+                "node {}: the Raft core stopped ({why}); this node can commit nothing more, so \
+                 it stops answering and exits for its SAs to fail over — check the data \
+                 directory's disk, then restart it",
+                node.id
+            );
+        }
+        if metrics.changed().await.is_err() {
+            return anyhow::anyhow!("node {}: the Raft core is gone", node.id);
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT, or until its Raft core stops by itself (then it exits
+/// with an error, so a supervisor restarts it and the cluster fails its SAs over).
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let running = RunningNode::start(config).await?;
-    wait_for_signal().await?;
-    tracing::info!("signal received, shutting down");
-    running.stop().await
+    let mut running = RunningNode::start(config).await?;
+    tokio::select! {
+        signal = wait_for_signal() => {
+            signal?;
+            tracing::info!("signal received, shutting down");
+            running.stop().await
+        }
+        fatal = running.fatal() => {
+            tracing::error!("{fatal:#}");
+            // The core is gone: stop the data plane and the services, skip Raft's shutdown.
+            let _ = running.shutdown.send(true);
+            for task in running.tasks {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+            }
+            Err(fatal)
+        }
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -46,7 +46,10 @@ fn key_of(cluster: &ProcessCluster) -> ClusterKey {
 
 /// An SA context as another cluster (sharing the cluster key) would export it with --remove.
 fn foreign_sa(key: &ClusterKey, id: u64) -> Vec<u8> {
-    key.seal_context(&SaContext::new(foreign_record(id), true, None, 77), rand::random())
+    key.seal_context(
+        &SaContext::new(foreign_record(id), true, None, 77),
+        rand::random(),
+    )
 }
 
 fn foreign_record(id: u64) -> IkeSa {
@@ -197,7 +200,9 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
     evpcctl(&cluster, &["sa", "export", &imported.id, "--out", path])
         .await
         .unwrap();
-    let err = evpcctl(&cluster, &["sa", "import", path]).await.unwrap_err();
+    let err = evpcctl(&cluster, &["sa", "import", path])
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("copy"), "{err:#}");
 
     // Export with removal through evpcctl: the SA is gone here. Importing the context back is
@@ -215,11 +220,10 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         admin.get_sa(&imported.id).await.unwrap_err().code(),
         Some(tonic::Code::NotFound)
     );
-    let err = evpcctl(&cluster, &["sa", "import", path]).await.unwrap_err();
-    assert!(
-        format!("{err:#}").contains("imported before"),
-        "{err:#}"
-    );
+    let err = evpcctl(&cluster, &["sa", "import", path])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("imported before"), "{err:#}");
     let exported = key.open_context(&std::fs::read(path).unwrap()).unwrap();
     let mut later = exported.sa.clone();
     later.epoch = Epoch(later.epoch.0 + 3);
@@ -234,7 +238,9 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         sa.children[0].out_hwm,
         exported.sa.children.values().next().unwrap().out_hwm + 1_000 + 4_096
     );
-    evpcctl(&cluster, &["sa", "delete", &back.id]).await.unwrap();
+    evpcctl(&cluster, &["sa", "delete", &back.id])
+        .await
+        .unwrap();
     for i in 1..=20 {
         admin
             .import_sa(foreign_sa(&key, 0x1000 + i), None)
@@ -248,7 +254,7 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         .await
         .unwrap();
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 20);
+    assert_eq!(listed.as_array().unwrap().len(), 19);
 
     let before = cluster.digests().await.unwrap();
     assert!(
@@ -508,5 +514,88 @@ async fn evpcctl_transfers_drains_and_rebalances() {
     }
     let text = evpcctl(&cluster, &["cluster", "slots"]).await.unwrap();
     assert!(text.contains("SLOTS") && text.contains("0-"), "{text}");
+    cluster.stop().await;
+}
+
+/// Copies a directory tree (a backup of a stopped node's data directory).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
+    let mut cluster = launch(3, 17_800, RaftTuning::default()).await;
+    let key = key_of(&cluster);
+    let mut admin = cluster.admin().unwrap();
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let victim = cluster
+        .alive_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+    let data = cluster.spec.node_config(victim).data_dir;
+    let backup = cluster.spec.dir.join("backup");
+
+    // A backup of the victim's data directory, taken while it was stopped.
+    cluster.sigkill(victim).await.unwrap();
+    copy_tree(&data, &backup);
+    cluster.restart(victim).unwrap();
+    cluster.converged(Duration::from_secs(10)).await.unwrap();
+    // The cluster moves on, and the leader records how far the victim acknowledged.
+    for i in 1..=30 {
+        admin
+            .import_sa(foreign_sa(&key, 0x6000 + i), None)
+            .await
+            .unwrap();
+    }
+    cluster.converged(Duration::from_secs(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    // The backup put back: the node refuses to start and says how to rejoin.
+    cluster.sigkill(victim).await.unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_tree(&backup, &data);
+    cluster.restart(victim).unwrap();
+    let status = cluster
+        .wait_exit(victim, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(!status.success(), "{status}");
+    let log = cluster.log_of(victim);
+    assert!(
+        log.contains("restored from an older copy") && log.contains("member add"),
+        "{log}"
+    );
+
+    // Another node's data directory is refused at once.
+    let other = cluster
+        .alive_ids()
+        .into_iter()
+        .find(|id| *id != victim)
+        .unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    cluster.sigkill(other).await.unwrap();
+    copy_tree(&cluster.spec.node_config(other).data_dir, &data);
+    cluster.restart(other).unwrap();
+    cluster.restart(victim).unwrap();
+    let status = cluster
+        .wait_exit(victim, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(!status.success(), "{status}");
+    let log = cluster.log_of(victim);
+    assert!(log.contains(&format!("belongs to node {other}")), "{log}");
+
+    // The cluster itself is unharmed.
+    cluster.converged(Duration::from_secs(10)).await.unwrap();
     cluster.stop().await;
 }

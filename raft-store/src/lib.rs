@@ -59,8 +59,8 @@ pub use sa::{
 };
 pub use selectors::SelectorIndex;
 pub use state::{State, apply};
-pub use tombstones::{NEVER, SaTombstone, SpiTombstone, Tombstones};
 pub use state_machine::{StateGuard, StateMachineStore, StateReader};
+pub use tombstones::{NEVER, SaTombstone, SpiTombstone, Tombstones};
 pub use types::{Member, TypeConfig, raft};
 
 /// Opens a node's storage in `dir`: a sled database (`dir/log`) holding the Raft log, the vote

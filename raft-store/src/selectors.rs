@@ -51,8 +51,11 @@ impl AddrRange {
     pub(crate) fn of(ts: &TrafficSelector) -> Option<AddrRange> {
         let (v6, start) = point(ts.start_addr);
         let (end_v6, end) = point(ts.end_addr);
-        (v6 == end_v6 && start <= end && ts.start_port <= ts.end_port)
-            .then_some(AddrRange { v6, start, end })
+        (v6 == end_v6 && start <= end && ts.start_port <= ts.end_port).then_some(AddrRange {
+            v6,
+            start,
+            end,
+        })
     }
 
     /// Whether this range lies inside `[addr, addr]`.
@@ -297,7 +300,11 @@ mod tests {
             ts([10, 20, 255, 255], [10, 21, 0, 0]),
             ts([10, 0, 0, 0], [10, 255, 255, 255]),
         ] {
-            assert_eq!(index.conflict(&probe, &id("b")), Some(&id("a")), "{probe:?}");
+            assert_eq!(
+                index.conflict(&probe, &id("b")),
+                Some(&id("a")),
+                "{probe:?}"
+            );
         }
         assert!(
             index

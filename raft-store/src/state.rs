@@ -294,7 +294,10 @@ fn validate_record(sa: &IkeSa) -> Result<(), Rejection> {
     if sa.local_id.data.len() > limits::MAX_IDENTITY_BYTES
         || sa.peer_id.data.len() > limits::MAX_IDENTITY_BYTES
     {
-        return Err(too_large("bytes in an identity", limits::MAX_IDENTITY_BYTES));
+        return Err(too_large(
+            "bytes in an identity",
+            limits::MAX_IDENTITY_BYTES,
+        ));
     }
     if sa.keys.0.len() > limits::MAX_SEALED_BYTES {
         return Err(too_large("bytes of sealed keys", limits::MAX_SEALED_BYTES));

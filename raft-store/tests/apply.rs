@@ -387,7 +387,10 @@ fn an_ike_rekey_in_place_keeps_children_and_takes_only_free_spis() {
     // Another SA's id (its SPI) cannot become ours: the gateway routes by SPI.
     assert_eq!(
         refused(&mut state, rekey(2, 1)),
-        Rejection::IkeSpiInUse { spi: 2, by: SaId(2) }
+        Rejection::IkeSpiInUse {
+            spi: 2,
+            by: SaId(2)
+        }
     );
     assert_eq!(refused(&mut state, rekey(0, 1)), Rejection::ReservedSpi);
     accepted(&mut state, rekey(0x5000, 1));
@@ -666,7 +669,10 @@ fn an_import_never_starts_below_a_tombstone_or_with_expired_keys() {
     thief.owner = 0;
     assert!(matches!(
         refused(&mut state, import(thief, 10)),
-        Rejection::ChildSpiTombstoned { in_spi: 100, sa: SaId(1) }
+        Rejection::ChildSpiTombstoned {
+            in_spi: 100,
+            sa: SaId(1)
+        }
     ));
     // Expired keys are never used again.
     let mut old = sa(&state, 3, 0, &[300]);
@@ -748,7 +754,11 @@ fn a_deleted_child_spi_is_never_reused() {
     assert_eq!(
         refused(
             &mut state,
-            update(1, 1, vec![SaUpdate::ChildCreated(Box::new(child(100, false)))])
+            update(
+                1,
+                1,
+                vec![SaUpdate::ChildCreated(Box::new(child(100, false)))]
+            )
         ),
         Rejection::ChildSpiTombstoned {
             in_spi: 100,
@@ -805,7 +815,10 @@ fn epochs_and_ranges_never_wrap() {
     );
     assert_eq!(moved, Applied::Moves(vec![Ok(Epoch(epoch + 1))]));
     let child = state.child(100).unwrap().1;
-    assert!(child.out_start > child.out_hwm, "exhausted: must be rekeyed");
+    assert!(
+        child.out_start > child.out_hwm,
+        "exhausted: must be rekeyed"
+    );
     assert_eq!(child.out_hwm, limits::MAX_SEQ_ESN);
 }
 
@@ -841,7 +854,8 @@ fn what_a_command_carries_is_bounded() {
                 1,
                 vec![SaUpdate::Keys(evpc_raft_store::SealedKeys(vec![
                     0;
-                    limits::MAX_SEALED_BYTES + 1
+                    limits::MAX_SEALED_BYTES
+                        + 1
                 ]))]
             )
         ),
@@ -894,7 +908,10 @@ fn the_cluster_id_is_set_once_and_acks_only_grow() {
     ));
     assert_eq!(state.cluster_id(), Some(id));
     let ack = |node, index| evpc_raft_store::NodeAck { node, index };
-    accepted(&mut state, Command::RecordAcks(vec![ack(1, 50), ack(2, 40)]));
+    accepted(
+        &mut state,
+        Command::RecordAcks(vec![ack(1, 50), ack(2, 40)]),
+    );
     accepted(&mut state, Command::RecordAcks(vec![ack(1, 30)]));
     assert_eq!(state.acknowledged(1), 50);
     assert_eq!(state.acknowledged(2), 40);

@@ -62,6 +62,7 @@ mod actor;
 pub mod lab;
 pub mod mapping;
 pub mod pool;
+pub mod selector_guard;
 pub mod settings;
 
 use std::collections::{BTreeSet, HashMap};
@@ -385,7 +386,11 @@ async fn serve(
         .ike
         .clone()
         .context("the IKE gateway runs only with an [ike] section")?;
-    let config = Arc::new(settings.engine_config().map_err(anyhow::Error::msg)?);
+    let mut config = settings.engine_config().map_err(anyhow::Error::msg)?;
+    config.child_policy = Some(Arc::new(selector_guard::SelectorGuard::new(
+        node.state.clone(),
+    )));
+    let config = Arc::new(config);
     anyhow::ensure!(
         node.cluster_key.is_some(),
         "[ike] needs cluster_key_file: the IKE state is sealed with the cluster key before it is committed"
