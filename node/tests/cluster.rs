@@ -205,9 +205,8 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("copy"), "{err:#}");
 
-    // Export with removal through evpcctl: the SA is gone here. Importing the context back is
-    // refused — it was used already (another cluster may run it now) — while a later
-    // incarnation of it (exported from there) comes back above both clusters' marks.
+    // Export with removal through evpcctl: the SA is gone here, and importing the context
+    // back resumes it above every number used before — once.
     let out = evpcctl(
         &cluster,
         &["sa", "export", &imported.id, "--remove", "--out", path],
@@ -220,25 +219,41 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
         admin.get_sa(&imported.id).await.unwrap_err().code(),
         Some(tonic::Code::NotFound)
     );
+    let exported = key.open_context(&std::fs::read(path).unwrap()).unwrap();
+    let exported_hwm = exported.sa.children.values().next().unwrap().out_hwm;
+    let out = evpcctl(&cluster, &["sa", "import", path]).await.unwrap();
+    assert!(out.contains("imported"), "{out}");
+    let sa = admin.get_sa(&imported.id).await.unwrap();
+    assert_eq!(sa.epoch, exported.sa.epoch.0 + 1);
+    assert_eq!(sa.children[0].out_hwm, exported_hwm + 4_096);
+    let err = evpcctl(&cluster, &["sa", "import", path])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("already exists"), "{err:#}");
+    // Exported again, the first file is older than what the cluster had: refused.
+    let second = tempfile::NamedTempFile::new().unwrap();
+    let second_path = second.path().to_str().unwrap();
+    evpcctl(
+        &cluster,
+        &[
+            "sa",
+            "export",
+            &imported.id,
+            "--remove",
+            "--out",
+            second_path,
+        ],
+    )
+    .await
+    .unwrap();
     let err = evpcctl(&cluster, &["sa", "import", path])
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("imported before"), "{err:#}");
-    let exported = key.open_context(&std::fs::read(path).unwrap()).unwrap();
-    let mut later = exported.sa.clone();
-    later.epoch = Epoch(later.epoch.0 + 3);
-    for child in later.children.values_mut() {
-        child.out_hwm += 1_000;
-    }
-    let later = key.seal_context(&SaContext::new(later, true, None, 5), rand::random());
-    let back = admin.import_sa(later, None).await.unwrap();
-    let sa = admin.get_sa(&back.id).await.unwrap();
-    assert_eq!(sa.epoch, exported.sa.epoch.0 + 4);
-    assert_eq!(
-        sa.children[0].out_hwm,
-        exported.sa.children.values().next().unwrap().out_hwm + 1_000 + 4_096
-    );
-    evpcctl(&cluster, &["sa", "delete", &back.id])
+    evpcctl(&cluster, &["sa", "import", second_path])
+        .await
+        .unwrap();
+    evpcctl(&cluster, &["sa", "delete", &imported.id])
         .await
         .unwrap();
     for i in 1..=20 {

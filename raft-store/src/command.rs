@@ -435,8 +435,8 @@ pub enum Rejection {
         /// The SA using it.
         by: SaId,
     },
-    /// The SA was deleted or exported here; only an import of a later incarnation may bring it
-    /// back.
+    /// The SA was deleted or exported here; only an import of a context at least as new may
+    /// bring it back.
     #[error("IKE SA {sa} was deleted or exported (in epoch {epoch}); it cannot be created again")]
     SaTombstoned {
         /// The SA.
@@ -452,8 +452,8 @@ pub enum Rejection {
         /// The SA it belonged to.
         sa: SaId,
     },
-    /// An import of a context not newer than what this cluster last had of the SA: it was
-    /// imported before, or an older export than one already used.
+    /// An import of a context older than what this cluster last had of the SA: it was
+    /// imported here before, or an export older than one already used.
     #[error(
         "IKE SA {sa}: the context is from epoch {context_epoch}, but this cluster deleted or \
          exported the SA in epoch {tombstone_epoch}; it was imported before or is older than \

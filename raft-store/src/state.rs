@@ -442,9 +442,10 @@ fn check_spi_not_buried(state: &State, spi: u32) -> Result<(), Rejection> {
 /// Invariant: an imported child never starts at or below any number the context could have
 /// used: every child starts at `max(out_hwm, its tombstone's out_hwm) + 1`, with a first lease
 /// of `lease` in the same entry, like an owner move.
-/// Invariant: an SA that was deleted or exported here comes back only from a later
-/// incarnation: its epoch must exceed the tombstone's, and the import bumps it once more, so
-/// the same context can never be imported twice.
+/// Invariant: an SA that was deleted or exported here comes back only from a context at least
+/// as new as what this cluster last had of it: its epoch must not be below the tombstone's. The
+/// import bumps the epoch, so the same context is imported here at most once (a second time it
+/// is older than the SA's next tombstone).
 /// Invariant: a context whose keys expired (by the proposer's clock, `now_ms`) is refused.
 fn import_sa(state: &mut State, sa: &IkeSa, lease: u64, now_ms: u64) -> Response {
     validate_record(sa)?;
@@ -461,7 +462,7 @@ fn import_sa(state: &mut State, sa: &IkeSa, lease: u64, now_ms: u64) -> Response
         });
     }
     if let Some(stone) = state.tombstones.sa(sa.id)
-        && sa.epoch <= stone.epoch
+        && sa.epoch < stone.epoch
     {
         return Err(Rejection::StaleContext {
             sa: sa.id,

@@ -6,9 +6,9 @@
 //! would send sequence numbers again under keys that already used them — with AES-GCM a nonce
 //! reuse (RFC 4106 §3.1). So each deletion leaves a tombstone:
 //!
-//! - per IKE SA: its epoch at deletion. An import of the same SA must come from a *later*
-//!   incarnation (a higher epoch: every import bumps the epoch), so a context that was already
-//!   imported once, or one older than what this cluster had, is refused;
+//! - per IKE SA: its epoch at deletion. An import of the same SA must bring at least that epoch
+//!   (every import bumps the epoch), so a context older than what this cluster had — one that
+//!   was already imported here once, or an earlier export — is refused;
 //! - per child SA (inbound SPI): the IKE SA it belonged to and its final `out_hwm`. A new child
 //!   may not take the SPI; an import of a later incarnation starts the child above it.
 //!
@@ -31,7 +31,7 @@ pub const NEVER: u64 = u64::MAX;
 /// A deleted or exported IKE SA.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaTombstone {
-    /// Its epoch when it was deleted: an import must bring a higher one.
+    /// Its epoch when it was deleted: an import must not bring a lower one.
     pub epoch: Epoch,
     /// When its keys expire (wall-clock ms), or [`NEVER`].
     pub expires_ms: u64,

@@ -579,15 +579,9 @@ fn an_import_starts_above_everything_and_only_once() {
         refused(&mut state, reuse),
         Rejection::ChildSpiTombstoned { in_spi: 100, .. }
     ));
-    // The context, imported back into the cluster it left: refused, it was already used (an
-    // import elsewhere would run it above 320 under the same keys).
+    // Another cluster imports the context: the child starts above 320, with a lease, in epoch 2.
     let mut back = (*exported).clone();
     back.owner = 0;
-    assert!(matches!(
-        refused(&mut state, import(back.clone(), 10)),
-        Rejection::StaleContext { .. }
-    ));
-    // Another cluster imports it: the child starts above 320, with a lease, in epoch 2.
     let mut other = cluster(3);
     let Applied::Placed { epoch, .. } = accepted(&mut other, import(back.clone(), 10)) else {
         panic!()
@@ -600,7 +594,6 @@ fn an_import_starts_above_everything_and_only_once() {
         refused(&mut other, import(back.clone(), 10)),
         Rejection::SaExists(SaId(1))
     );
-    // It moves on there and comes back here: a later incarnation, accepted, above both marks.
     let Applied::Removed(again) = accepted(
         &mut other,
         Command::DeleteSa {
@@ -618,6 +611,7 @@ fn an_import_starts_above_everything_and_only_once() {
             tombstone_epoch: Epoch(2)
         }
     );
+    // It comes back home from there: accepted, above both clusters' marks.
     let mut home = (*again).clone();
     home.owner = 0;
     accepted(&mut state, import(home, 10));
@@ -625,6 +619,64 @@ fn an_import_starts_above_everything_and_only_once() {
     assert_eq!(child.out_start, 821);
     assert_eq!(state.sa(SaId(1)).unwrap().epoch, Epoch(3));
     assert!(state.tombstones().sa(SaId(1)).is_none(), "alive again");
+    // The first context, in the cluster that exported it, is older than what it now had.
+    accepted(
+        &mut state,
+        Command::DeleteSa {
+            sa: SaId(1),
+            epoch: None,
+        },
+    );
+    assert!(matches!(
+        refused(&mut state, import(back, 10)),
+        Rejection::StaleContext { .. }
+    ));
+}
+
+#[test]
+fn an_export_imported_back_resumes_above_and_only_once() {
+    let mut state = cluster(3);
+    create(&mut state, 1, 0, &[100]);
+    accepted(
+        &mut state,
+        update(
+            1,
+            1,
+            vec![SaUpdate::SeqLease {
+                in_spi: 100,
+                out_hwm: 320,
+                in_checkpoint: None,
+            }],
+        ),
+    );
+    let Applied::Removed(exported) = accepted(
+        &mut state,
+        Command::DeleteSa {
+            sa: SaId(1),
+            epoch: None,
+        },
+    ) else {
+        panic!()
+    };
+    let mut back = (*exported).clone();
+    back.owner = 0;
+    accepted(&mut state, import(back.clone(), 10));
+    assert_eq!(state.child(100).unwrap().1.out_start, 321);
+    assert_eq!(
+        refused(&mut state, import(back.clone(), 10)),
+        Rejection::SaExists(SaId(1))
+    );
+    accepted(
+        &mut state,
+        Command::DeleteSa {
+            sa: SaId(1),
+            epoch: None,
+        },
+    );
+    assert!(matches!(
+        refused(&mut state, import(back, 10)),
+        Rejection::StaleContext { .. }
+    ));
 }
 
 #[test]
