@@ -3,9 +3,16 @@
 //! The real ownership code runs here — `apply`, the leader's planner, each node's contact table
 //! and fence, each node's owner runtime — wired together by a simulated network and a simulated
 //! consensus log instead of tonic and openraft, so a whole cluster runs in one thread, in
-//! virtual 5 ms steps, from a seed. Faults: crash, restart (including a quick bounce), pause,
-//! partition, leader kill. A fake data plane sends every packet it may and records each
-//! (SPI, sequence number) in a ledger.
+//! virtual 5 ms steps, from a seed. The node's start-up and fence rules are modelled as the
+//! daemon implements them: contact is a round trip; coming back from a fence, a node waits for
+//! the leader's read index; after a restart, its owner runtime scans nothing before it has
+//! applied a read barrier taken after the restart. A fake data plane sends every packet it may
+//! and records each (SPI, sequence number) in a ledger.
+//!
+//! Faults: crash (its committed index not yet on disk: the restarted node recovers an older
+//! state), leader crash, quick bounce (back before the failover timeout), whole-cluster crash,
+//! pause, partition, asymmetric partition (one direction cut), export (`--remove`) and import
+//! of an SA. Traffic may burst far beyond what its leases were sized for.
 //!
 //! Checked after every step:
 //! 1. no (SPI, sequence number) sent twice, by any nodes;
@@ -15,18 +22,20 @@
 //! 4. no SA stays without a working owner longer than the failover bound while a quorum is up;
 //! 5. never two owners sending for one SA after the fence timeout.
 //!
-//! `EVPC_SIM_SEEDS=N` runs N seeds (default 16); `EVPC_SIM_SEED=S` runs one. A failing run
-//! prints its seed.
+//! Each rule the daemon relies on is broken on purpose in one test, which must be caught.
+//!
+//! `EVPC_SIM_SEEDS=N` runs N seeds (default 16); `EVPC_SIM_SEED=S` runs one; `EVPC_SIM_TRACE`
+//! prints the faults. A failing run prints its seed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use evpc_dataplane::{ChildCounters, ChildKeymat};
 use evpc_node::ownership::liveness::{Liveness, PeerView};
 use evpc_node::ownership::planner::{PlanInput, PlannerConfig, plan};
 use evpc_node::ownership::runtime::{Action, KeyOpener, OwnerConfig, OwnerRuntime};
 use evpc_raft_store::{
-    ChildSa, Command, Epoch, IkeSa, NodeId, SaId, SaUpdate, State, apply, fixture,
-    slot_for_initiator_spi,
+    Applied, ChildSa, Command, Epoch, IkeSa, NodeId, Response, SaId, SaUpdate, State, apply,
+    fixture, slot_for_initiator_spi,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -38,9 +47,43 @@ const FAILOVER_MS: u64 = 300;
 const TICK_MS: u64 = 20;
 /// Packets per SA per step (400 packets per second).
 const PACKETS_PER_STEP: u64 = 2;
+/// Packets per SA per step during a burst (8,000 per second): far beyond what a lease sized
+/// for the usual rate covers.
+const BURST_PACKETS_PER_STEP: u64 = 40;
 /// Longest an SA may go without a working owner while a quorum is up: failure detection,
 /// plus an election when the leader went with it, plus scheduling slack.
 const ORPHAN_BOUND_MS: u64 = FAILOVER_MS + 400 + 200 + 200;
+/// The first lease that comes with a move or an import.
+const MOVE_LEASE: u64 = 4_096;
+
+/// A rule of the daemon, broken on purpose so the checks must catch it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Broken {
+    /// Everything as the daemon does it.
+    Nothing,
+    /// A restarted owner resumes at the start of its range, as if none of it had been used.
+    LeaseRule,
+    /// A restarted owner picks its first numbers from the state it recovered from disk, without
+    /// waiting for a read barrier.
+    StartBeforeBarrier,
+    /// A ping received counts as contact (not only a round trip).
+    OneWayContact,
+    /// An imported child starts where the exported context's range started.
+    ImportAtContextStart,
+}
+
+/// Which faults a run draws from.
+#[derive(Copy, Clone, Debug)]
+enum Mix {
+    /// Every kind.
+    All,
+    /// Restarts only (crash, bounce, whole-cluster crash), with bursts.
+    Restarts,
+    /// Asymmetric partitions only.
+    Asymmetric,
+    /// Exports and imports only.
+    ExportImport,
+}
 
 struct NoKeys;
 impl KeyOpener for NoKeys {
@@ -73,8 +116,11 @@ struct FakeChild {
 struct SimNode {
     id: NodeId,
     health: Health,
-    /// Entries of the log this node has applied (durable across crashes).
+    /// Entries of the committed log this node has applied.
     applied: usize,
+    /// The committed index on its disk: saved without a flush, so it lags `applied`; a
+    /// restarted node re-applies only up to here before it hears the leader.
+    persisted: usize,
     view: State,
     liveness: Liveness,
     runtime: OwnerRuntime,
@@ -87,6 +133,9 @@ struct SimNode {
     /// Coming back from a fence: the log length the view must reach (and the runtime act on)
     /// before the data plane resumes, as the real node's pinger does.
     barrier: Option<usize>,
+    /// After a restart: whether the owner runtime may scan, and the read barrier it waits for.
+    scanning: bool,
+    start_barrier: Option<usize>,
     /// The fence gate's deadline: the data plane sends only before it.
     open_until: u64,
     /// Highest message ID seen per SA in this node's view.
@@ -99,6 +148,7 @@ impl SimNode {
             id,
             health: Health::Up,
             applied: 0,
+            persisted: 0,
             view: State::default(),
             liveness: Liveness::new(id, now),
             runtime: OwnerRuntime::new(id, OwnerConfig::default()),
@@ -109,6 +159,8 @@ impl SimNode {
             election_timeout: rng.random_range(200..400),
             view_changed: true,
             barrier: None,
+            scanning: true,
+            start_barrier: None,
             open_until: 0,
             msgids: HashMap::new(),
         }
@@ -141,8 +193,9 @@ struct Sim {
     now: u64,
     rng: StdRng,
     nodes: Vec<SimNode>,
-    /// Symmetric reachability; `cut[i]` isolates node i + 1.
-    cut: Vec<bool>,
+    /// Node i + 1 cannot send to anyone / receive from anyone.
+    cut_out: Vec<bool>,
+    cut_in: Vec<bool>,
     log: Vec<Command>,
     truth: State,
     leader: Option<NodeId>,
@@ -151,8 +204,15 @@ struct Sim {
     /// Per SA: since when it has had no working owner (while a quorum is up).
     orphaned_since: HashMap<SaId, u64>,
     planner: PlannerConfig,
-    sas: Vec<SaId>,
-    lease_rule_broken: bool,
+    broken: Broken,
+    bursts: bool,
+    /// Exported SAs waiting to be imported again, and when.
+    exported: Vec<(u64, IkeSa)>,
+    /// SAs the operator exported, whose delete is in flight.
+    exporting: HashSet<SaId>,
+    /// Per imported SA: the first number of its range in the exported context.
+    imported_from: HashMap<SaId, BTreeMap<u32, u64>>,
+    imports: u64,
     trace: bool,
 }
 
@@ -173,16 +233,24 @@ impl Sim {
         self.nodes.len() / 2 + 1
     }
 
-    /// Whether two nodes can exchange messages now.
-    fn link(&self, a: NodeId, b: NodeId) -> bool {
+    /// Whether a message from `a` reaches `b` now.
+    fn can_send(&self, a: NodeId, b: NodeId) -> bool {
         let (na, nb) = (self.node(a), self.node(b));
-        (a == b || (!self.cut[(a - 1) as usize] && !self.cut[(b - 1) as usize]))
+        (a == b || (!self.cut_out[(a - 1) as usize] && !self.cut_in[(b - 1) as usize]))
             && na.runs(self.now)
             && nb.runs(self.now)
     }
 
+    /// Whether `a` and `b` can exchange a request and its answer.
+    fn round_trip(&self, a: NodeId, b: NodeId) -> bool {
+        self.can_send(a, b) && self.can_send(b, a)
+    }
+
     fn reach(&self, from: NodeId) -> usize {
-        self.nodes.iter().filter(|n| self.link(from, n.id)).count()
+        self.nodes
+            .iter()
+            .filter(|n| self.round_trip(from, n.id))
+            .count()
     }
 
     /// The leader can commit: it runs and reaches a majority.
@@ -219,15 +287,25 @@ impl Sim {
                 fixture::without_keys(fixture::ike_sa(SaId(id), spi_i, slot, owner, child_spi));
             let created = self.commit(Command::CreateSa(Box::new(sa)));
             assert!(!has_rejection(&created), "{created:?}");
-            self.sas.push(SaId(id));
         }
         self.leader = Some(1);
     }
 
-    fn commit(&mut self, command: Command) -> evpc_raft_store::Response {
+    fn commit(&mut self, command: Command) -> Response {
         let response = apply(&mut self.truth, &command);
         self.log.push(command);
         response
+    }
+
+    /// Packets a child wants to send this step.
+    fn rate(&self, spi: u32) -> u64 {
+        // A burst of 200 ms every few seconds, at a time of its own per SA.
+        let phase = (self.now / 1_000 + u64::from(spi)) % 4;
+        if self.bursts && phase == 0 && self.now % 1_000 < 200 {
+            BURST_PACKETS_PER_STEP
+        } else {
+            PACKETS_PER_STEP
+        }
     }
 
     /// One virtual step.
@@ -247,7 +325,7 @@ impl Sim {
         let current = self.leader_can_commit();
         for i in 0..self.nodes.len() {
             let id = self.nodes[i].id;
-            if current.is_some_and(|l| self.link(l, id)) {
+            if current.is_some_and(|l| self.can_send(l, id)) {
                 self.nodes[i].last_leader_contact = now;
                 self.nodes[i].known_leader = current;
             }
@@ -266,7 +344,7 @@ impl Sim {
                 self.leader = Some(new);
                 for i in 0..self.nodes.len() {
                     let id = self.nodes[i].id;
-                    if self.link(new, id) {
+                    if self.can_send(new, id) {
                         self.nodes[i].known_leader = Some(new);
                         self.nodes[i].last_leader_contact = now;
                     }
@@ -279,23 +357,31 @@ impl Sim {
         let mut refused_to: BTreeSet<NodeId> = BTreeSet::new();
         for (proposer, command) in pending {
             let ok = match self.leader_can_commit() {
-                Some(l) => self.link(proposer, l),
+                Some(l) => self.round_trip(proposer, l),
                 None => false,
             };
-            let accepted = ok && !has_rejection(&self.commit_if(ok, command));
-            if !accepted {
-                refused_to.insert(proposer);
+            let response = if ok { Some(self.commit(command)) } else { None };
+            match &response {
+                Some(r) if !has_rejection(r) => self.on_committed(r),
+                _ => {
+                    refused_to.insert(proposer);
+                }
             }
         }
         for id in refused_to {
             self.nodes[(id - 1) as usize].runtime.on_proposal_failed();
         }
+        // Exported SAs come back in their turn.
+        self.import_due();
 
-        // Replication: nodes the committing leader reaches catch up with the log.
+        // Replication: nodes the committing leader replicates to catch up with the log (a
+        // follower whose acknowledgements are lost stops getting new entries once the leader's
+        // window of unacknowledged appends is full: modelled as needing a round trip); the
+        // committed index reaches their disk now and then (it is saved without a flush).
         if let Some(l) = self.leader_can_commit() {
             for i in 0..self.nodes.len() {
                 let id = self.nodes[i].id;
-                if self.link(l, id) && self.nodes[i].applied < self.log.len() {
+                if self.round_trip(l, id) && self.nodes[i].applied < self.log.len() {
                     let node = &mut self.nodes[i];
                     for command in &self.log[node.applied..] {
                         let _ = apply(&mut node.view, command);
@@ -305,13 +391,24 @@ impl Sim {
                 }
             }
         }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].runs(now) && self.rng.random_ratio(1, 8) {
+                self.nodes[i].persisted = self.nodes[i].applied;
+            }
+        }
 
-        // Liveness: every heartbeat each pair that can talk hears each other.
+        // Liveness: every heartbeat each node pings every other; an answer is contact.
         if now.is_multiple_of(HEARTBEAT_MS) {
             let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
             for &a in &ids {
                 for &b in &ids {
-                    if a != b && self.link(a, b) {
+                    let heard = if self.broken == Broken::OneWayContact {
+                        // The bug: b's ping reaching a counts as contact.
+                        a != b && (self.round_trip(a, b) || self.can_send(b, a))
+                    } else {
+                        a != b && self.round_trip(a, b)
+                    };
+                    if heard {
                         let view = {
                             let nb = self.node(b);
                             if self.leader == Some(b) && current == Some(b) {
@@ -335,13 +432,28 @@ impl Sim {
             if !self.nodes[i].runs(now) {
                 continue;
             }
-            let committing = self
+            let id = self.nodes[i].id;
+            // A read index answers only over a round trip with a leader that can commit.
+            let read_index = self
                 .leader_can_commit()
-                .filter(|l| self.link(*l, self.nodes[i].id))
+                .filter(|l| self.round_trip(*l, id))
                 .map(|_| self.log.len());
             let node = &mut self.nodes[i];
+            // After a restart, the owner runtime waits for a read barrier and for the view to
+            // reach it before it scans anything (see `evpc_node::owner`).
+            if !node.scanning {
+                if node.start_barrier.is_none() {
+                    node.start_barrier = read_index;
+                }
+                if let Some(target) = node.start_barrier
+                    && node.applied >= target
+                {
+                    node.scanning = true;
+                    node.view_changed = true;
+                }
+            }
             // As the real pinger: a gate that ran out counts as a fence; coming back, wait
-            // for the view to reach what the leader had committed.
+            // for the view to reach the leader's read index.
             let was_fenced = node.fenced || now >= node.open_until;
             if node.liveness.fence(&voters, now, FENCE_MS).is_some() {
                 node.fenced = true;
@@ -349,10 +461,11 @@ impl Sim {
             } else if was_fenced {
                 node.fenced = true;
                 if node.barrier.is_none() {
-                    node.barrier = committing;
+                    node.barrier = read_index;
                 }
                 if let Some(target) = node.barrier
                     && node.applied >= target
+                    && node.scanning
                     && !node.view_changed
                 {
                     node.fenced = false;
@@ -366,12 +479,15 @@ impl Sim {
                     .unwrap_or(0);
             }
             if !node.fenced && now < node.open_until {
-                let id = node.id;
+                let spis: Vec<u32> = node.driver.children.keys().copied().collect();
+                let rates: Vec<u64> = spis.iter().map(|s| self.rate(*s)).collect();
+                let node = &mut self.nodes[i];
                 let mut sent = Vec::new();
-                for (spi, child) in node.driver.children.iter_mut() {
+                for (spi, wanted) in spis.iter().zip(rates) {
+                    let child = node.driver.children.get_mut(spi).expect("listed");
                     let room = (child.limit + 1).saturating_sub(child.next);
-                    let n = PACKETS_PER_STEP.min(room);
-                    child.counters.lease_waits += PACKETS_PER_STEP - n;
+                    let n = wanted.min(room);
+                    child.counters.lease_waits += wanted - n;
                     if n > 0 {
                         sent.push((*spi, child.epoch.0, child.next, child.next + n - 1, id));
                         child.next += n;
@@ -385,7 +501,7 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             let mut actions = Vec::new();
-            if node.view_changed {
+            if node.view_changed && node.scanning {
                 actions.extend(node.runtime.on_state(&node.view, now, &NoKeys));
                 node.view_changed = false;
             }
@@ -396,7 +512,6 @@ impl Sim {
                         .on_tick(now, &|spi| driver.children.get(&spi).map(|c| c.counters)),
                 );
             }
-            let id = node.id;
             for action in actions {
                 self.run_action(i, action, id);
             }
@@ -449,16 +564,63 @@ impl Sim {
         self.check();
     }
 
-    fn commit_if(&mut self, ok: bool, command: Command) -> evpc_raft_store::Response {
-        if ok {
-            self.commit(command)
-        } else {
-            Err(evpc_raft_store::Rejection::EmptyUpdate)
+    /// An operator's export that was committed: the SA comes back by import a little later.
+    fn on_committed(&mut self, response: &Response) {
+        let mut removed = Vec::new();
+        collect_removed(response, &mut removed);
+        for sa in removed {
+            if self.exporting.remove(&sa.id) {
+                let at = self.now + self.rng.random_range(100..800);
+                self.exported.push((at, sa));
+            }
+        }
+    }
+
+    /// Imports the exported SAs that are due, through the leader (an operator's `sa import`).
+    fn import_due(&mut self) {
+        let now = self.now;
+        let Some(leader) = self.leader_can_commit() else {
+            return;
+        };
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.exported)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.exported = later;
+        for (_, sa) in due {
+            let starts: BTreeMap<u32, u64> = sa
+                .children
+                .values()
+                .map(|c| (c.in_spi, c.out_start))
+                .collect();
+            let mut context = sa.clone();
+            context.owner = 0;
+            let response = self.commit(Command::ImportSa {
+                sa: Box::new(context),
+                lease: MOVE_LEASE,
+                now_ms: now,
+            });
+            match response {
+                // No node owns the slot right now (its owner just went down): again later.
+                Err(
+                    evpc_raft_store::Rejection::NotSlotOwner { .. }
+                    | evpc_raft_store::Rejection::NodeNotActive { .. },
+                ) => self.exported.push((now + 100, sa)),
+                Ok(Applied::Placed { owner, epoch }) => {
+                    if self.trace {
+                        eprintln!(
+                            "{now} ms: SA {} imported by node {owner} in epoch {epoch} (leader {leader})",
+                            sa.id
+                        );
+                    }
+                    self.imports += 1;
+                    self.imported_from.insert(sa.id, starts);
+                }
+                other => self.fail(format!("import of SA {} refused: {other:?}", sa.id)),
+            }
         }
     }
 
     fn run_action(&mut self, i: usize, action: Action, id: NodeId) {
-        let broken = self.lease_rule_broken;
         match action {
             Action::Start(child) => {
                 if self.trace && child.in_spi == 0x1001 {
@@ -467,16 +629,31 @@ impl Sim {
                         self.now, child.in_spi, child.epoch, child.next_seq, child.limit
                     );
                 }
+                let broken = self.broken;
+                let context_start = self
+                    .imported_from
+                    .get(&child.ike)
+                    .and_then(|starts| starts.get(&child.in_spi))
+                    .copied();
                 let node = &mut self.nodes[i];
                 let mut next = child.next_seq;
-                if broken {
-                    // The bug this test must catch: resuming at the start of the owner's range
-                    // after a restart, as if none of it had been used.
-                    if let Some(sa) = node.view.sa(child.ike)
-                        && let Some(c) = sa.children.get(&child.in_spi)
-                    {
-                        next = c.out_start;
+                match broken {
+                    // Resuming at the start of the owner's range after a restart, as if none
+                    // of it had been used.
+                    Broken::LeaseRule => {
+                        if let Some(sa) = node.view.sa(child.ike)
+                            && let Some(c) = sa.children.get(&child.in_spi)
+                        {
+                            next = c.out_start;
+                        }
                     }
+                    // An imported child at the exported context's own range start.
+                    Broken::ImportAtContextStart => {
+                        if let Some(start) = context_start {
+                            next = start;
+                        }
+                    }
+                    _ => {}
                 }
                 node.driver.children.insert(
                     child.in_spi,
@@ -609,58 +786,83 @@ impl Sim {
         let n = &mut self.nodes[(id - 1) as usize];
         n.health = Health::Crashed;
         n.driver = FakeDriver::default();
-        if self.leader == Some(id) {
-            // Its followers will notice; the dead leader is not the leader any more.
-        }
     }
 
     fn restart(&mut self, id: NodeId) {
         let now = self.now;
         let timeout = self.rng.random_range(200..400);
+        let broken = self.broken;
         let n = &mut self.nodes[(id - 1) as usize];
         if n.health != Health::Crashed {
             return;
         }
-        // A new process: the durable log (its applied prefix) survives, nothing else.
+        // A new process: the durable log survives, but it re-applies only up to the committed
+        // index that reached the disk; nothing else survives.
         n.health = Health::Up;
+        n.view = State::default();
+        for command in &self.log[..n.persisted] {
+            let _ = apply(&mut n.view, command);
+        }
+        n.applied = n.persisted;
         n.liveness = Liveness::new(id, now);
         n.runtime = OwnerRuntime::new(id, OwnerConfig::default());
         n.driver = FakeDriver::default();
         n.fenced = true;
         n.barrier = None;
+        n.scanning = broken == Broken::StartBeforeBarrier;
+        n.start_barrier = None;
         n.open_until = 0;
         n.known_leader = None;
         n.last_leader_contact = now;
         n.election_timeout = timeout;
         n.view_changed = true;
+        n.msgids.clear();
         if self.leader == Some(id) {
             self.leader = None;
         }
     }
 }
 
-fn has_rejection(response: &evpc_raft_store::Response) -> bool {
+fn has_rejection(response: &Response) -> bool {
     match response {
         Err(_) => true,
-        Ok(evpc_raft_store::Applied::Batch(results)) => results.iter().any(has_rejection),
+        Ok(Applied::Batch(results)) => results.iter().any(has_rejection),
         Ok(_) => false,
     }
 }
 
+fn collect_removed(response: &Response, out: &mut Vec<IkeSa>) {
+    match response {
+        Ok(Applied::Removed(sa)) => out.push((**sa).clone()),
+        Ok(Applied::Batch(results)) => results.iter().for_each(|r| collect_removed(r, out)),
+        _ => {}
+    }
+}
+
+/// What a run did, for the tests' sanity checks.
+#[derive(Debug, Default)]
+struct Summary {
+    faults: BTreeMap<&'static str, u32>,
+    imports: u64,
+    sent: u64,
+}
+
 /// Runs one seeded scenario: faults every 0.5–2 s for `seconds` virtual seconds, then heals
 /// and checks that every SA runs again.
-fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
+fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
     let mut rng = StdRng::seed_from_u64(seed);
     let n_nodes = 3 + u64::from(seed.is_multiple_of(3)) * 2;
     let nodes = (1..=n_nodes)
         .map(|id| SimNode::new(id, 0, &mut rng))
         .collect();
+    let bursts = matches!(mix, Mix::Restarts) || seed.is_multiple_of(2);
     let mut sim = Sim {
         seed,
         now: 0,
         rng,
         nodes,
-        cut: vec![false; n_nodes as usize],
+        cut_out: vec![false; n_nodes as usize],
+        cut_in: vec![false; n_nodes as usize],
         log: Vec::new(),
         truth: State::default(),
         leader: None,
@@ -669,14 +871,19 @@ fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
         orphaned_since: HashMap::new(),
         planner: PlannerConfig {
             failover_ms: FAILOVER_MS,
-            move_lease: 4_096,
+            move_lease: MOVE_LEASE,
             moves_per_round: 10,
         },
-        sas: Vec::new(),
-        lease_rule_broken,
+        broken,
+        bursts,
+        exported: Vec::new(),
+        exporting: HashSet::new(),
+        imported_from: HashMap::new(),
+        imports: 0,
         trace: std::env::var("EVPC_SIM_TRACE").is_ok(),
     };
     sim.bootstrap(24);
+    let mut summary = Summary::default();
     let end = seconds * 1000;
     let mut next_fault = 500;
     let mut heal_at: Vec<(u64, NodeId, &'static str)> = Vec::new();
@@ -689,47 +896,94 @@ fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
             }
             match *kind {
                 "restart" => sim.restart(*id),
-                "heal" => sim.cut[(*id - 1) as usize] = false,
+                "heal" => {
+                    sim.cut_out[(*id - 1) as usize] = false;
+                    sim.cut_in[(*id - 1) as usize] = false;
+                }
                 _ => {}
             }
             false
         });
         if now >= next_fault && heal_at.is_empty() {
             let victim = sim.rng.random_range(1..=n_nodes);
-            let fault = sim.rng.random_range(0..5);
+            let kinds: &[&'static str] = match mix {
+                Mix::All => &[
+                    "crash",
+                    "kill-leader",
+                    "bounce",
+                    "pause",
+                    "partition",
+                    "asym-partition",
+                    "cluster-crash",
+                    "export-import",
+                ],
+                Mix::Restarts => &["crash", "bounce", "cluster-crash", "kill-leader"],
+                Mix::Asymmetric => &["asym-partition"],
+                Mix::ExportImport => &["export-import"],
+            };
+            let kind = kinds[sim.rng.random_range(0..kinds.len())];
+            *summary.faults.entry(kind).or_default() += 1;
             if sim.trace {
                 eprintln!(
-                    "{now} ms: fault {fault} on node {victim} (leader {:?})",
+                    "{now} ms: {kind} on node {victim} (leader {:?})",
                     sim.leader
                 );
             }
-            match fault {
-                // Crash, back after a while.
-                0 => {
+            match kind {
+                "crash" => {
                     sim.crash(victim);
                     heal_at.push((now + sim.rng.random_range(400..1500), victim, "restart"));
                 }
-                // The leader dies.
-                1 => {
+                "kill-leader" => {
                     if let Some(l) = sim.leader {
                         sim.crash(l);
                         heal_at.push((now + sim.rng.random_range(400..1500), l, "restart"));
                     }
                 }
-                // A bounce: back before anyone noticed.
-                2 => {
+                // Back before anyone noticed.
+                "bounce" => {
                     sim.crash(victim);
                     heal_at.push((now + sim.rng.random_range(20..150), victim, "restart"));
                 }
-                // A pause longer or shorter than the failover timeout.
-                3 => {
+                "cluster-crash" => {
+                    let back = now + sim.rng.random_range(20..1500);
+                    for id in 1..=n_nodes {
+                        sim.crash(id);
+                        heal_at.push((back + sim.rng.random_range(0..100), id, "restart"));
+                    }
+                }
+                // Longer or shorter than the failover timeout.
+                "pause" => {
                     let until = now + sim.rng.random_range(100..1200);
                     sim.nodes[(victim - 1) as usize].health = Health::Paused { until };
                 }
-                // Cut off from everyone.
-                _ => {
-                    sim.cut[(victim - 1) as usize] = true;
+                "partition" => {
+                    sim.cut_out[(victim - 1) as usize] = true;
+                    sim.cut_in[(victim - 1) as usize] = true;
                     heal_at.push((now + sim.rng.random_range(200..1500), victim, "heal"));
+                }
+                // One direction only: it hears the others, they do not hear it (or the
+                // reverse).
+                "asym-partition" => {
+                    if sim.rng.random_bool(0.5) {
+                        sim.cut_out[(victim - 1) as usize] = true;
+                    } else {
+                        sim.cut_in[(victim - 1) as usize] = true;
+                    }
+                    heal_at.push((now + sim.rng.random_range(400..1500), victim, "heal"));
+                }
+                // An operator exports (--remove) a few SAs through the leader and imports them
+                // again a little later.
+                _ => {
+                    if let Some(l) = sim.leader {
+                        let ids: Vec<SaId> = sim.truth.sas().map(|sa| sa.id).collect();
+                        for _ in 0..3 {
+                            let sa = ids[sim.rng.random_range(0..ids.len())];
+                            if sim.exporting.insert(sa) {
+                                sim.pending.push((l, Command::DeleteSa { sa, epoch: None }));
+                            }
+                        }
+                    }
                 }
             }
             next_fault = now + sim.rng.random_range(500..2000);
@@ -737,15 +991,21 @@ fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
     }
     // Heal everything and let it settle: every SA must run again.
     for id in 1..=n_nodes {
-        sim.cut[(id - 1) as usize] = false;
+        sim.cut_out[(id - 1) as usize] = false;
+        sim.cut_in[(id - 1) as usize] = false;
         sim.restart(id);
         if let Health::Paused { .. } = sim.node(id).health {
             sim.nodes[(id - 1) as usize].health = Health::Up;
         }
     }
+    sim.exporting.clear();
     for _ in 0..(3_000 / STEP_MS) {
         sim.step();
     }
+    assert!(
+        sim.exported.is_empty(),
+        "seed {seed}: exported SAs never imported"
+    );
     for sa in sim.truth.sas() {
         let owner = sim.node(sa.owner);
         assert!(
@@ -755,16 +1015,19 @@ fn run(seed: u64, seconds: u64, lease_rule_broken: bool) {
             sa.owner
         );
     }
-    let sent: u64 = sim
+    summary.imports = sim.imports;
+    summary.sent = sim
         .ledger
         .used
         .values()
         .flat_map(|m| m.iter().map(|(f, (l, ..))| l - f + 1))
         .sum();
     assert!(
-        sent > 24 * 1000,
-        "seed {seed}: the data plane barely ran ({sent} packets)"
+        summary.sent > 24 * 1000,
+        "seed {seed}: the data plane barely ran ({} packets)",
+        summary.sent
     );
+    summary
 }
 
 fn seeds() -> Vec<u64> {
@@ -778,38 +1041,73 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn faults_never_reuse_a_sequence_number_or_leave_sas_unowned() {
+    let mut total = Summary::default();
     for seed in seeds() {
-        run(seed, 20, false);
+        let summary = run(seed, 20, Broken::Nothing, Mix::All);
+        for (kind, n) in summary.faults {
+            *total.faults.entry(kind).or_default() += n;
+        }
+        total.imports += summary.imports;
+        total.sent += summary.sent;
     }
+    eprintln!(
+        "faults {:?}, {} imports, {} sequence numbers, none reused",
+        total.faults, total.imports, total.sent
+    );
 }
 
-/// The same scenarios with the lease rule broken (a restarted owner resumes at the start of its
-/// range, as if it had not used any of it): the checks must catch a reused sequence number.
+/// Runs seeds with `broken` until one fails; the failure must be of the expected kind.
+fn caught(broken: Broken, mix: Mix, expected: &[&str]) {
+    for seed in 1..=16u64 {
+        let outcome = std::panic::catch_unwind(|| run(seed, 12, broken, mix));
+        if let Err(payload) = outcome {
+            let failure = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "non-string panic".into());
+            assert!(
+                expected.iter().any(|e| failure.contains(e)),
+                "{broken:?} broke the run in an unexpected way: {failure}"
+            );
+            eprintln!("{broken:?} caught: {failure}");
+            return;
+        }
+    }
+    panic!("no seed caught {broken:?}");
+}
+
+/// A restarted owner resuming at the start of its range, as if it had not used any of it:
+/// the checks must catch a reused sequence number.
 #[test]
 fn breaking_the_lease_rule_is_caught() {
-    let failures: Vec<String> = (1..=12u64)
-        .filter_map(|seed| {
-            std::panic::catch_unwind(|| run(seed, 20, true))
-                .err()
-                .map(|payload| {
-                    payload
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .unwrap_or_else(|| "non-string panic".into())
-                })
-        })
-        .collect();
-    let reuse = failures
-        .iter()
-        .filter(|f| f.contains("overlapping"))
-        .count();
-    assert!(
-        reuse > 0,
-        "no seed caught a restarted owner reusing sequence numbers: {failures:?}"
+    caught(Broken::LeaseRule, Mix::Restarts, &["overlapping"]);
+}
+
+/// Picking first numbers from the recovered state (its committed index lagging) instead of
+/// after a read barrier: a restarted owner sends numbers it had used before the crash.
+#[test]
+fn starting_before_the_read_barrier_is_caught() {
+    caught(Broken::StartBeforeBarrier, Mix::Restarts, &["overlapping"]);
+}
+
+/// Counting a received ping as contact: in an asymmetric partition the cut-off node keeps
+/// running beside the owner that took its SAs over.
+#[test]
+fn one_way_contact_is_caught() {
+    caught(
+        Broken::OneWayContact,
+        Mix::Asymmetric,
+        &["after a newer owner started", "no working owner"],
     );
-    eprintln!(
-        "broken lease rule caught by {} of 12 seeds, {reuse} as sequence reuse; e.g. {}",
-        failures.len(),
-        failures[0]
+}
+
+/// Starting an imported child where the exported context's range started: numbers used
+/// before the export are sent again.
+#[test]
+fn importing_at_the_context_start_is_caught() {
+    caught(
+        Broken::ImportAtContextStart,
+        Mix::ExportImport,
+        &["overlapping", "out of order"],
     );
 }

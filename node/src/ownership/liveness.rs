@@ -1,7 +1,9 @@
 //! Who this node can hear, and whether it may keep processing its SAs (the fence).
 //!
-//! Every node pings every voter each heartbeat and records when it last heard from each (a ping
-//! *or* a ping answer), together with what the peer said about its own contact with the leader.
+//! Every node pings every voter each heartbeat and records when it last had a round trip with
+//! each (its ping answered; dated when the ping left), together with what the peer said about
+//! its own contact with the leader. Only round trips count: a node that can receive but not
+//! send (or the reverse) is cut off, and must fence itself like one that hears nothing.
 //! From that table come two decisions, both pure functions of (table, now):
 //!
 //! - **the fence** (every node, for itself): this node may process packets only while it hears
@@ -83,7 +85,7 @@ impl Liveness {
         self.me
     }
 
-    /// Records that `peer` was heard at `now_ms` (its ping, or its answer to ours).
+    /// Records a round trip with `peer`: it answered the ping this node sent at `now_ms`.
     pub fn heard(&mut self, peer: NodeId, now_ms: u64, view: PeerView) {
         if peer == self.me {
             return;
