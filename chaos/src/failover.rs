@@ -4,11 +4,16 @@
 //! ```text
 //!  node 1 ┐  probe reports (spi, epoch, first..last)     ┌─ ledger: no (spi, seq) twice;
 //!  node 2 ├──────────────── UDP ───────────────────────► │  per spi, every epoch above the last;
-//!  node 3 ┘                                              └─ first report of each new owner
-//!     ▲  faults: SIGKILL owner / leader, SIGSTOP, nftables partition, planned transfer
+//!  node 3 ┘                                              └─ first report after each fault
+//!     ▲  faults: SIGKILL owner / leader, SIGKILL + immediate restart (bounce), SIGKILL of every
+//!     │  node (cluster restart), SIGSTOP, nftables partition (both ways or one way only),
+//!     │  planned transfer, export --remove + import
 //!     └─ runner: message-ID advances through the leader (an IKE engine's commits), checked at
 //!        the end on every replica
 //! ```
+//!
+//! With `--burst`, every SA's traffic bursts to 20 times its rate for 200 ms every 4 s, far
+//! beyond what its leases were sized for, so leases are used up and renewed under pressure.
 //!
 //! Per fault the runner notes which SAs the victim owned and in which epoch, injects the fault,
 //! and waits until a new owner reports each of them (`resume_ms` = fault to that first report);
@@ -48,9 +53,30 @@ pub enum Fault {
     Partition,
     /// Move SAs to another node on purpose.
     Transfer,
+    /// SIGKILL a node that owns SAs and restart it at once, before the failover timeout: it
+    /// resumes its SAs itself, above every number it used before the crash.
+    Bounce,
+    /// SIGKILL every node, then restart them all.
+    ClusterRestart,
+    /// Cut one direction only: a node's packets to the others are dropped, or theirs to it.
+    AsymPartition,
+    /// Export SAs with `--remove` and import them again.
+    ExportImport,
 }
 
 impl Fault {
+    const ALL: [Fault; 9] = [
+        Fault::KillOwner,
+        Fault::KillLeader,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::Transfer,
+        Fault::Bounce,
+        Fault::ClusterRestart,
+        Fault::AsymPartition,
+        Fault::ExportImport,
+    ];
+
     /// The name used on the command line and in the report.
     pub fn name(self) -> &'static str {
         match self {
@@ -59,19 +85,30 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::Partition => "partition",
             Fault::Transfer => "transfer",
+            Fault::Bounce => "bounce",
+            Fault::ClusterRestart => "cluster-restart",
+            Fault::AsymPartition => "asym-partition",
+            Fault::ExportImport => "export-import",
         }
     }
 
     /// Parses a name.
     pub fn parse(name: &str) -> anyhow::Result<Fault> {
-        [Fault::KillOwner, Fault::KillLeader, Fault::Pause, Fault::Partition, Fault::Transfer]
+        Fault::ALL
             .into_iter()
             .find(|f| f.name() == name)
             .ok_or_else(|| {
+                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
                 anyhow::anyhow!(
-                    "unknown fault {name:?}; expected kill-owner, kill-leader, pause, partition or transfer"
+                    "unknown fault {name:?}; expected one of {}",
+                    names.join(", ")
                 )
             })
+    }
+
+    /// Whether it needs nftables (and so root).
+    fn needs_firewall(self) -> bool {
+        matches!(self, Fault::Partition | Fault::AsymPartition)
     }
 }
 
@@ -88,8 +125,10 @@ pub struct Options {
     pub faults: Vec<Fault>,
     /// Cycles.
     pub cycles: u32,
-    /// SAs moved per transfer fault.
+    /// SAs moved per transfer fault (and exported per export-import fault).
     pub transfers_per_fault: usize,
+    /// SAs burst far beyond their lease rate now and then.
+    pub burst: bool,
     /// RNG seed.
     pub seed: u64,
     /// Print progress to stderr.
@@ -143,6 +182,10 @@ pub struct Report {
     pub lease_commits_per_busy_sa_per_sec: f64,
     /// Sequence numbers reported over the run.
     pub seqs_reported: u64,
+    /// Whether traffic burst beyond the leases.
+    pub burst: bool,
+    /// SAs exported with --remove and imported again.
+    pub reimports: u64,
     /// Run time.
     pub seconds: f64,
 }
@@ -171,11 +214,28 @@ struct Ledger {
     reported: u64,
     late: u64,
     max_dual_ms: f64,
+    /// Children whose resumption a fault waits for: from which epoch on, reported after when;
+    /// the arrival of the first such report.
+    watch: HashMap<u32, Watch>,
+}
+
+#[derive(Copy, Clone, Debug)]
+struct Watch {
+    min_epoch: u64,
+    since: Instant,
+    first: Option<Instant>,
 }
 
 impl Ledger {
     fn record(&mut self, range: UsedRange, at: Instant, fence: Duration) {
         self.reported += range.last - range.first + 1;
+        if let Some(watch) = self.watch.get_mut(&range.in_spi)
+            && watch.first.is_none()
+            && range.epoch >= watch.min_epoch
+            && at >= watch.since
+        {
+            watch.first = Some(at);
+        }
         let child = self.children.entry(range.in_spi).or_default();
         // Overlap with anything already used, whatever epoch.
         let mut overlap = 0;
@@ -236,6 +296,7 @@ impl Ledger {
     }
 
     /// When a report of an epoch above `epoch` first arrived after `since`.
+    #[cfg(test)]
     fn resumed_at(&self, in_spi: u32, epoch: u64, since: Instant) -> Option<Instant> {
         let child = self.children.get(&in_spi)?;
         child
@@ -359,12 +420,30 @@ struct Partition {
     table: String,
 }
 
+/// Which of a node's packets a partition drops.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Cut {
+    /// Everything it sends and everything sent to it.
+    Both,
+    /// Only what it sends: it still receives the others' requests (and pings), they never get
+    /// its answers.
+    Outgoing,
+    /// Only what is sent to it: the others receive its requests, it never gets their answers.
+    Incoming,
+}
+
 impl Partition {
-    fn cut(ip: std::net::Ipv4Addr) -> anyhow::Result<Partition> {
+    fn cut(ip: std::net::Ipv4Addr, cut: Cut) -> anyhow::Result<Partition> {
         let table = format!("evpc_chaos_{}", std::process::id());
+        let outgoing = format!("  ip saddr {ip} tcp flags != 0 drop\n");
+        let incoming = format!("  ip daddr {ip} tcp flags != 0 drop\n");
+        let rules = match cut {
+            Cut::Both => format!("{outgoing}{incoming}"),
+            Cut::Outgoing => outgoing,
+            Cut::Incoming => incoming,
+        };
         let script = format!(
-            "table inet {table} {{\n chain out {{ type filter hook output priority 0; policy accept;\n  \
-             ip saddr {ip} tcp flags != 0 drop\n  ip daddr {ip} tcp flags != 0 drop\n }}\n}}\n"
+            "table inet {table} {{\n chain out {{ type filter hook output priority 0; policy accept;\n{rules} }}\n}}\n"
         );
         let mut child = std::process::Command::new("nft")
             .args(["-f", "-"])
@@ -405,6 +484,7 @@ struct Run {
     counts: BTreeMap<Fault, u32>,
     transfer_gaps: Vec<Duration>,
     packet_interval: Duration,
+    reimports: u64,
 }
 
 /// Who owns what, as the leader has it: SA -> (owner, epoch).
@@ -423,30 +503,49 @@ impl Run {
         }
     }
 
-    /// Waits until every (child, epoch) in `affected` is reported by a later epoch.
+    /// Waits until every child in `affected` is reported again after `since` in an epoch at
+    /// least `min_epoch(old epoch)`; the resume time is counted from `fault`.
     async fn wait_resumed(
         &mut self,
         kind: Fault,
         affected: &[(u32, u64)],
+        fault: Instant,
         since: Instant,
+        later_epoch: bool,
         timeout: Duration,
     ) {
+        {
+            let mut ledger = self.ledger.lock().expect("lock");
+            for (spi, epoch) in affected {
+                ledger.watch.insert(
+                    *spi,
+                    Watch {
+                        min_epoch: epoch + u64::from(later_epoch),
+                        since,
+                        first: None,
+                    },
+                );
+            }
+        }
         let deadline = since + timeout;
-        let mut pending: Vec<(u32, u64)> = affected.to_vec();
+        let mut pending: Vec<u32> = affected.iter().map(|(spi, _)| *spi).collect();
         while !pending.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            let ledger = self.ledger.lock().expect("lock");
-            pending.retain(
-                |(spi, epoch)| match ledger.resumed_at(*spi, *epoch, since) {
-                    Some(at) => {
-                        self.resume.entry(kind).or_default().push(at - since);
-                        false
-                    }
-                    None => true,
-                },
-            );
+            let mut ledger = self.ledger.lock().expect("lock");
+            pending.retain(|spi| match ledger.watch.get(spi).and_then(|w| w.first) {
+                Some(at) => {
+                    self.resume.entry(kind).or_default().push(at - fault);
+                    ledger.watch.remove(spi);
+                    false
+                }
+                None => true,
+            });
         }
         if !pending.is_empty() {
+            let mut ledger = self.ledger.lock().expect("lock");
+            for spi in &pending {
+                ledger.watch.remove(spi);
+            }
             *self.not_resumed.entry(kind).or_default() += pending.len() as u64;
             tracing::warn!(
                 kind = kind.name(),
@@ -525,10 +624,15 @@ impl Run {
         let ids: Vec<NodeId> = self.cluster.read().await.ids().collect();
         let wait = Duration::from_secs(5);
         match kind {
-            Fault::KillOwner | Fault::KillLeader | Fault::Pause | Fault::Partition => {
+            Fault::KillOwner
+            | Fault::KillLeader
+            | Fault::Pause
+            | Fault::Partition
+            | Fault::AsymPartition
+            | Fault::Bounce => {
                 let victim = match kind {
                     Fault::KillLeader => leader,
-                    Fault::KillOwner => **ids
+                    Fault::KillOwner | Fault::Bounce => **ids
                         .iter()
                         .filter(|n| **n != leader)
                         .collect::<Vec<_>>()
@@ -553,15 +657,26 @@ impl Run {
                 match kind {
                     Fault::KillOwner | Fault::KillLeader => {
                         self.cluster.write().await.sigkill(victim).await?;
-                        self.wait_resumed(kind, &affected, since, wait).await;
+                        self.wait_resumed(kind, &affected, since, since, true, wait)
+                            .await;
                         self.cluster.write().await.restart(victim)?;
+                    }
+                    Fault::Bounce => {
+                        // Back at once: before the failover timeout, so (usually) nobody takes
+                        // its SAs over and it resumes them itself, in the same epoch.
+                        self.cluster.write().await.sigkill(victim).await?;
+                        self.cluster.write().await.restart(victim)?;
+                        let restarted = Instant::now();
+                        self.wait_resumed(kind, &affected, since, restarted, false, wait)
+                            .await;
                     }
                     Fault::Pause => {
                         self.cluster
                             .read()
                             .await
                             .signal(victim, nix::sys::signal::Signal::SIGSTOP)?;
-                        self.wait_resumed(kind, &affected, since, wait).await;
+                        self.wait_resumed(kind, &affected, since, since, true, wait)
+                            .await;
                         // Stay paused past the failover timeout either way, then resume: the
                         // node must find itself fenced and its SAs gone.
                         tokio::time::sleep(
@@ -573,17 +688,75 @@ impl Run {
                             .await
                             .signal(victim, nix::sys::signal::Signal::SIGCONT)?;
                     }
-                    Fault::Partition => {
+                    Fault::Partition | Fault::AsymPartition => {
+                        let cut = match kind {
+                            Fault::Partition => Cut::Both,
+                            _ if rand::Rng::random_bool(&mut self.rng, 0.5) => Cut::Outgoing,
+                            _ => Cut::Incoming,
+                        };
                         let ip = self.cluster.read().await.spec.host(victim);
-                        let partition = Partition::cut(ip)?;
-                        self.wait_resumed(kind, &affected, since, wait).await;
+                        let partition = Partition::cut(ip, cut)?;
+                        self.wait_resumed(kind, &affected, since, since, true, wait)
+                            .await;
                         tokio::time::sleep(
                             Duration::from_millis(400).saturating_sub(since.elapsed()),
                         )
                         .await;
                         drop(partition);
                     }
-                    Fault::Transfer => unreachable!(),
+                    _ => unreachable!("the faults above"),
+                }
+            }
+            Fault::ClusterRestart => {
+                let affected: Vec<(u32, u64)> = self
+                    .children
+                    .iter()
+                    .filter_map(|(sa, spi)| owners.get(sa).map(|(_, e)| (*spi, *e)))
+                    .collect();
+                self.note(&format!("cluster-restart ({} SAs)", affected.len()));
+                tracing::info!(sas = affected.len(), "fault: every node SIGKILLed");
+                let since = Instant::now();
+                {
+                    let mut c = self.cluster.write().await;
+                    for id in ids.iter() {
+                        c.sigkill(*id).await?;
+                    }
+                    for id in ids.iter() {
+                        c.restart(*id)?;
+                    }
+                }
+                let restarted = Instant::now();
+                self.wait_resumed(
+                    kind,
+                    &affected,
+                    since,
+                    restarted,
+                    false,
+                    Duration::from_secs(30),
+                )
+                .await;
+            }
+            Fault::ExportImport => {
+                let mut admin = self.cluster.read().await.admin()?;
+                for _ in 0..self.options.transfers_per_fault {
+                    let (sa, spi) = *self.children.choose(&mut self.rng).context("no SAs")?;
+                    let Some(&(_, epoch)) = owners.get(&sa) else {
+                        continue;
+                    };
+                    let since = Instant::now();
+                    // The operator's transfer across domains, here and back: export with
+                    // removal, then import; the child must resume above every number used.
+                    let exported = admin
+                        .export_sa(&sa.to_string(), true)
+                        .await
+                        .with_context(|| format!("exporting SA {sa}"))?;
+                    admin
+                        .import_sa(exported.context, None)
+                        .await
+                        .with_context(|| format!("importing SA {sa} back"))?;
+                    self.reimports += 1;
+                    self.wait_resumed(kind, &[(spi, epoch)], since, since, true, wait)
+                        .await;
                 }
             }
             Fault::Transfer => {
@@ -599,7 +772,8 @@ impl Run {
                         .context("one node")?;
                     let since = Instant::now();
                     admin.transfer_sa(&sa.to_string(), *to).await?;
-                    self.wait_resumed(kind, &[(spi, epoch)], since, wait).await;
+                    self.wait_resumed(kind, &[(spi, epoch)], since, since, true, wait)
+                        .await;
                     let ledger = self.ledger.lock().expect("lock");
                     // The interruption: how much longer than the usual spacing of its packets the
                     // SA went without one across the handover.
@@ -631,10 +805,10 @@ pub async fn run(
         options.sas > 0 && options.nodes >= 3,
         "--sas must be positive and --nodes at least 3"
     );
-    let needs_root = options.faults.contains(&Fault::Partition);
+    let needs_root = options.faults.iter().any(|f| f.needs_firewall());
     anyhow::ensure!(
         !needs_root || nix::unistd::Uid::effective().is_root(),
-        "the partition fault needs root (nftables)"
+        "the partition faults need root (nftables)"
     );
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let collector = socket.local_addr()?;
@@ -643,6 +817,9 @@ pub async fn run(
     spec.dataplane.backend = "probe".into();
     spec.dataplane.probe.collector = Some(collector);
     spec.dataplane.probe.pps_per_child = (options.pps / options.sas).max(1);
+    if options.burst {
+        spec.dataplane.probe.burst_factor = 20;
+    }
     // Small leases, so the lease path runs all through the campaign (a busy SA commits about
     // once a second) instead of every SA living on the grants that come with moves.
     spec.ownership.lease_min = LEASE_MIN;
@@ -694,6 +871,7 @@ async fn run_on(
         counts: BTreeMap::new(),
         transfer_gaps: Vec::new(),
         packet_interval: Duration::from_secs_f64(options.sas as f64 / options.pps as f64),
+        reimports: 0,
     };
     for cycle in 0..options.cycles {
         for kind in options.faults.clone() {
@@ -768,6 +946,8 @@ async fn run_on(
         max_dual_owner_ms: (ledger.max_dual_ms * 1000.0).round() / 1000.0,
         lease_commits_per_busy_sa_per_sec,
         seqs_reported: ledger.reported,
+        burst: options.burst,
+        reimports: run.reimports,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

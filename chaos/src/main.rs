@@ -57,7 +57,9 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         pps: u64,
         /// Faults to inject each cycle, comma-separated: kill-owner, kill-leader, pause,
-        /// partition (needs root), transfer.
+        /// partition (needs root), transfer, bounce (SIGKILL and restart at once),
+        /// cluster-restart (SIGKILL every node), asym-partition (one direction cut; needs root),
+        /// export-import (export --remove, then import).
         #[arg(
             long,
             value_delimiter = ',',
@@ -67,9 +69,12 @@ enum Command {
         /// Cycles through the fault list.
         #[arg(long, default_value_t = 20)]
         cycles: u32,
-        /// SAs moved per transfer fault.
+        /// SAs moved per transfer fault (and exported per export-import fault).
         #[arg(long, default_value_t = 5)]
         transfers: usize,
+        /// Every SA bursts to 20 times its rate for 200 ms every 4 s, beyond its leases.
+        #[arg(long)]
+        burst: bool,
         /// RNG seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -145,6 +150,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             faults,
             cycles,
             transfers,
+            burst,
             seed,
             json,
         } => {
@@ -159,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 faults,
                 cycles,
                 transfers_per_fault: transfers,
+                burst,
                 seed,
                 progress: !json || std::io::stderr().is_terminal(),
             };

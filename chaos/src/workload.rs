@@ -51,7 +51,11 @@ pub async fn create_sas(
                 let owner = owners[usize::from(slot)];
                 anyhow::ensure!(owner != 0, "slot {slot} has no owner");
                 let child = n as u32 + 0x1000;
-                let mut sa = evpc_raft_store::fixture::ike_sa(SaId(n), spi_i, slot, owner, child);
+                // No key material: the probe data plane needs none, and placeholder keys would
+                // not open under the cluster key.
+                let mut sa = evpc_raft_store::fixture::without_keys(
+                    evpc_raft_store::fixture::ike_sa(SaId(n), spi_i, slot, owner, child),
+                );
                 for c in sa.children.values_mut() {
                     c.out_hwm = lease;
                 }

@@ -154,9 +154,9 @@ fn failover_campaign_keeps_every_counter_moving_forward() {
         false
     };
     let faults = if partition {
-        "kill-owner,kill-leader,pause,partition,transfer"
+        "kill-owner,kill-leader,pause,partition,transfer,bounce,cluster-restart,asym-partition,export-import"
     } else {
-        "kill-owner,kill-leader,pause,transfer"
+        "kill-owner,kill-leader,pause,transfer,bounce,cluster-restart,export-import"
     };
     let Some(r) = chaos(
         &[
@@ -171,6 +171,7 @@ fn failover_campaign_keeps_every_counter_moving_forward() {
             "1",
             "--transfers",
             "5",
+            "--burst",
         ],
         18_200,
     ) else {
@@ -199,5 +200,10 @@ fn failover_campaign_keeps_every_counter_moving_forward() {
     assert!(
         r["transfer_gap_ms"]["count"].as_u64().unwrap() == 5,
         "{r:#}"
+    );
+    assert_eq!(r["burst"], true, "{r:#}");
+    assert_eq!(
+        r["reimports"], 5,
+        "every exported SA was imported again: {r:#}"
     );
 }

@@ -21,7 +21,7 @@ use evpc_dataplane::xfrm::{ReqidRange, XfrmConfig, XfrmDriver};
 
 use crate::config::{DataplaneConfig, parse_prefix};
 use crate::node::Node;
-use crate::probe::ProbeDriver;
+use crate::probe::{ProbeDriver, Traffic};
 
 /// A running data plane.
 pub struct Backend {
@@ -94,7 +94,10 @@ pub fn start(node: &Arc<Node>) -> anyhow::Result<Option<Backend>> {
                 driver: Arc::new(ProbeDriver::start(
                     node.id,
                     collector,
-                    config.probe.pps_per_child,
+                    Traffic {
+                        pps: config.probe.pps_per_child,
+                        burst_factor: config.probe.burst_factor.max(1),
+                    },
                     node.gate.clone(),
                 )?),
                 ike: None,

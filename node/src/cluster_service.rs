@@ -47,11 +47,13 @@ impl ClusterService {
         }
     }
 
-    /// Whether `node` is a member (voter or learner) in this node's view.
+    /// Whether `node` is a member (voter or learner) in this node's view. A node that has not
+    /// learned any membership yet (a cluster being bootstrapped) cannot tell, and says yes.
     fn is_member(&self, node: u64) -> bool {
         let metrics = self.node.raft.metrics();
         let m = openraft::rt::WatchReceiver::borrow_watched(&metrics);
-        m.membership_config.membership().get_node(&node).is_some()
+        let membership = m.membership_config.membership();
+        membership.nodes().next().is_none() || membership.get_node(&node).is_some()
     }
 }
 

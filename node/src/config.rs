@@ -194,6 +194,9 @@ pub struct ProbeConfig {
     pub collector: Option<SocketAddr>,
     /// Packets per second per child SA.
     pub pps_per_child: u64,
+    /// During bursts (200 ms every 4 s, at a time of its own per child) a child sends this many
+    /// times its rate: far beyond what its leases were sized for. 0 or 1: no bursts.
+    pub burst_factor: u64,
 }
 
 impl Default for ProbeConfig {
@@ -201,6 +204,7 @@ impl Default for ProbeConfig {
         ProbeConfig {
             collector: None,
             pps_per_child: 20,
+            burst_factor: 0,
         }
     }
 }
@@ -452,6 +456,10 @@ impl NodeConfig {
             max_in_snapshot_log_to_keep: self.raft.keep_behind_snapshot,
             max_payload_entries: 1024,
             enable_pre_vote: Some(true),
+            // A member that was down (or restarting) is retried every heartbeat, not with
+            // openraft's doubling up to a second: a node bounced before the failover timeout
+            // resumes its SAs only once the leader replicates to it again.
+            backoff: format!("{hb}ms {hb}ms {hb}ms", hb = self.timeouts.heartbeat_ms),
             ..Default::default()
         };
         Ok(config.validate()?)

@@ -119,7 +119,10 @@ impl Barrier {
         let patience = Duration::from_millis(BARRIER_RETRY_MS);
         tokio::spawn(async move {
             match node.read_barrier(patience).await {
-                Ok(index) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(index),
+                Ok(index) => {
+                    tracing::debug!(index, "fence barrier known");
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(index);
+                }
                 Err(e) => tracing::debug!(error = %e, "no read barrier yet"),
             }
         });
@@ -198,7 +201,12 @@ pub fn evaluate_fence(node: &Arc<Node>, barrier: &mut Barrier) {
     let mut current = node.fence.lock().unwrap_or_else(|e| e.into_inner());
     if *current != reason {
         match &reason {
-            Some(FenceReason::CatchingUp { .. }) => {}
+            Some(FenceReason::CatchingUp {
+                reflected,
+                committed,
+            }) => {
+                tracing::debug!(reflected, committed, "catching up before unfencing")
+            }
             Some(r) => {
                 tracing::warn!(reason = ?r, "data plane fenced: out of contact with the cluster")
             }

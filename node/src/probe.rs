@@ -118,9 +118,45 @@ struct ProbeChild {
     counters: ChildCounters,
 }
 
-/// Index of the last packet due by wall-clock `now_ms` at `pps` packets per second.
-fn packets_due(now_ms: u64, pps: u64) -> u64 {
-    (u128::from(now_ms) * u128::from(pps) / 1000) as u64
+/// One child's traffic: a steady rate, with bursts.
+///
+/// Every child follows the same schedule on every node (packet `k` is due at a wall-clock time
+/// that depends only on `k` and the child), as real traffic does not care who owns the SA.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    /// Packets per second outside bursts.
+    pub pps: u64,
+    /// During a burst, the rate is this many times `pps` (1: no bursts).
+    pub burst_factor: u64,
+}
+
+/// Bursts last this long...
+const BURST_MS: u64 = 200;
+/// ...once in this many milliseconds, at an offset of the child's own.
+const BURST_PERIOD_MS: u64 = 4_000;
+
+impl Traffic {
+    /// Milliseconds of burst before wall-clock `now_ms` for the child `in_spi`.
+    fn burst_ms_before(in_spi: u32, now_ms: u64) -> u64 {
+        let offset = u64::from(in_spi).wrapping_mul(997) % BURST_PERIOD_MS;
+        let Some(t) = now_ms.checked_sub(offset) else {
+            return 0;
+        };
+        (t / BURST_PERIOD_MS) * BURST_MS + (t % BURST_PERIOD_MS).min(BURST_MS)
+    }
+
+    /// Index of the last packet of child `in_spi` due by wall-clock `now_ms`.
+    fn packets_due(&self, in_spi: u32, now_ms: u64) -> u64 {
+        let steady = u128::from(now_ms) * u128::from(self.pps);
+        let extra = if self.burst_factor > 1 {
+            u128::from(Self::burst_ms_before(in_spi, now_ms))
+                * u128::from(self.pps)
+                * u128::from(self.burst_factor - 1)
+        } else {
+            0
+        };
+        ((steady + extra) / 1000) as u64
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,7 +168,7 @@ struct Children {
 #[derive(Debug, Clone)]
 pub struct ProbeDriver {
     children: Arc<Mutex<Children>>,
-    pps_per_child: u64,
+    traffic: Traffic,
 }
 
 impl ProbeDriver {
@@ -141,7 +177,7 @@ impl ProbeDriver {
     pub fn start(
         node: NodeId,
         collector: SocketAddr,
-        pps_per_child: u64,
+        traffic: Traffic,
         gate: Arc<FenceGate>,
     ) -> std::io::Result<ProbeDriver> {
         let socket = UdpSocket::bind(if collector.is_ipv4() {
@@ -159,18 +195,19 @@ impl ProbeDriver {
                 while let Some(children) = weak.upgrade() {
                     std::thread::sleep(TICK);
                     let sent_ms = crate::node::now_ms();
-                    let due = packets_due(sent_ms, pps_per_child);
                     let mut guard = children.lock().unwrap_or_else(|e| e.into_inner());
                     // Checked before anything is used: a node resuming from a pause finds the
                     // gate closed and sends nothing until it hears the cluster again. Packets
                     // due while fenced are lost, as they would be.
                     if !gate.is_open() {
-                        for child in guard.by_spi.values_mut() {
+                        for (spi, child) in guard.by_spi.iter_mut() {
+                            let due = traffic.packets_due(*spi, sent_ms);
                             child.next_packet = child.next_packet.max(due);
                         }
                         continue;
                     }
                     for (spi, child) in guard.by_spi.iter_mut() {
+                        let due = traffic.packets_due(*spi, sent_ms);
                         let wanted = due.saturating_sub(child.next_packet);
                         child.next_packet = child.next_packet.max(due);
                         let room = (child.limit + 1).saturating_sub(child.next);
@@ -204,10 +241,7 @@ impl ProbeDriver {
                     }
                 }
             })?;
-        Ok(ProbeDriver {
-            children,
-            pps_per_child,
-        })
+        Ok(ProbeDriver { children, traffic })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Children> {
@@ -232,7 +266,9 @@ impl SaDriver for ProbeDriver {
                 next: child.next_seq.max(1),
                 limit: child.limit,
                 peer_seq: child.replay_floor,
-                next_packet: packets_due(crate::node::now_ms(), self.pps_per_child),
+                next_packet: self
+                    .traffic
+                    .packets_due(child.in_spi, crate::node::now_ms()),
                 counters: ChildCounters {
                     highest_out: child.next_seq.saturating_sub(1),
                     highest_in: child.replay_floor,
@@ -300,14 +336,52 @@ mod tests {
     }
 
     #[test]
+    fn bursts_follow_one_schedule_per_child() {
+        let steady = Traffic {
+            pps: 100,
+            burst_factor: 1,
+        };
+        let bursty = Traffic {
+            pps: 100,
+            burst_factor: 21,
+        };
+        // Over one whole period a bursty child sends its 200 ms at 21 times the rate.
+        let start = 1_000_000 * BURST_PERIOD_MS;
+        let end = start + BURST_PERIOD_MS;
+        assert_eq!(
+            steady.packets_due(7, end) - steady.packets_due(7, start),
+            400
+        );
+        assert_eq!(
+            bursty.packets_due(7, end) - bursty.packets_due(7, start),
+            400 + 20 * 20
+        );
+        // Never backwards, and children burst at different times.
+        let mut last = 0;
+        for t in (start..end).step_by(5) {
+            let due = bursty.packets_due(7, t);
+            assert!(due >= last);
+            last = due;
+        }
+        assert_ne!(
+            Traffic::burst_ms_before(7, start + 100),
+            Traffic::burst_ms_before(8, start + 100)
+        );
+    }
+
+    #[test]
     fn the_probe_never_uses_numbers_above_its_lease_or_while_fenced() {
         let collector = UdpSocket::bind("127.0.0.1:0").unwrap();
         collector
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let gate = Arc::new(FenceGate::new());
+        let traffic = Traffic {
+            pps: 2_000,
+            burst_factor: 1,
+        };
         let probe =
-            ProbeDriver::start(1, collector.local_addr().unwrap(), 2_000, gate.clone()).unwrap();
+            ProbeDriver::start(1, collector.local_addr().unwrap(), traffic, gate.clone()).unwrap();
         let start = |spi, next, limit| ChildStart {
             ike: evpc_raft_store::SaId(1),
             epoch: evpc_raft_store::Epoch(3),
