@@ -182,6 +182,8 @@ pub struct Report {
     pub lease_commits_per_busy_sa_per_sec: f64,
     /// Sequence numbers reported over the run.
     pub seqs_reported: u64,
+    /// The first sequence numbers reported twice (at most 20), with both senders.
+    pub repeats: Vec<Repeat>,
     /// Whether traffic burst beyond the leases.
     pub burst: bool,
     /// SAs exported with --remove and imported again.
@@ -203,6 +205,7 @@ struct ChildLedger {
 struct EpochSeen {
     min: u64,
     max: u64,
+    node: NodeId,
     first_at: Instant,
     last_at: Instant,
 }
@@ -217,6 +220,32 @@ struct Ledger {
     /// Children whose resumption a fault waits for: from which epoch on, reported after when;
     /// the arrival of the first such report.
     watch: HashMap<u32, Watch>,
+    /// The first repeats, for the report.
+    repeats: Vec<Repeat>,
+}
+
+/// A sequence number reported twice: who sent it, and who had sent it before.
+#[derive(Clone, Debug, Serialize)]
+pub struct Repeat {
+    /// The child's inbound SPI (hex).
+    pub in_spi: String,
+    /// The reporting node and the epoch it reported in.
+    pub node: NodeId,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The range it reported.
+    pub range: (u64, u64),
+    /// The overlapping range reported before, its epoch and the node that first reported in it.
+    pub used_before: (u64, u64),
+    /// Its epoch.
+    pub used_in_epoch: u64,
+    /// That epoch's node.
+    pub used_by: Option<NodeId>,
+    /// When (the collector's clock).
+    #[serde(skip)]
+    pub at: Option<Instant>,
+    /// Seconds into the run.
+    pub at_s: f64,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -227,7 +256,7 @@ struct Watch {
 }
 
 impl Ledger {
-    fn record(&mut self, range: UsedRange, at: Instant, fence: Duration) {
+    fn record(&mut self, node: NodeId, range: UsedRange, at: Instant, fence: Duration) {
         self.reported += range.last - range.first + 1;
         if let Some(watch) = self.watch.get_mut(&range.in_spi)
             && watch.first.is_none()
@@ -239,15 +268,44 @@ impl Ledger {
         let child = self.children.entry(range.in_spi).or_default();
         // Overlap with anything already used, whatever epoch.
         let mut overlap = 0;
-        if let Some((_, (last, _))) = child.used.range(..=range.first).next_back()
+        let mut against = None;
+        if let Some((first, (last, epoch))) = child.used.range(..=range.first).next_back()
             && *last >= range.first
         {
             overlap += last.min(&range.last) - range.first + 1;
+            against = Some((*first, *last, *epoch));
         }
         if range.first < range.last {
-            for (first, (last, _)) in child.used.range(range.first + 1..=range.last) {
+            for (first, (last, epoch)) in child.used.range(range.first + 1..=range.last) {
                 overlap += last.min(&range.last) - first + 1;
+                against.get_or_insert((*first, *last, *epoch));
             }
+        }
+        if let Some((first, last, epoch)) = against {
+            let by = child.epochs.get(&epoch).map(|e| e.node);
+            if self.repeats.len() < 20 {
+                self.repeats.push(Repeat {
+                    in_spi: format!("{:08x}", range.in_spi),
+                    node,
+                    epoch: range.epoch,
+                    range: (range.first, range.last),
+                    used_before: (first, last),
+                    used_in_epoch: epoch,
+                    used_by: by,
+                    at: Some(at),
+                    at_s: 0.0,
+                });
+            }
+            tracing::error!(
+                in_spi = format_args!("{:08x}", range.in_spi),
+                node,
+                epoch = range.epoch,
+                range = format_args!("{}..={}", range.first, range.last),
+                used_before = format_args!("{first}..={last}"),
+                used_in_epoch = epoch,
+                used_by = ?by,
+                "sequence numbers reported twice"
+            );
         }
         self.reuse += overlap;
         // Merge with the predecessor when contiguous and in the same epoch.
@@ -272,6 +330,7 @@ impl Ledger {
         let seen = child.epochs.entry(range.epoch).or_insert(EpochSeen {
             min: range.first,
             max: range.last,
+            node,
             first_at: at,
             last_at: at,
         });
@@ -314,6 +373,7 @@ async fn collect(
     ledger: Arc<Mutex<Ledger>>,
     fence: Duration,
     stop: Arc<AtomicBool>,
+    run_tag: u64,
 ) {
     let mut buf = vec![0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -323,10 +383,10 @@ async fn collect(
             continue;
         };
         let at = Instant::now();
-        if let Some(report) = decode(&buf[..n]) {
+        if let Some(report) = decode(&buf[..n]).filter(|r| r.run == run_tag) {
             let mut ledger = ledger.lock().expect("ledger lock");
             for range in report.ranges {
-                ledger.record(range, at, fence);
+                ledger.record(report.node, range, at, fence);
             }
         }
     }
@@ -820,6 +880,9 @@ pub async fn run(
     if options.burst {
         spec.dataplane.probe.burst_factor = 20;
     }
+    // Only this run's nodes count: a node left over from another run could reach this port.
+    let run_tag: u64 = rand::random();
+    spec.dataplane.probe.run = run_tag;
     // Small leases, so the lease path runs all through the campaign (a busy SA commits about
     // once a second) instead of every SA living on the grants that come with moves.
     spec.ownership.lease_min = LEASE_MIN;
@@ -827,7 +890,7 @@ pub async fn run(
     let fence = Duration::from_millis(spec.ownership.fence_ms);
     let cluster = ProcessCluster::launch(spec, node_bin).await?;
     let cluster = Arc::new(RwLock::new(cluster));
-    let result = run_on(options, cluster.clone(), socket, fence).await;
+    let result = run_on(options, cluster.clone(), socket, fence, run_tag).await;
     cluster.write().await.stop().await;
     result
 }
@@ -837,11 +900,18 @@ async fn run_on(
     cluster: Arc<RwLock<ProcessCluster>>,
     socket: tokio::net::UdpSocket,
     fence: Duration,
+    run_tag: u64,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    tokio::spawn(collect(socket, ledger.clone(), fence, stop.clone()));
+    tokio::spawn(collect(
+        socket,
+        ledger.clone(),
+        fence,
+        stop.clone(),
+        run_tag,
+    ));
     let children = workload::create_sas(&*cluster.read().await, options.sas, 32, 0).await?;
     // Every SA reported once before the first fault.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -946,6 +1016,16 @@ async fn run_on(
         max_dual_owner_ms: (ledger.max_dual_ms * 1000.0).round() / 1000.0,
         lease_commits_per_busy_sa_per_sec,
         seqs_reported: ledger.reported,
+        repeats: ledger
+            .repeats
+            .iter()
+            .map(|r| Repeat {
+                at_s: r.at.map_or(0.0, |at| {
+                    at.saturating_duration_since(started).as_secs_f64()
+                }),
+                ..r.clone()
+            })
+            .collect(),
         burst: options.burst,
         reimports: run.reimports,
         seconds: started.elapsed().as_secs_f64(),
@@ -1014,21 +1094,26 @@ mod tests {
         let now = Instant::now();
         let fence = Duration::from_millis(200);
         let mut l = Ledger::default();
-        l.record(range(1, 1, 1, 10), now, fence);
-        l.record(range(2, 1, 5, 5), now, fence);
-        l.record(range(1, 1, 11, 20), now, fence);
+        l.record(1, range(1, 1, 1, 10), now, fence);
+        l.record(1, range(2, 1, 5, 5), now, fence);
+        l.record(1, range(1, 1, 11, 20), now, fence);
         assert_eq!(
             l.children[&1].used.len(),
             1,
             "contiguous ranges of one epoch merge"
         );
-        l.record(range(1, 2, 21, 30), now, fence);
+        l.record(1, range(1, 2, 21, 30), now, fence);
         assert_eq!((l.reuse, l.regressions()), (0, 0));
         // A later owner below an earlier one's numbers: both reuse and a regression.
-        l.record(range(1, 3, 25, 26), now, fence);
+        l.record(1, range(1, 3, 25, 26), now, fence);
         assert_eq!((l.reuse, l.regressions()), (2, 1));
         // An old owner reporting long after the new one started.
-        l.record(range(1, 1, 100, 100), now + Duration::from_secs(1), fence);
+        l.record(
+            1,
+            range(1, 1, 100, 100),
+            now + Duration::from_secs(1),
+            fence,
+        );
         assert_eq!(l.late, 1);
         assert_eq!(l.resumed_at(1, 1, now), Some(now));
         assert_eq!(l.resumed_at(2, 1, now), None);

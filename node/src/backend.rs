@@ -93,6 +93,7 @@ pub fn start(node: &Arc<Node>) -> anyhow::Result<Option<Backend>> {
             Backend {
                 driver: Arc::new(ProbeDriver::start(
                     node.id,
+                    config.probe.run,
                     collector,
                     Traffic {
                         pps: config.probe.pps_per_child,

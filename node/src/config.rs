@@ -197,6 +197,8 @@ pub struct ProbeConfig {
     /// During bursts (200 ms every 4 s, at a time of its own per child) a child sends this many
     /// times its rate: far beyond what its leases were sized for. 0 or 1: no bursts.
     pub burst_factor: u64,
+    /// A tag carried in every report, so a collector counts only its own run's nodes.
+    pub run: u64,
 }
 
 impl Default for ProbeConfig {
@@ -205,6 +207,7 @@ impl Default for ProbeConfig {
             collector: None,
             pps_per_child: 20,
             burst_factor: 0,
+            run: 0,
         }
     }
 }
@@ -460,6 +463,13 @@ impl NodeConfig {
             // openraft's doubling up to a second: a node bounced before the failover timeout
             // resumes its SAs only once the leader replicates to it again.
             backoff: format!("{hb}ms {hb}ms {hb}ms", hb = self.timeouts.heartbeat_ms),
+            // A restarted leader must win an election again. openraft's default lets it resume
+            // leadership from its stored vote, which its documentation warns is inconsistent
+            // when the committed index is not flushed (ours is not): the chaos campaign caught a
+            // leader restarted by a whole-cluster SIGKILL committing and applying leases that
+            // the next leader did not have, and the next owner sending those sequence numbers
+            // again.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         Ok(config.validate()?)

@@ -406,7 +406,10 @@ impl Node {
         }
         let mut client = self.peers.client(leader, &member.raft_addr).ok()?;
         let request = evpc_proto::cluster::v1::ReadIndexRequest { from: self.id };
-        let timeout = Duration::from_millis(self.config.timeouts.rpc_ms);
+        // A live leader answers within a heartbeat round trip. Waiting the full RPC timeout on
+        // a leader that was just paused or cut off would hold a node fenced for a second after
+        // an election elsewhere already succeeded: ask briefly, then look again who leads.
+        let timeout = Duration::from_millis(2 * self.config.timeouts.heartbeat_ms.max(25));
         match tokio::time::timeout(timeout, client.read_index(request)).await {
             Ok(Ok(reply)) => Some(reply.into_inner().index),
             Ok(Err(status)) => {

@@ -9,7 +9,7 @@
 //! Report datagram (all integers big-endian):
 //!
 //! ```text
-//!  "EVPCPRB1" | node u64 | sent_ms u64 (wall clock) | count u16 | count × record
+//!  "EVPCPRB2" | node u64 | run u64 | sent_ms u64 (wall clock) | count u16 | count × record
 //!  record = in_spi u32 | epoch u64 | first u64 | last u64        (28 bytes)
 //! ```
 
@@ -22,8 +22,8 @@ use evpc_dataplane::{ChildCounters, ChildStart, DriverError, FenceGate, SaDriver
 use evpc_raft_store::NodeId;
 
 /// Magic at the start of every report.
-pub const MAGIC: &[u8; 8] = b"EVPCPRB1";
-const HEADER: usize = 8 + 8 + 8 + 2;
+pub const MAGIC: &[u8; 8] = b"EVPCPRB2";
+const HEADER: usize = 8 + 8 + 8 + 8 + 2;
 const RECORD: usize = 4 + 8 + 8 + 8;
 /// Records per datagram (keeps reports under 1200 bytes).
 pub const RECORDS_PER_DATAGRAM: usize = 42;
@@ -48,6 +48,9 @@ pub struct UsedRange {
 pub struct Report {
     /// The sending node.
     pub node: NodeId,
+    /// The run it belongs to (`dataplane.probe.run`): a collector ignores reports of nodes of
+    /// another run that happen to reach its port.
+    pub run: u64,
     /// Its wall clock when it sent the report (ms).
     pub sent_ms: u64,
     /// The ranges.
@@ -55,10 +58,11 @@ pub struct Report {
 }
 
 /// Encodes one report.
-pub fn encode(node: NodeId, sent_ms: u64, ranges: &[UsedRange]) -> Vec<u8> {
+pub fn encode(node: NodeId, run: u64, sent_ms: u64, ranges: &[UsedRange]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + RECORD * ranges.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&node.to_be_bytes());
+    out.extend_from_slice(&run.to_be_bytes());
     out.extend_from_slice(&sent_ms.to_be_bytes());
     out.extend_from_slice(&(ranges.len() as u16).to_be_bytes());
     for r in ranges {
@@ -78,9 +82,10 @@ pub fn decode(bytes: &[u8]) -> Option<Report> {
             .map(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
     };
     let node = u64_at(rest, 0)?;
-    let sent_ms = u64_at(rest, 8)?;
-    let count = usize::from(u16::from_be_bytes(rest.get(16..18)?.try_into().ok()?));
-    let body = rest.get(18..)?;
+    let run = u64_at(rest, 8)?;
+    let sent_ms = u64_at(rest, 16)?;
+    let count = usize::from(u16::from_be_bytes(rest.get(24..26)?.try_into().ok()?));
+    let body = rest.get(26..)?;
     if body.len() != count * RECORD {
         return None;
     }
@@ -100,6 +105,7 @@ pub fn decode(bytes: &[u8]) -> Option<Report> {
     }
     Some(Report {
         node,
+        run,
         sent_ms,
         ranges,
     })
@@ -176,6 +182,7 @@ impl ProbeDriver {
     /// `collector`, until the driver and its clones are dropped.
     pub fn start(
         node: NodeId,
+        run: u64,
         collector: SocketAddr,
         traffic: Traffic,
         gate: Arc<FenceGate>,
@@ -230,13 +237,13 @@ impl ProbeDriver {
                         child.counters.highest_out = child.next - 1;
                         child.counters.out_packets += sent;
                         if batch.len() == RECORDS_PER_DATAGRAM {
-                            let _ = socket.send(&encode(node, sent_ms, &batch));
+                            let _ = socket.send(&encode(node, run, sent_ms, &batch));
                             batch.clear();
                         }
                     }
                     drop(guard);
                     if !batch.is_empty() {
-                        let _ = socket.send(&encode(node, sent_ms, &batch));
+                        let _ = socket.send(&encode(node, run, sent_ms, &batch));
                         batch.clear();
                     }
                 }
@@ -318,11 +325,12 @@ mod tests {
                 last: 1,
             },
         ];
-        let bytes = encode(3, 99, &ranges);
+        let bytes = encode(3, 5, 99, &ranges);
         assert_eq!(
             decode(&bytes),
             Some(Report {
                 node: 3,
+                run: 5,
                 sent_ms: 99,
                 ranges: ranges.to_vec()
             })
@@ -381,7 +389,8 @@ mod tests {
             burst_factor: 1,
         };
         let probe =
-            ProbeDriver::start(1, collector.local_addr().unwrap(), traffic, gate.clone()).unwrap();
+            ProbeDriver::start(1, 0, collector.local_addr().unwrap(), traffic, gate.clone())
+                .unwrap();
         let start = |spi, next, limit| ChildStart {
             ike: evpc_raft_store::SaId(1),
             epoch: evpc_raft_store::Epoch(3),

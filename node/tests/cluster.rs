@@ -614,3 +614,115 @@ async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
     cluster.converged(Duration::from_secs(10)).await.unwrap();
     cluster.stop().await;
 }
+
+/// Skips (loudly) or, under `CI=true`, fails when the test cannot run here.
+fn skip_unless_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return false;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root (a tmpfs mount) and cannot be skipped under CI=true"
+    );
+    eprintln!("\n### SKIPPED {test}: needs root (it mounts a small tmpfs) ###\n");
+    true
+}
+
+/// Unmounts on drop, whatever the test did.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fills_up_exits_and_its_sas_fail_over() {
+    if skip_unless_root("a_node_whose_disk_fills_up_exits_and_its_sas_fail_over") {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("evpc-").tempdir().unwrap();
+    let mut spec = LocalCluster::new(3, dir.path().to_owned(), 18_600);
+    spec.raft = RaftTuning::default();
+    // Node 2's data directory on a small file system of its own.
+    let victim = 2;
+    let data = spec.node_config(victim).data_dir;
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16m",
+            "evpc-test",
+            data.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs: {mounted}");
+    let _mount = Mount(data.clone());
+    let mut cluster = ProcessCluster::launch(spec, exe()).await.unwrap();
+    let key = key_of(&cluster);
+    let mut admin = cluster.admin().unwrap();
+    for i in 1..=30 {
+        admin
+            .import_sa(foreign_sa(&key, 0x7000 + i), None)
+            .await
+            .unwrap();
+    }
+    cluster.converged(Duration::from_secs(10)).await.unwrap();
+    let owned_before = admin
+        .follow_leader()
+        .await
+        .unwrap()
+        .members
+        .iter()
+        .find(|m| m.id == victim)
+        .unwrap()
+        .owned_sas;
+    assert!(owned_before > 0, "node {victim} owns SAs");
+
+    // Fill its disk, then keep the cluster writing: its next log flush fails.
+    let filler = data.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=1M"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let writer = tokio::spawn({
+        let mut admin = cluster.admin().unwrap();
+        let key = key_of(&cluster);
+        async move {
+            for i in 1..=200 {
+                let _ = admin.import_sa(foreign_sa(&key, 0x7100 + i), None).await;
+            }
+        }
+    });
+    let status = cluster
+        .wait_exit(victim, Duration::from_secs(30))
+        .await
+        .unwrap();
+    writer.abort();
+    assert!(!status.success(), "{status}");
+    let log = cluster.log_of(victim);
+    assert!(log.contains("the Raft core stopped"), "{log}");
+
+    // The others declare it down and take its SAs over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = admin.follow_leader().await.unwrap();
+        let member = status.members.iter().find(|m| m.id == victim).unwrap();
+        if member.gateway_state == "down" && member.owned_sas == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {victim} was not failed over: {member:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop().await;
+}
