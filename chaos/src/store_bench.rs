@@ -600,7 +600,6 @@ async fn run_on(
     let digests = c.digests().await?;
     let digests_equal = digests.iter().all(|(_, _, d)| *d == digests[0].2);
     let digest = digests[0].2.clone();
-    let applied_before_restart = digests[0].1;
     drop(c);
 
     let restart_digest_equal = if options.restart_all {
@@ -610,6 +609,18 @@ async fn run_on(
         // earlier index (nothing lost: the entries are in its log and the leader re-commits
         // them), and the digests would be compared at different indexes.
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The state to recover is the one right before the SIGKILL: the leader's housekeeping
+        // (acknowledged marks) may have committed an entry after the workload ended.
+        let (applied_before_restart, digest) = {
+            let c = cluster.read().await;
+            c.converged(Duration::from_secs(30)).await?;
+            let now = c.digests().await?;
+            anyhow::ensure!(
+                now.iter().all(|(_, _, d)| *d == now[0].2),
+                "replicas differ before the restart: {now:?}"
+            );
+            (now[0].1, now[0].2.clone())
+        };
         let mut c = cluster.write().await;
         for id in c.alive_ids() {
             c.sigkill(id).await?;

@@ -52,6 +52,16 @@ fn foreign_sa(key: &ClusterKey, id: u64) -> Vec<u8> {
     )
 }
 
+/// Imports `count` foreign SAs with ids `first + 1 ..= first + count`.
+async fn import_foreign(admin: &mut AdminClient, key: &ClusterKey, first: u64, count: u64) {
+    for i in 1..=count {
+        admin
+            .import_sa(foreign_sa(key, first + i), None)
+            .await
+            .unwrap();
+    }
+}
+
 fn foreign_record(id: u64) -> IkeSa {
     let child = ChildSa {
         in_spi: id as u32,
@@ -256,12 +266,7 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
     evpcctl(&cluster, &["sa", "delete", &imported.id])
         .await
         .unwrap();
-    for i in 1..=20 {
-        admin
-            .import_sa(foreign_sa(&key, 0x1000 + i), None)
-            .await
-            .unwrap();
-    }
+    import_foreign(&mut admin, &key, 0x1000, 20).await;
     evpcctl(&cluster, &["sa", "delete", "0000000000001001"])
         .await
         .unwrap();
@@ -313,12 +318,7 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
 
     let mut admin = cluster.admin().unwrap();
     let key = key_of(&cluster);
-    for i in 1..=150 {
-        admin
-            .import_sa(foreign_sa(&key, 0x2000 + i), None)
-            .await
-            .unwrap();
-    }
+    import_foreign(&mut admin, &key, 0x2000, 150).await;
     cluster.restart(lagging).unwrap();
     let digests = cluster.digests().await.unwrap();
     assert!(
@@ -437,12 +437,7 @@ async fn evpcctl_transfers_drains_and_rebalances() {
     let mut cluster = launch(3, 17_600, RaftTuning::default()).await;
     let mut admin = cluster.admin().unwrap();
     let key = key_of(&cluster);
-    for i in 1..=30 {
-        admin
-            .import_sa(foreign_sa(&key, 0x4000 + i), None)
-            .await
-            .unwrap();
-    }
+    import_foreign(&mut admin, &key, 0x4000, 30).await;
 
     // Planned transfer of one SA: new owner, epoch + 1, a range above the old mark.
     let before: serde_json::Value = serde_json::from_str(
@@ -566,12 +561,7 @@ async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
     cluster.restart(victim).unwrap();
     cluster.converged(Duration::from_secs(10)).await.unwrap();
     // The cluster moves on, and the leader records how far the victim acknowledged.
-    for i in 1..=30 {
-        admin
-            .import_sa(foreign_sa(&key, 0x6000 + i), None)
-            .await
-            .unwrap();
-    }
+    import_foreign(&mut admin, &key, 0x6000, 30).await;
     cluster.converged(Duration::from_secs(10)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
 
@@ -668,12 +658,7 @@ async fn a_node_whose_disk_fills_up_exits_and_its_sas_fail_over() {
     let mut cluster = ProcessCluster::launch(spec, exe()).await.unwrap();
     let key = key_of(&cluster);
     let mut admin = cluster.admin().unwrap();
-    for i in 1..=30 {
-        admin
-            .import_sa(foreign_sa(&key, 0x7000 + i), None)
-            .await
-            .unwrap();
-    }
+    import_foreign(&mut admin, &key, 0x7000, 30).await;
     cluster.converged(Duration::from_secs(10)).await.unwrap();
     let owned_before = admin
         .follow_leader()

@@ -58,6 +58,12 @@ impl AddrRange {
         })
     }
 
+    /// Its first and last point.
+    fn points(&self) -> (Point, Point) {
+        let at = |addr| Point { v6: self.v6, addr };
+        (at(self.start), at(self.end))
+    }
+
     /// Whether this range lies inside `[addr, addr]`.
     pub(crate) fn is_host(&self, addr: IpAddr) -> bool {
         let (v6, a) = point(addr);
@@ -85,14 +91,7 @@ pub struct SelectorIndex {
 impl SelectorIndex {
     /// Another identity holding part of `range`, if any.
     pub(crate) fn conflict(&self, range: &AddrRange, holder: &Identity) -> Option<&Identity> {
-        let from = Point {
-            v6: range.v6,
-            addr: range.start,
-        };
-        let to = Point {
-            v6: range.v6,
-            addr: range.end,
-        };
+        let (from, to) = range.points();
         if let Some((start, seg)) = self.segments.range(..from).next_back()
             && start.v6 == range.v6
             && seg.end >= range.start
@@ -233,14 +232,7 @@ impl SelectorIndex {
         if let Some(after) = range.end.checked_add(1) {
             self.split_at(range.v6, after);
         }
-        let from = Point {
-            v6: range.v6,
-            addr: range.start,
-        };
-        let to = Point {
-            v6: range.v6,
-            addr: range.end,
-        };
+        let (from, to) = range.points();
         let keys: Vec<Point> = self.segments.range(from..=to).map(|(k, _)| *k).collect();
         for key in keys {
             let empty = match self.segments.get_mut(&key) {

@@ -42,6 +42,36 @@ fn accepted(state: &mut State, command: Command) -> Applied {
     r.expect("command should be accepted")
 }
 
+/// Commits a lease: child `spi` of SA `id` (in `epoch`) may use up to `out_hwm`.
+fn lease(state: &mut State, id: u64, epoch: u64, spi: u32, out_hwm: u64) {
+    accepted(
+        state,
+        update(
+            id,
+            epoch,
+            vec![SaUpdate::SeqLease {
+                in_spi: spi,
+                out_hwm,
+                in_checkpoint: None,
+            }],
+        ),
+    );
+}
+
+/// An operator's delete (an export with --remove): the SA as it was removed.
+fn remove(state: &mut State, id: u64) -> evpc_raft_store::IkeSa {
+    match accepted(
+        state,
+        Command::DeleteSa {
+            sa: SaId(id),
+            epoch: None,
+        },
+    ) {
+        Applied::Removed(sa) => *sa,
+        other => panic!("a delete answers the removed SA, not {other:?}"),
+    }
+}
+
 #[test]
 fn create_requires_the_slot_owner_and_epoch_one() {
     let mut state = cluster(3);
@@ -449,13 +479,7 @@ fn an_address_is_never_held_twice_and_narrows_the_selectors() {
         Rejection::SelectorOutsideAddress { in_spi: 101, .. }
     ));
     // Deleting the SA frees its address.
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    remove(&mut state, 1);
     assert_eq!(state.address_holder(addr), None);
     accepted(&mut state, Command::CreateSa(Box::new(second)));
 }
@@ -516,13 +540,7 @@ fn remote_selectors_of_different_peers_never_overlap() {
         Rejection::BadSelector { in_spi: 202 }
     );
     // Once the first peer is gone, its range is free.
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    remove(&mut state, 1);
     assert_eq!(
         state.selector_conflict(
             &evpc_raft_store::Identity::fqdn("someone.example"),
@@ -544,28 +562,9 @@ fn import(sa: evpc_raft_store::IkeSa, now_ms: u64) -> Command {
 fn an_import_starts_above_everything_and_only_once() {
     let mut state = cluster(3);
     create(&mut state, 1, 0, &[100]);
-    accepted(
-        &mut state,
-        update(
-            1,
-            1,
-            vec![SaUpdate::SeqLease {
-                in_spi: 100,
-                out_hwm: 320,
-                in_checkpoint: None,
-            }],
-        ),
-    );
+    lease(&mut state, 1, 1, 100, 320);
     // Export --remove: one entry deletes and reads the SA.
-    let Applied::Removed(exported) = accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    ) else {
-        panic!("export answers the removed SA")
-    };
+    let exported = remove(&mut state, 1);
     assert_eq!(state.tombstones().sa(SaId(1)).unwrap().epoch, Epoch(1));
     assert_eq!(state.tombstones().spi(100).unwrap().out_hwm, 320);
     // A deleted SA cannot be created again, nor its child's SPI reused.
@@ -580,7 +579,7 @@ fn an_import_starts_above_everything_and_only_once() {
         Rejection::ChildSpiTombstoned { in_spi: 100, .. }
     ));
     // Another cluster imports the context: the child starts above 320, with a lease, in epoch 2.
-    let mut back = (*exported).clone();
+    let mut back = exported.clone();
     back.owner = 0;
     let mut other = cluster(3);
     let Applied::Placed { epoch, .. } = accepted(&mut other, import(back.clone(), 10)) else {
@@ -594,15 +593,7 @@ fn an_import_starts_above_everything_and_only_once() {
         refused(&mut other, import(back.clone(), 10)),
         Rejection::SaExists(SaId(1))
     );
-    let Applied::Removed(again) = accepted(
-        &mut other,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    ) else {
-        panic!()
-    };
+    let again = remove(&mut other, 1);
     assert_eq!(
         refused(&mut other, import(back.clone(), 10)),
         Rejection::StaleContext {
@@ -612,7 +603,7 @@ fn an_import_starts_above_everything_and_only_once() {
         }
     );
     // It comes back home from there: accepted, above both clusters' marks.
-    let mut home = (*again).clone();
+    let mut home = again.clone();
     home.owner = 0;
     accepted(&mut state, import(home, 10));
     let child = state.child(100).unwrap().1.clone();
@@ -620,13 +611,7 @@ fn an_import_starts_above_everything_and_only_once() {
     assert_eq!(state.sa(SaId(1)).unwrap().epoch, Epoch(3));
     assert!(state.tombstones().sa(SaId(1)).is_none(), "alive again");
     // The first context, in the cluster that exported it, is older than what it now had.
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    remove(&mut state, 1);
     assert!(matches!(
         refused(&mut state, import(back, 10)),
         Rejection::StaleContext { .. }
@@ -637,28 +622,9 @@ fn an_import_starts_above_everything_and_only_once() {
 fn an_export_imported_back_resumes_above_and_only_once() {
     let mut state = cluster(3);
     create(&mut state, 1, 0, &[100]);
-    accepted(
-        &mut state,
-        update(
-            1,
-            1,
-            vec![SaUpdate::SeqLease {
-                in_spi: 100,
-                out_hwm: 320,
-                in_checkpoint: None,
-            }],
-        ),
-    );
-    let Applied::Removed(exported) = accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    ) else {
-        panic!()
-    };
-    let mut back = (*exported).clone();
+    lease(&mut state, 1, 1, 100, 320);
+    let exported = remove(&mut state, 1);
+    let mut back = exported.clone();
     back.owner = 0;
     accepted(&mut state, import(back.clone(), 10));
     assert_eq!(state.child(100).unwrap().1.out_start, 321);
@@ -666,13 +632,7 @@ fn an_export_imported_back_resumes_above_and_only_once() {
         refused(&mut state, import(back.clone(), 10)),
         Rejection::SaExists(SaId(1))
     );
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    remove(&mut state, 1);
     assert!(matches!(
         refused(&mut state, import(back, 10)),
         Rejection::StaleContext { .. }
@@ -683,25 +643,8 @@ fn an_export_imported_back_resumes_above_and_only_once() {
 fn an_import_never_starts_below_a_tombstone_or_with_expired_keys() {
     let mut state = cluster(3);
     create(&mut state, 1, 0, &[100]);
-    accepted(
-        &mut state,
-        update(
-            1,
-            1,
-            vec![SaUpdate::SeqLease {
-                in_spi: 100,
-                out_hwm: 9_000,
-                in_checkpoint: None,
-            }],
-        ),
-    );
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    lease(&mut state, 1, 1, 100, 9_000);
+    remove(&mut state, 1);
     // A context of a later incarnation that claims a lower mark (crafted, or from a cluster
     // that lost track): the tombstone's mark wins.
     let mut low = sa(&state, 1, 0, &[100]);
@@ -710,13 +653,7 @@ fn an_import_never_starts_below_a_tombstone_or_with_expired_keys() {
     accepted(&mut state, import(low, 10));
     assert_eq!(state.child(100).unwrap().1.out_start, 9_001);
     // A child SPI buried by another SA cannot come in with an import.
-    accepted(
-        &mut state,
-        Command::DeleteSa {
-            sa: SaId(1),
-            epoch: None,
-        },
-    );
+    remove(&mut state, 1);
     let mut thief = sa(&state, 2, 0, &[100]);
     thief.owner = 0;
     assert!(matches!(
