@@ -605,21 +605,43 @@ async fn run_on(
     let restart_digest_equal = if options.restart_all {
         // A node recovers up to the committed index it persisted. Followers learn the final
         // commit index from heartbeats, which are not flushed on their own; sled's background
-        // flush (every 500 ms) makes it durable. Without this pause a node would come back at an
-        // earlier index (nothing lost: the entries are in its log and the leader re-commits
-        // them), and the digests would be compared at different indexes.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        // The state to recover is the one right before the SIGKILL: the leader's housekeeping
-        // (acknowledged marks) may have committed an entry after the workload ended.
+        // flush (every 500 ms) makes it durable. So wait until nothing has been committed for
+        // well over a flush period — the leader's housekeeping (acknowledged marks) commits one
+        // more entry after the workload — and take the state right before the SIGKILL as the
+        // one to recover. Without the pause a node would come back at an earlier index (nothing
+        // lost: the entries are in its log and the leader re-commits them), and the digests
+        // would be compared at different indexes.
         let (applied_before_restart, digest) = {
             let c = cluster.read().await;
-            c.converged(Duration::from_secs(30)).await?;
-            let now = c.digests().await?;
-            anyhow::ensure!(
-                now.iter().all(|(_, _, d)| *d == now[0].2),
-                "replicas differ before the restart: {now:?}"
-            );
-            (now[0].1, now[0].2.clone())
+            let mut last = None;
+            let mut seen = Vec::new();
+            let mut quiet_since = Instant::now();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                c.converged(Duration::from_secs(30)).await?;
+                let now = c.digests().await?;
+                anyhow::ensure!(
+                    now.iter().all(|(_, _, d)| *d == now[0].2),
+                    "replicas differ before the restart: {now:?}"
+                );
+                let state = (now[0].1, now[0].2.clone());
+                seen.push(
+                    now.iter()
+                        .map(|(id, index, _)| (*id, *index))
+                        .collect::<Vec<_>>(),
+                );
+                if last.as_ref() != Some(&state) {
+                    last = Some(state);
+                    quiet_since = Instant::now();
+                } else if quiet_since.elapsed() >= Duration::from_millis(1_500) {
+                    break last.expect("set above");
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the cluster kept committing after the workload: applied indexes {seen:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         };
         let mut c = cluster.write().await;
         for id in c.alive_ids() {

@@ -35,18 +35,25 @@ pub fn plan(input: &HousekeepingInput<'_>) -> Option<Command> {
     if state.cluster_id().is_none() {
         commands.push(Command::SetClusterId(input.fresh_cluster_id));
     }
-    let acks: Vec<NodeAck> = input
+    // Recording writes one entry, which moves every mark by one: a mark counts as moved only
+    // beyond that. When one moved, every mark that moved at all is recorded with it, so the
+    // marks stay together and the next round finds nothing to do (recording only the moved
+    // ones could alternate between nodes forever, one entry a round).
+    let registered = |node: &NodeId| state.nodes().contains_key(node);
+    let moved = input
         .matched
         .iter()
-        .filter(|(node, index)| {
-            state.nodes().contains_key(node) && **index > state.acknowledged(**node) + 1
-        })
-        .map(|(node, index)| NodeAck {
-            node: *node,
-            index: *index,
-        })
-        .collect();
-    if !acks.is_empty() {
+        .any(|(node, index)| registered(node) && *index > state.acknowledged(*node) + 1);
+    if moved {
+        let acks: Vec<NodeAck> = input
+            .matched
+            .iter()
+            .filter(|(node, index)| registered(node) && **index > state.acknowledged(**node))
+            .map(|(node, index)| NodeAck {
+                node: *node,
+                index: *index,
+            })
+            .collect();
         commands.push(Command::RecordAcks(acks));
     }
     if state
@@ -101,6 +108,38 @@ mod tests {
         // Nothing moved beyond the recording entry itself: an idle cluster writes nothing.
         let matched = BTreeMap::from([(1, 41), (2, 38)]);
         assert_eq!(plan(&input(&state, &matched)), None);
+    }
+
+    #[test]
+    fn marks_are_recorded_together_and_settle() {
+        let mut sa = crate::ownership::test_support::sa(1, 0x100);
+        sa.owner = 1;
+        let mut state = crate::ownership::test_support::state_with_sa(&sa);
+        for node in [2, 3] {
+            apply(
+                &mut state,
+                &Command::SetNodeState {
+                    node,
+                    state: evpc_raft_store::NodeState::Active,
+                    at_ms: 0,
+                },
+            )
+            .unwrap();
+        }
+        apply(&mut state, &Command::SetClusterId(ClusterId([1; 16]))).unwrap();
+        // One node a step behind when the marks are read: each round of an idle cluster writes
+        // one entry (which every node then acknowledges); it must settle, not alternate.
+        let mut last = 100;
+        let mut matched = BTreeMap::from([(1, last), (2, last), (3, last - 1)]);
+        let mut writes = 0;
+        while let Some(command) = plan(&input(&state, &matched)) {
+            assert!(apply(&mut state, &command).is_ok());
+            writes += 1;
+            assert!(writes < 4, "housekeeping does not settle: {command:?}");
+            last += 1;
+            matched = BTreeMap::from([(1, last), (2, last), (3, last)]);
+        }
+        assert!(writes <= 2, "{writes}");
     }
 
     #[test]

@@ -50,8 +50,11 @@ async fn housekeeping(node: &Node) {
         })
     };
     if let Some(command) = command {
+        tracing::debug!(?command, ?matched, "housekeeping");
         match node.propose_local(command).await {
-            Ok(p) => tracing::debug!(log_index = p.log_index, "housekeeping committed"),
+            Ok(p) => {
+                tracing::debug!(log_index = p.log_index, response = ?p.response, "housekeeping committed")
+            }
             Err(e) => tracing::debug!(error = %e, "housekeeping proposal failed"),
         }
     }
