@@ -556,7 +556,22 @@ fn strongswan_road_warrior_against_engine_responder() {
         "rekey modp2048 IKE SA: {out}"
     );
 
-    // 8. The gateway deletes the newest IKE SA; strongSwan drops it.
+    // 8. The gateway deletes the newest IKE SA; strongSwan drops it. First let strongSwan
+    // finish the rekey (its DELETE of the replaced IKE SA answered): a DELETE arriving on the
+    // replaced generation after the gateway closed the SA goes unanswered, and strongSwan then
+    // keeps the old SA in DELETING until its retransmissions give up.
+    wait_until(
+        10,
+        || {
+            // IKE SAs are the unindented lines; their child SAs are listed indented below.
+            let list = lab.list_sas();
+            list.lines()
+                .filter(|l| l.starts_with("home2048: #"))
+                .count()
+                == 1
+        },
+        "strongSwan to delete the IKE SA its rekey replaced",
+    );
     lab.gateway("close");
     lab.wait_log("node.log", "event Closed DeletedLocally", 15);
     wait_until(
