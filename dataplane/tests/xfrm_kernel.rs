@@ -84,15 +84,7 @@ fn get_policy(
 
 /// The reqids of a policy's templates.
 fn template_reqids(policy: &PolicyModifyMessage) -> Vec<u32> {
-    policy
-        .nlas
-        .iter()
-        .filter_map(|nla| match nla {
-            XfrmAttrs::Template(templates) => Some(templates.iter().map(|t| t.reqid)),
-            _ => None,
-        })
-        .flatten()
-        .collect()
+    evpc_dataplane::xfrm::template_reqids(policy).collect()
 }
 
 /// Every state in the namespace (GETSA dump).

@@ -541,6 +541,17 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Starts node `id` and expects it to refuse: it must exit non-zero; what it logged.
+async fn refused_start(cluster: &mut ProcessCluster, id: u64) -> String {
+    cluster.restart(id).unwrap();
+    let status = cluster
+        .wait_exit(id, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(!status.success(), "node {id} started: {status}");
+    cluster.log_of(id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
     let mut cluster = launch(3, 17_800, RaftTuning::default()).await;
@@ -569,13 +580,7 @@ async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
     cluster.sigkill(victim).await.unwrap();
     std::fs::remove_dir_all(&data).unwrap();
     copy_tree(&backup, &data);
-    cluster.restart(victim).unwrap();
-    let status = cluster
-        .wait_exit(victim, Duration::from_secs(15))
-        .await
-        .unwrap();
-    assert!(!status.success(), "{status}");
-    let log = cluster.log_of(victim);
+    let log = refused_start(&mut cluster, victim).await;
     assert!(
         log.contains("restored from an older copy") && log.contains("member add"),
         "{log}"
@@ -591,13 +596,7 @@ async fn a_rolled_back_or_foreign_data_directory_refuses_to_start() {
     cluster.sigkill(other).await.unwrap();
     copy_tree(&cluster.spec.node_config(other).data_dir, &data);
     cluster.restart(other).unwrap();
-    cluster.restart(victim).unwrap();
-    let status = cluster
-        .wait_exit(victim, Duration::from_secs(15))
-        .await
-        .unwrap();
-    assert!(!status.success(), "{status}");
-    let log = cluster.log_of(victim);
+    let log = refused_start(&mut cluster, victim).await;
     assert!(log.contains(&format!("belongs to node {other}")), "{log}");
 
     // The cluster itself is unharmed.

@@ -109,6 +109,7 @@ pub use self::netlink::{NetlinkError, XfrmNetlink};
 use self::owned::ReqidAllocator;
 pub use self::owned::{
     FlushReport, FlushedPolicy, FlushedState, ReqidRange, flush_owned, install_policy, install_sa,
+    template_reqids,
 };
 use crate::ike::{self, IkePort, IkeReceiver, IkeSender};
 use crate::userspace::esp_suite;

@@ -366,7 +366,8 @@ pub fn flush_owned(netlink: &XfrmNetlink, range: ReqidRange) -> Result<FlushRepo
     Ok(report)
 }
 
-fn template_reqids(policy: &PolicyModifyMessage) -> impl Iterator<Item = u32> + '_ {
+/// The reqids of a policy's templates (what ties it to the states it requires).
+pub fn template_reqids(policy: &PolicyModifyMessage) -> impl Iterator<Item = u32> + '_ {
     policy
         .nlas
         .iter()
