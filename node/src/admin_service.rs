@@ -40,6 +40,11 @@ impl AdminService {
         AdminService { node }
     }
 
+    /// The node served.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
     /// Fails unless this node leads, pointing at the leader when it is known.
     fn require_leader(&self) -> Result<(), Status> {
         if self.node.is_leader() {

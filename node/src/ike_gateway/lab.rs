@@ -33,7 +33,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use evpc_api::AdminClient;
 use evpc_dataplane::netns::{NetNs, is_root};
-use rand::RngCore;
 use tokio::process::Child;
 
 use super::IkeSettings;
@@ -288,14 +287,31 @@ impl Lab {
             },
             ike: Some(self.spec.ike.clone()),
             metrics_addr: None,
-            cluster_key_file: Some(self.dir().join("cluster.key")),
+            cluster_key_file: Some(self.pki().cluster_key()),
+            tls: Some(self.pki().node(id)),
+            insecure_plaintext: false,
+            limits: Default::default(),
         }
     }
 
+    /// The lab cluster's PKI (CA, node and operator certificates, cluster key).
+    pub fn pki(&self) -> crate::pki::PkiDir {
+        crate::pki::PkiDir::new(self.dir().join("pki"))
+    }
+
+    /// How the lab's operator reaches the nodes.
+    fn security(&self) -> anyhow::Result<evpc_api::Security> {
+        let files = self.pki().client(crate::local::LOCAL_OPERATOR);
+        Ok(evpc_api::Security::Tls(evpc_api::ClientTls::load(
+            &files.ca_file,
+            &files.cert_file,
+            &files.key_file,
+        )?))
+    }
+
     fn spawn_nodes(&mut self) -> anyhow::Result<()> {
-        let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
-        std::fs::write(self.dir().join("cluster.key"), hex::encode(key))?;
+        let ids: Vec<u64> = (1..=self.spec.nodes).collect();
+        self.pki().ensure_local(&ids, crate::local::LOCAL_OPERATOR)?;
         for id in 1..=self.spec.nodes {
             let config = self.node_config(id);
             let node_dir = self.dir().join(format!("node{id}"));
@@ -336,7 +352,7 @@ impl Lab {
     /// every placement slot owned, as every node sees it.
     async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<()> {
         let endpoints: Vec<String> = (1..=self.spec.nodes).map(admin_endpoint).collect();
-        crate::local::bootstrap_cluster(&endpoints, self.spec.nodes, timeout)
+        crate::local::bootstrap_cluster(&endpoints, self.spec.nodes, timeout, &self.security()?)
             .await
             .with_context(|| {
                 format!(
@@ -359,13 +375,18 @@ impl Lab {
         Ok(AdminClient::new(
             &[admin_endpoint(id)],
             Duration::from_secs(5),
+            self.security()?,
         )?)
     }
 
     /// An admin client over the live nodes (follows the leader).
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
         let endpoints: Vec<String> = self.alive_ids().into_iter().map(admin_endpoint).collect();
-        Ok(AdminClient::new(&endpoints, Duration::from_secs(5))?)
+        Ok(AdminClient::new(
+            &endpoints,
+            Duration::from_secs(5),
+            self.security()?,
+        )?)
     }
 
     /// SIGKILLs node `id` (`ip netns exec` execs the node, so this is its own pid).
