@@ -102,6 +102,13 @@ enum Command {
         /// Skip the final SIGKILL-everything-and-restart digest check.
         #[arg(long)]
         no_restart_check: bool,
+        /// Run the nodes without TLS (insecure_plaintext), to see what TLS costs.
+        #[arg(long)]
+        insecure_plaintext: bool,
+        /// Run the benchmark ROUNDS times with TLS and ROUNDS times without, alternating, and
+        /// report the median commit rates and latencies of each and their ratio.
+        #[arg(long, value_name = "ROUNDS")]
+        compare_plaintext: Option<u32>,
         /// RNG seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -206,6 +213,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             concurrency,
             kill_leader_at,
             no_restart_check,
+            insecure_plaintext,
+            compare_plaintext,
             seed,
             json,
         } => {
@@ -218,7 +227,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 restart_all: !no_restart_check,
                 seed,
                 progress: !json && std::io::stderr().is_terminal(),
+                insecure_plaintext,
             };
+            if let Some(rounds) = compare_plaintext {
+                let comparison =
+                    store_bench::compare_plaintext(options, rounds, node_bin, cli.base_port)
+                        .await?;
+                println!("{}", serde_json::to_string_pretty(&comparison)?);
+                return Ok(comparison.all_passed);
+            }
             let report = store_bench::run(options, node_bin, cli.dir, cli.base_port).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

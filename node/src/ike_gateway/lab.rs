@@ -83,6 +83,8 @@ pub struct LabSpec {
     /// Where the lab's directory goes (default: the system's temporary directory). Its file
     /// system decides what a durable Raft append costs.
     pub base_dir: Option<PathBuf>,
+    /// Run the nodes without TLS (what benchmarks compare TLS against).
+    pub insecure_plaintext: bool,
 }
 
 impl LabSpec {
@@ -99,6 +101,7 @@ impl LabSpec {
             log_filter: "info,openraft=warn,sled=warn,h2=warn,tower=warn".into(),
             keep_dir: false,
             base_dir: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -288,8 +291,8 @@ impl Lab {
             ike: Some(self.spec.ike.clone()),
             metrics_addr: None,
             cluster_key_file: Some(self.pki().cluster_key()),
-            tls: Some(self.pki().node(id)),
-            insecure_plaintext: false,
+            tls: (!self.spec.insecure_plaintext).then(|| self.pki().node(id)),
+            insecure_plaintext: self.spec.insecure_plaintext,
             limits: Default::default(),
         }
     }
@@ -301,6 +304,9 @@ impl Lab {
 
     /// How the lab's operator reaches the nodes.
     fn security(&self) -> anyhow::Result<evpc_api::Security> {
+        if self.spec.insecure_plaintext {
+            return Ok(evpc_api::Security::Plaintext);
+        }
         let files = self.pki().client(crate::local::LOCAL_OPERATOR);
         Ok(evpc_api::Security::Tls(evpc_api::ClientTls::load(
             &files.ca_file,
