@@ -133,6 +133,8 @@ pub struct Options {
     pub seed: u64,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Run the nodes without TLS.
+    pub insecure_plaintext: bool,
 }
 
 /// Per-kind resume statistics.
@@ -874,6 +876,7 @@ pub async fn run(
     let collector = socket.local_addr()?;
     let mut spec = LocalCluster::new(options.nodes, dir.unwrap_or_default(), base_port);
     spec.address_per_node = true;
+    spec.insecure_plaintext = options.insecure_plaintext;
     spec.dataplane.backend = "probe".into();
     spec.dataplane.probe.collector = Some(collector);
     spec.dataplane.probe.pps_per_child = (options.pps / options.sas).max(1);
