@@ -87,7 +87,10 @@ async fn fingerprint(cluster: &ProcessCluster) -> Vec<String> {
             .into_iter()
             .map(|sa| (sa.id, sa.owner, sa.epoch, sa.next_peer_request))
             .collect();
-        seen.push(format!("term {} members {members:?} SAs {sas:?}", status.term));
+        seen.push(format!(
+            "term {} members {members:?} SAs {sas:?}",
+            status.term
+        ));
     }
     seen
 }
@@ -122,7 +125,10 @@ async fn only_members_and_operators_get_in() {
 
     // A reader reads, and may not write.
     let mut reader = admin(&cluster, security(&pki, "rita"));
-    let listed = reader.list_sas(pb::ListSasRequest::default()).await.unwrap();
+    let listed = reader
+        .list_sas(pb::ListSasRequest::default())
+        .await
+        .unwrap();
     assert_eq!(listed.sas.len(), 1);
     assert_eq!(
         code(reader.delete_sa("0000000000007001").await),
@@ -160,9 +166,15 @@ async fn only_members_and_operators_get_in() {
         ClientTls::load(&pki.ca_cert(), &mallory.cert_file, &mallory.key_file).unwrap(),
     );
     let foreign = admin(&cluster, foreign).status(false).await;
-    assert!(foreign.is_err(), "another CA's operator got in: {foreign:?}");
+    assert!(
+        foreign.is_err(),
+        "another CA's operator got in: {foreign:?}"
+    );
     let expired = admin(&cluster, security(&pki, "old")).status(false).await;
-    assert!(expired.is_err(), "an expired certificate got in: {expired:?}");
+    assert!(
+        expired.is_err(),
+        "an expired certificate got in: {expired:?}"
+    );
     let plaintext = admin(&cluster, Security::Plaintext).status(false).await;
     assert!(plaintext.is_err(), "plaintext got in: {plaintext:?}");
     let ca = std::fs::read(pki.ca_cert()).unwrap();
@@ -263,7 +275,10 @@ async fn only_members_and_operators_get_in() {
         "who=otto (operator) call=\"TransferSa\"",
         "who=local-admin (admin) call=\"ImportSa\"",
     ] {
-        assert!(log.contains(needle), "no {needle:?} in the node logs:\n{log}");
+        assert!(
+            log.contains(needle),
+            "no {needle:?} in the node logs:\n{log}"
+        );
     }
     let mut cluster = cluster;
     cluster.stop().await;
