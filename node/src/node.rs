@@ -18,7 +18,7 @@ use crate::config::NodeConfig;
 use crate::ownership::liveness::{FenceReason, Liveness};
 use crate::peers::Peers;
 use crate::raft_network::NetworkFactory;
-use crate::sealing::ClusterKey;
+use crate::sealing::Keyring;
 use crate::wire;
 use evpc_dataplane::FenceGate;
 
@@ -126,8 +126,8 @@ pub struct Node {
     pub liveness: Mutex<Liveness>,
     /// Why the data plane is fenced, if it is.
     pub fence: Mutex<Option<FenceReason>>,
-    /// Seals and opens SA keys; `None` without `cluster_key_file`.
-    pub cluster_key: Option<ClusterKey>,
+    /// The cluster keys: seal and open SA keys; `None` without `cluster_key_file`.
+    pub keyring: Option<Keyring>,
     /// An operator asked for a rebalance (the leader's reconciler works it off).
     pub rebalance_requested: AtomicBool,
     /// Child SAs the data plane drives now.
@@ -191,10 +191,10 @@ impl Node {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
         let identity = crate::data_dir::load_or_create(&config.data_dir, config.id)?;
-        let cluster_key = config
+        let keyring = config
             .cluster_key_file
             .as_deref()
-            .map(ClusterKey::load)
+            .map(Keyring::load)
             .transpose()?;
         let (mut log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
         let last_log_index = {
@@ -233,6 +233,23 @@ impl Node {
             }
         };
         crate::data_dir::check_state(&config.data_dir, config.id, &identity, recovered.cluster)?;
+        if let Some(keyring) = &keyring {
+            // Not fatal: the node may be far behind and the key it misses retired since; but
+            // the operator must know before the blobs fail to open one by one.
+            let guard = state.read();
+            let missing: Vec<_> = guard
+                .keys()
+                .live()
+                .filter(|id| keyring.get(*id).is_err())
+                .collect();
+            if !missing.is_empty() {
+                tracing::error!(
+                    ?missing,
+                    held = ?keyring.ids(),
+                    "this node's keyring lacks cluster keys the replicated state still uses:                      SAs sealed under them will not open here; copy the keyring file from a                      node that has them"
+                );
+            }
+        }
         tracing::info!(
             node = config.id,
             raft_addr = %config.raft_addr,
@@ -255,7 +272,7 @@ impl Node {
                 heard: 1,
                 needed: 1,
             })),
-            cluster_key,
+            keyring,
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),
             lease_commits: AtomicU64::new(0),

@@ -33,7 +33,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use evpc_api::AdminClient;
 use evpc_dataplane::netns::{NetNs, is_root};
-use rand::RngCore;
 use tokio::process::Child;
 
 use super::IkeSettings;
@@ -293,9 +292,7 @@ impl Lab {
     }
 
     fn spawn_nodes(&mut self) -> anyhow::Result<()> {
-        let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
-        std::fs::write(self.dir().join("cluster.key"), hex::encode(key))?;
+        crate::sealing::create_key_file(&self.dir().join("cluster.key"))?;
         for id in 1..=self.spec.nodes {
             let config = self.node_config(id);
             let node_dir = self.dir().join(format!("node{id}"));
