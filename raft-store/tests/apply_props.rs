@@ -11,8 +11,8 @@ use evpc_raft_store::{
     Applied, BlobRef, ClusterId, Command, Epoch, IkeSa, KeyId, NodeAck, NodeState, OwnerMove,
     Reseal, SaId, SaUpdate, SealedHeader, SealedKeys, SlotAssignment, State, StoredMessage, apply,
 };
-use sha2::{Digest, Sha256};
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 
 const SAS: u64 = 6;
 
@@ -490,7 +490,11 @@ fn check_key_counts(state: &State) -> Result<(), TestCaseError> {
         let indexed: Vec<SaId> = state.keys().sas_under(*key, SaId(0)).collect();
         prop_assert_eq!(&indexed, sas);
         prop_assert_eq!(state.keys().sas_with(*key), sas.len() as u64);
-        prop_assert!(state.keys().is_live(*key), "blobs under key {} which is not live", key);
+        prop_assert!(
+            state.keys().is_live(*key),
+            "blobs under key {} which is not live",
+            key
+        );
     }
     prop_assert!(state.keys().is_live(state.keys().active()));
     Ok(())

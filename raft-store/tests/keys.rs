@@ -62,7 +62,10 @@ fn a_new_cluster_seals_under_key_1_and_counts_every_blob() {
     assert_eq!(state.keys().blobs_under(KeyId(1)), 6);
     assert_eq!(state.keys().sas_with(KeyId(1)), 3);
     assert_eq!(
-        state.keys().sas_under(KeyId(1), SaId(2)).collect::<Vec<_>>(),
+        state
+            .keys()
+            .sas_under(KeyId(1), SaId(2))
+            .collect::<Vec<_>>(),
         [SaId(2), SaId(3)]
     );
     state.check_invariants().unwrap();
@@ -300,7 +303,11 @@ fn reseals_swap_only_unchanged_blobs_and_keep_the_counts() {
     };
     let command = Command::ResealKeys(vec![
         reseal(&sa1, BlobRef::Ike, sha(&sa1.keys)),
-        reseal(&sa1, BlobRef::Child(0x1001), sha(&sa1.children[&0x1001].keys)),
+        reseal(
+            &sa1,
+            BlobRef::Child(0x1001),
+            sha(&sa1.children[&0x1001].keys),
+        ),
         // Changed since it was read: skipped.
         reseal(&sa2, BlobRef::Ike, [0; 32]),
         // Gone: skipped.
@@ -312,7 +319,11 @@ fn reseals_swap_only_unchanged_blobs_and_keep_the_counts() {
         // Bound to another generation: skipped (it would never open).
         Reseal {
             sealed: keyed(2, 5, 1, 0xee),
-            ..reseal(&sa2, BlobRef::Child(0x1002), sha(&sa2.children[&0x1002].keys))
+            ..reseal(
+                &sa2,
+                BlobRef::Child(0x1002),
+                sha(&sa2.children[&0x1002].keys),
+            )
         },
     ]);
     assert_eq!(
@@ -325,11 +336,17 @@ fn reseals_swap_only_unchanged_blobs_and_keep_the_counts() {
     assert_eq!(state.keys().blobs_under(KeyId(1)), 4);
     assert_eq!(state.keys().blobs_under(KeyId(2)), 2);
     assert_eq!(
-        state.keys().sas_under(KeyId(1), SaId(0)).collect::<Vec<_>>(),
+        state
+            .keys()
+            .sas_under(KeyId(1), SaId(0))
+            .collect::<Vec<_>>(),
         [SaId(2), SaId(3)]
     );
     assert_eq!(
-        state.keys().sas_under(KeyId(2), SaId(0)).collect::<Vec<_>>(),
+        state
+            .keys()
+            .sas_under(KeyId(2), SaId(0))
+            .collect::<Vec<_>>(),
         [SaId(1)]
     );
     // The same command again changes nothing: the blobs are no longer the ones it read.
@@ -384,13 +401,7 @@ fn a_reseal_not_under_the_active_key_is_refused_whole() {
     ));
     assert_eq!(state, before);
     let huge = Reseal {
-        sealed: SealedKeys(
-            [
-                keyed(2, 0, 1, 0).0,
-                vec![0; limits::MAX_SEALED_BYTES],
-            ]
-            .concat(),
-        ),
+        sealed: SealedKeys([keyed(2, 0, 1, 0).0, vec![0; limits::MAX_SEALED_BYTES]].concat()),
         ..good
     };
     assert!(matches!(
