@@ -580,7 +580,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             } else {
                 writeln!(
                     out,
-                    "cluster key {} is active (was {}), installed on nodes {:?} (log index {});                      {} blobs under older keys are being resealed: see `evpcctl status`",
+                    "cluster key {} is active (was {}), installed on nodes {:?} (log index {}); \
+                     {} blobs under older keys are being resealed: see `evpcctl status`",
                     r.key_id, r.previous_key_id, r.installed_on, r.log_index, r.blobs_to_reseal
                 )?;
             }

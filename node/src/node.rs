@@ -246,7 +246,10 @@ impl Node {
                 tracing::error!(
                     ?missing,
                     held = ?keyring.ids(),
-                    "this node's keyring lacks cluster keys the replicated state still uses:                      SAs sealed under them will not open here; copy the keyring file from a                      node that has them"
+                    "this node's keyring lacks cluster keys the replicated state (as recovered \
+                     from disk) still uses: SAs sealed under them will not open here; copy the \
+                     keyring file from a node that has them (if this state is behind and the \
+                     keys were retired since, this resolves itself as the node catches up)"
                 );
             }
         }

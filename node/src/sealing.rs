@@ -316,6 +316,9 @@ impl ClusterKey {
 pub struct Keyring {
     path: Option<PathBuf>,
     keys: RwLock<BTreeMap<KeyId, Arc<ClusterKey>>>,
+    /// One change at a time; held across the file I/O, so `keys` is only write-locked for
+    /// the swap and sealing never waits for an fsync.
+    writer: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Keyring {
@@ -488,6 +491,7 @@ impl Keyring {
         Keyring {
             path: None,
             keys: RwLock::new(keys.into_iter().map(|k| (k.id, Arc::new(k))).collect()),
+            writer: std::sync::Mutex::new(()),
         }
     }
 
@@ -497,6 +501,7 @@ impl Keyring {
         Ok(Keyring {
             path: Some(path.to_owned()),
             keys: RwLock::new(keys.into_iter().map(|(id, k)| (id, Arc::new(k))).collect()),
+            writer: std::sync::Mutex::new(()),
         })
     }
 
@@ -586,8 +591,8 @@ impl Keyring {
         &self,
         change: impl Fn(&mut BTreeMap<KeyId, Arc<ClusterKey>>) -> Result<bool, SealError>,
     ) -> Result<(), SealError> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let mut changed_memory = keys.clone();
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed_memory = self.read().clone();
         if !change(&mut changed_memory)? {
             return Ok(());
         }
@@ -614,7 +619,7 @@ impl Keyring {
             write_key_file(path, on_disk.values().map(|k| &**k))?;
             // The lock is released when `lock` is dropped, after the rename is durable.
         }
-        *keys = changed_memory;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = changed_memory;
         Ok(())
     }
 

@@ -770,7 +770,7 @@ async fn every_node_until(
 async fn rotate_key_reseals_every_blob_and_retires_the_old_key() {
     use evpc_node::sealing::Binding;
     use std::os::unix::fs::PermissionsExt;
-    let mut cluster = launch(3, 18_000, RaftTuning::default()).await;
+    let mut cluster = launch(3, 18_300, RaftTuning::default()).await;
     let key_file = cluster.spec.cluster_key_path();
     let k1 = key_of(&cluster).get(KeyId(1)).unwrap();
     let mut admin = cluster.admin().unwrap();

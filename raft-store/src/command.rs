@@ -638,6 +638,17 @@ mod tests {
             },
         ]);
         assert!(!exchange.may_change_data_plane());
+        // A resealed blob holds the same keys; key activation and retirement change no owner.
+        for keys in [
+            Command::ActivateKey {
+                key: KeyId(2),
+                fingerprint: [0; 16],
+            },
+            Command::ResealKeys(vec![]),
+            Command::RetireKey(KeyId(1)),
+        ] {
+            assert!(!keys.may_change_data_plane(), "{keys}");
+        }
         assert!(
             !Command::Batch(vec![exchange.clone(), Command::SetSlots(vec![])])
                 .may_change_data_plane()
