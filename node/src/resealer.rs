@@ -19,13 +19,16 @@
 //!   reported, never retried in a tight loop ahead of the others: a cursor per key goes round
 //!   the index. Its key is then never retired, which `evpcctl status` shows.
 //!
-//! [`Resealer::plan`] is sans-IO (state, keyring, clock and nonces are inputs); [`round`] runs
-//! it on the node and proposes the result.
+//! [`Resealer::plan`] is sans-IO (state, keyring, clock and nonces are inputs). [`round`] runs
+//! its two halves on the node — [`Resealer::select`] under the state's read lock (index lookups
+//! and copies of at most `budget` records), [`Resealer::reseal`] (the crypto) without it, so
+//! `apply` never waits for AES — and proposes the result.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use evpc_raft_store::{
-    BlobRef, Command, KeyId, Reseal, SaId, SealedKeys, State, limits::MAX_RESEALS_PER_COMMAND,
+    BlobRef, Command, Fingerprint, IkeSa, KeyId, Reseal, SaId, SealedKeys, State,
+    limits::MAX_RESEALS_PER_COMMAND,
 };
 use sha2::{Digest, Sha256};
 
@@ -66,7 +69,7 @@ fn sha256(blob: &SealedKeys) -> [u8; 32] {
 
 /// The reseals that move `sa`'s blobs under `old` to `sealer`, or why one does not open.
 fn reseal_sa(
-    sa: &evpc_raft_store::IkeSa,
+    sa: &IkeSa,
     old: KeyId,
     keyring: &Keyring,
     sealer: &ClusterKey,
@@ -101,6 +104,16 @@ fn reseal_sa(
     Ok(out)
 }
 
+/// What one round works on, copied out of the state so that the crypto runs without the
+/// state's lock held (`apply` waits for it).
+#[derive(Debug)]
+pub struct Selection {
+    active: KeyId,
+    fingerprint: Option<Fingerprint>,
+    retire: Vec<KeyId>,
+    work: Vec<(KeyId, IkeSa)>,
+}
+
 impl Resealer {
     /// Plans one round: reseal the blobs of at most `budget` SAs still on old keys, and retire
     /// the old keys that have been empty for [`RETIRE_GRACE_MS`] by `now_ms` (monotonic).
@@ -112,37 +125,34 @@ impl Resealer {
         now_ms: u64,
         nonce: &mut dyn FnMut() -> [u8; 12],
     ) -> Round {
+        let selection = self.select(state, budget, now_ms);
+        self.reseal(selection, keyring, nonce)
+    }
+
+    /// The first half of [`Resealer::plan`], under the state's lock: O(old keys + budget · log
+    /// n), copying at most `budget` records.
+    pub fn select(&mut self, state: &State, budget: usize, now_ms: u64) -> Selection {
         let keys = state.keys();
         let active = keys.active();
         let old: Vec<KeyId> = keys.live().filter(|k| *k != active).collect();
         self.cursors.retain(|k, _| old.contains(k));
         self.empty_since.retain(|k, _| old.contains(k));
-        let mut round = Round::default();
-        if old.is_empty() {
-            return round;
-        }
-        let mut commands = Vec::new();
-        let mut reseals = Vec::new();
-        let mut budget = budget;
-        let sealer = match keyring.sealer(state) {
-            Ok(sealer) => Some(sealer),
-            Err(e) => {
-                if self.reported.insert((active, SaId(0))) {
-                    round.failures.push((None, active, e));
-                }
-                None
-            }
+        let mut selection = Selection {
+            active,
+            fingerprint: keys.fingerprint(active),
+            retire: Vec::new(),
+            work: Vec::new(),
         };
+        let (mut budget, mut blobs) = (budget, 0);
         for key in old {
             if keys.blobs_under(key) == 0 {
                 let since = *self.empty_since.entry(key).or_insert(now_ms);
                 if now_ms.saturating_sub(since) >= RETIRE_GRACE_MS {
-                    commands.push(Command::RetireKey(key));
+                    selection.retire.push(key);
                 }
                 continue;
             }
             self.empty_since.remove(&key);
-            let Some(sealer) = &sealer else { continue };
             let from = self.cursors.get(&key).copied().unwrap_or(SaId(0));
             // From the cursor to the end, then from the start: each SA at most once a round.
             let ids: Vec<SaId> = keys
@@ -152,24 +162,58 @@ impl Resealer {
                 .collect();
             for id in ids {
                 let Some(sa) = state.sa(id) else { continue };
-                if reseals.len() + 1 + sa.children.len() > MAX_RESEALS_PER_COMMAND {
+                if blobs + 1 + sa.children.len() > MAX_RESEALS_PER_COMMAND {
                     break;
                 }
+                blobs += 1 + sa.children.len();
                 budget -= 1;
                 self.cursors.insert(key, SaId(id.0.wrapping_add(1)));
-                match reseal_sa(sa, key, keyring, sealer, nonce) {
-                    Ok(mut r) => {
-                        round.sas += 1;
-                        reseals.append(&mut r);
-                    }
-                    Err(e) => {
-                        if self.reported.len() < MAX_REPORTED && self.reported.insert((key, id)) {
-                            round.failures.push((Some(id), key, e));
+                selection.work.push((key, sa.clone()));
+            }
+        }
+        selection
+    }
+
+    /// The second half of [`Resealer::plan`], without the state's lock: open and seal.
+    pub fn reseal(
+        &mut self,
+        selection: Selection,
+        keyring: &Keyring,
+        nonce: &mut dyn FnMut() -> [u8; 12],
+    ) -> Round {
+        let mut round = Round::default();
+        let mut reseals = Vec::new();
+        if !selection.work.is_empty() {
+            match keyring.sealer_for(selection.active, selection.fingerprint) {
+                Ok(sealer) => {
+                    for (key, sa) in &selection.work {
+                        match reseal_sa(sa, *key, keyring, &sealer, nonce) {
+                            Ok(mut r) => {
+                                round.sas += 1;
+                                reseals.append(&mut r);
+                            }
+                            Err(e) => {
+                                if self.reported.len() < MAX_REPORTED
+                                    && self.reported.insert((*key, sa.id))
+                                {
+                                    round.failures.push((Some(sa.id), *key, e));
+                                }
+                            }
                         }
+                    }
+                }
+                Err(e) => {
+                    if self.reported.insert((selection.active, SaId(0))) {
+                        round.failures.push((None, selection.active, e));
                     }
                 }
             }
         }
+        let mut commands: Vec<Command> = selection
+            .retire
+            .into_iter()
+            .map(Command::RetireKey)
+            .collect();
         if !reseals.is_empty() {
             commands.insert(0, Command::ResealKeys(reseals));
         }
@@ -182,22 +226,16 @@ impl Resealer {
     }
 }
 
-/// One round on the leader: plan under the state's read lock (the budget keeps it short) and
-/// propose.
+/// One round on the leader: select under the state's read lock, reseal outside it, propose.
 pub async fn round(node: &Node, resealer: &mut Resealer, budget: usize) {
     let Some(keyring) = node.keyring.as_ref() else {
         return;
     };
-    let planned = {
+    let selection = {
         let state = node.state.read();
-        resealer.plan(
-            &state,
-            keyring,
-            budget,
-            node.gate.now_ms(),
-            &mut rand::random,
-        )
+        resealer.select(&state, budget, node.gate.now_ms())
     };
+    let planned = resealer.reseal(selection, keyring, &mut rand::random);
     for (sa, key, error) in &planned.failures {
         match sa {
             Some(sa) => tracing::error!(

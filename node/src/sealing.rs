@@ -533,9 +533,18 @@ impl Keyring {
     /// The key new blobs are sealed under in `state`: its active key, checked against the
     /// committed fingerprint.
     pub fn sealer(&self, state: &State) -> Result<Arc<ClusterKey>, SealError> {
-        let active = state.keys().active();
+        let keys = state.keys();
+        self.sealer_for(keys.active(), keys.fingerprint(keys.active()))
+    }
+
+    /// Key `active`, checked against its committed fingerprint (if one was committed).
+    pub fn sealer_for(
+        &self,
+        active: KeyId,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Arc<ClusterKey>, SealError> {
         let key = self.get(active)?;
-        match state.keys().fingerprint(active) {
+        match fingerprint {
             Some(committed) if committed != key.fingerprint() => {
                 Err(SealError::KeyMismatch { key: active })
             }
