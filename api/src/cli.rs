@@ -32,6 +32,18 @@ pub struct Cli {
     /// Per-request timeout in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// The cluster CA's certificate (PEM), e.g. the `ca.pem` of `evpc-node pki init`.
+    #[arg(long, global = true, env = "EVPC_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Your operator certificate (PEM), from `evpc-node pki issue-client`.
+    #[arg(long, global = true, env = "EVPC_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM, owner-only).
+    #[arg(long, global = true, env = "EVPC_KEY")]
+    pub key: Option<PathBuf>,
+    /// Talk plaintext HTTP/2, to a cluster that runs `insecure_plaintext = true`.
+    #[arg(long, global = true, env = "EVPC_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -384,8 +396,30 @@ fn print_sa(out: &mut dyn Write, sa: &pb::SaInfo) -> std::io::Result<()> {
 }
 
 /// Runs one parsed command, writing its answer to `out`.
+/// How to reach the cluster: mutual TLS unless plaintext is asked for.
+fn security(cli: &Cli) -> anyhow::Result<crate::Security> {
+    match (&cli.cacert, &cli.cert, &cli.key, cli.insecure_plaintext) {
+        (None, None, None, true) => Ok(crate::Security::Plaintext),
+        (Some(ca), Some(cert), Some(key), false) => Ok(crate::Security::Tls(
+            crate::ClientTls::load(ca, cert, key)?,
+        )),
+        (_, _, _, true) => anyhow::bail!(
+            "--insecure-plaintext with certificates: choose one"
+        ),
+        _ => anyhow::bail!(
+            "the cluster's admin API runs mutual TLS: give --cacert, --cert and --key (or \
+             EVPC_CACERT, EVPC_CERT, EVPC_KEY), as `evpc-node local` prints them; \
+             --insecure-plaintext only for a cluster with insecure_plaintext = true"
+        ),
+    }
+}
+
 pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
-    let mut client = AdminClient::new(&cli.endpoints, Duration::from_millis(cli.timeout_ms))?;
+    let mut client = AdminClient::new(
+        &cli.endpoints,
+        Duration::from_millis(cli.timeout_ms),
+        security(&cli)?,
+    )?;
     let json = cli.json;
     match cli.command {
         Command::Status { digest } => {

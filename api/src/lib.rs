@@ -11,6 +11,7 @@
 //! ```
 
 pub mod cli;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,6 +19,8 @@ use std::time::Duration;
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::admin::v1::admin_client::AdminClient as Grpc;
 use tonic::transport::{Channel, Endpoint};
+
+pub use tls::{ClientTls, Security};
 
 /// The metadata key in which a node names the leader's admin address.
 pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
@@ -59,13 +62,15 @@ impl ClientError {
     }
 }
 
-/// Normalizes `host:port` or a URL to an `http://` URL.
-pub fn normalize_endpoint(endpoint: &str) -> String {
+/// Normalizes `host:port` or a URL to an `https://` URL (`http://` for plaintext).
+pub fn normalize_endpoint(endpoint: &str, security: &Security) -> String {
     let endpoint = endpoint.trim();
-    if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
+    let hostport = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, hostport)| hostport);
+    match security {
+        Security::Tls(_) => format!("https://{hostport}"),
+        Security::Plaintext => format!("http://{hostport}"),
     }
 }
 
@@ -76,20 +81,23 @@ pub struct AdminClient {
     channels: Vec<Channel>,
     current: usize,
     timeout: Duration,
+    security: Security,
 }
 
-fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, ClientError> {
-    Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| ClientError::BadEndpoint {
-            endpoint: endpoint.to_owned(),
-            reason: e.to_string(),
-        })
-        .map(|e| {
-            e.connect_timeout(timeout.min(Duration::from_secs(2)))
-                .timeout(timeout)
-                .tcp_nodelay(true)
-                .connect_lazy()
-        })
+fn connect(endpoint: &str, timeout: Duration, security: &Security) -> Result<Channel, ClientError> {
+    let bad = |reason: String| ClientError::BadEndpoint {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let mut e = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(timeout.min(Duration::from_secs(2)))
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    if let Security::Tls(tls) = security {
+        e = e.tls_config(tls.config()).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(e.connect_lazy())
 }
 
 /// Transport-level failures: the node did not answer, so another endpoint may.
@@ -105,23 +113,25 @@ impl AdminClient {
     pub fn new<S: AsRef<str>>(
         endpoints: &[S],
         timeout: Duration,
+        security: Security,
     ) -> Result<AdminClient, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let endpoints: Vec<String> = endpoints
             .iter()
-            .map(|e| normalize_endpoint(e.as_ref()))
+            .map(|e| normalize_endpoint(e.as_ref(), &security))
             .collect();
         let channels = endpoints
             .iter()
-            .map(|e| connect(e, timeout))
+            .map(|e| connect(e, timeout, &security))
             .collect::<Result<_, _>>()?;
         Ok(AdminClient {
             endpoints,
             channels,
             current: 0,
             timeout,
+            security,
         })
     }
 
@@ -131,11 +141,12 @@ impl AdminClient {
     }
 
     fn switch_to(&mut self, endpoint: &str) -> Result<(), ClientError> {
-        let endpoint = normalize_endpoint(endpoint);
+        let endpoint = normalize_endpoint(endpoint, &self.security);
         match self.endpoints.iter().position(|e| *e == endpoint) {
             Some(i) => self.current = i,
             None => {
-                self.channels.push(connect(&endpoint, self.timeout)?);
+                self.channels
+                    .push(connect(&endpoint, self.timeout, &self.security)?);
                 self.endpoints.push(endpoint);
                 self.current = self.endpoints.len() - 1;
             }
@@ -164,7 +175,7 @@ impl AdminClient {
                         .get(LEADER_ADMIN_HINT)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
-                        && normalize_endpoint(&leader) != endpoint
+                        && normalize_endpoint(&leader, &self.security) != endpoint
                     {
                         hops += 1;
                         self.switch_to(&leader)?;
@@ -186,7 +197,8 @@ impl AdminClient {
     pub async fn follow_leader(&mut self) -> Result<pb::StatusResponse, ClientError> {
         let status = self.status(false).await?;
         if !status.leader_admin_addr.is_empty()
-            && normalize_endpoint(&status.leader_admin_addr) != self.endpoints[self.current]
+            && normalize_endpoint(&status.leader_admin_addr, &self.security)
+                != self.endpoints[self.current]
         {
             self.switch_to(&status.leader_admin_addr.clone())?;
             return self.status(false).await;
@@ -374,18 +386,20 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized() {
+        let p = Security::Plaintext;
         assert_eq!(
-            normalize_endpoint("127.0.0.1:7201"),
+            normalize_endpoint("127.0.0.1:7201", &p),
             "http://127.0.0.1:7201"
         );
-        assert_eq!(normalize_endpoint(" http://a:1 "), "http://a:1");
+        assert_eq!(normalize_endpoint(" http://a:1 ", &p), "http://a:1");
+        assert_eq!(normalize_endpoint("https://a:1", &p), "http://a:1");
     }
 
     #[tokio::test]
     async fn an_empty_endpoint_list_is_refused() {
         let none: [&str; 0] = [];
         assert!(matches!(
-            AdminClient::new(&none, Duration::from_secs(1)),
+            AdminClient::new(&none, Duration::from_secs(1), Security::Plaintext),
             Err(ClientError::NoEndpoints)
         ));
     }
@@ -394,7 +408,12 @@ mod tests {
     async fn no_node_answering_names_every_endpoint_tried() {
         // Ports 1 and 2 on loopback refuse connections.
         let mut client =
-            AdminClient::new(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_millis(500)).unwrap();
+            AdminClient::new(
+                &["127.0.0.1:1", "127.0.0.1:2"],
+                Duration::from_millis(500),
+                Security::Plaintext,
+            )
+            .unwrap();
         match client.status(false).await {
             Err(ClientError::Unreachable(tried)) => {
                 assert_eq!(tried.len(), 2);

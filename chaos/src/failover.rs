@@ -133,6 +133,8 @@ pub struct Options {
     pub seed: u64,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Run the nodes without TLS.
+    pub insecure_plaintext: bool,
 }
 
 /// Per-kind resume statistics.
@@ -823,7 +825,10 @@ impl Run {
                 let mut admin = self.cluster.read().await.admin()?;
                 for _ in 0..self.options.transfers_per_fault {
                     let (sa, spi) = *self.children.choose(&mut self.rng).context("no SAs")?;
-                    let (from, epoch) = owners[&sa];
+                    // Owners as they are now: the leader's reconciler may have moved this SA
+                    // since the fault began (a node that came back gets SAs again).
+                    let now = admin.get_sa(&sa.to_string()).await?;
+                    let (from, epoch) = (now.owner, now.epoch);
                     let to = *ids
                         .iter()
                         .filter(|n| **n != from)
@@ -831,7 +836,12 @@ impl Run {
                         .choose(&mut self.rng)
                         .context("one node")?;
                     let since = Instant::now();
-                    admin.transfer_sa(&sa.to_string(), *to).await?;
+                    match admin.transfer_sa(&sa.to_string(), *to).await {
+                        Ok(_) => {}
+                        // It moved again meanwhile, to where this transfer was taking it.
+                        Err(e) if e.to_string().contains("already owned by") => continue,
+                        Err(e) => return Err(e.into()),
+                    }
                     self.wait_resumed(kind, &[(spi, epoch)], since, since, true, wait)
                         .await;
                     let ledger = self.ledger.lock().expect("lock");
@@ -874,6 +884,7 @@ pub async fn run(
     let collector = socket.local_addr()?;
     let mut spec = LocalCluster::new(options.nodes, dir.unwrap_or_default(), base_port);
     spec.address_per_node = true;
+    spec.insecure_plaintext = options.insecure_plaintext;
     spec.dataplane.backend = "probe".into();
     spec.dataplane.probe.collector = Some(collector);
     spec.dataplane.probe.pps_per_child = (options.pps / options.sas).max(1);

@@ -89,6 +89,9 @@ pub struct Args {
     /// disk).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run the nodes without TLS (insecure_plaintext), to see what TLS costs.
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -101,6 +104,8 @@ struct Report {
     date: String,
     cores: usize,
     topology: String,
+    /// Whether cluster.v1 and admin.v1 ran mutual TLS (not `--insecure-plaintext`).
+    tls: bool,
     clusters: Vec<ClusterResult>,
     baseline_dpd_rtt_ms: Percentiles,
     /// Cluster DPD round-trip percentile minus the bare engine's, per cluster size.
@@ -728,6 +733,7 @@ async fn measure_cluster(
     spec.log_filter = args.node_log.clone();
     spec.keep_dir = args.keep_logs;
     spec.base_dir = args.data_dir.clone();
+    spec.insecure_plaintext = args.insecure_plaintext;
     let lab = Lab::start(spec).await?;
     let pids: Vec<(u64, u32)> = lab
         .alive_ids()
@@ -903,6 +909,7 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
         command: "ike-bench",
         date: utc_now(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        tls: !args.insecure_plaintext,
         topology: format!(
             "ClusterIP lab: node namespaces on one bridge, cluster address {CLUSTER} flooded to all (multicast MAC); initiators in one thread in the client namespace ({CLIENT}, UDP 500/4500, NAT-T forced, inner address requested); bare engine at {BASELINE}"
         ),

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin_flood;
 mod cluster;
 mod esp_bench;
 mod failover;
@@ -44,6 +45,9 @@ enum Command {
     /// adds to an exchange (3 nodes vs 1 node vs the bare engine), in network namespaces
     /// (needs root).
     IkeBench(ike_bench::Args),
+    /// Whether a client hammering admin.v1 (`status --digest`) delays Raft: commit latency,
+    /// elections and failure-detector silences with and without the flood.
+    AdminFlood(admin_flood::Args),
     /// Real nodes with the probe data plane under faults; checks every sequence number and
     /// message ID, measures how fast SAs resume.
     Failover {
@@ -75,6 +79,9 @@ enum Command {
         /// Every SA bursts to 20 times its rate for 200 ms every 4 s, beyond its leases.
         #[arg(long)]
         burst: bool,
+        /// Run the nodes without TLS (insecure_plaintext), to see what TLS costs.
+        #[arg(long)]
+        insecure_plaintext: bool,
         /// RNG seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -102,6 +109,13 @@ enum Command {
         /// Skip the final SIGKILL-everything-and-restart digest check.
         #[arg(long)]
         no_restart_check: bool,
+        /// Run the nodes without TLS (insecure_plaintext), to see what TLS costs.
+        #[arg(long)]
+        insecure_plaintext: bool,
+        /// Run the benchmark ROUNDS times with TLS and ROUNDS times without, alternating, and
+        /// report the median commit rates and latencies of each and their ratio.
+        #[arg(long, value_name = "ROUNDS")]
+        compare_plaintext: Option<u32>,
         /// RNG seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -143,6 +157,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::EspBench(_) => unreachable!("handled above"),
         Command::IkeBench(args) => ike_bench::run(args, node_bin).await,
+        Command::AdminFlood(args) => {
+            admin_flood::run(args, node_bin, cli.dir, cli.base_port).await
+        }
         Command::Failover {
             nodes,
             sas,
@@ -151,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             cycles,
             transfers,
             burst,
+            insecure_plaintext,
             seed,
             json,
         } => {
@@ -168,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 burst,
                 seed,
                 progress: !json || std::io::stderr().is_terminal(),
+                insecure_plaintext,
             };
             let report = failover::run(options, node_bin, cli.dir, cli.base_port).await?;
             if json {
@@ -206,6 +225,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             concurrency,
             kill_leader_at,
             no_restart_check,
+            insecure_plaintext,
+            compare_plaintext,
             seed,
             json,
         } => {
@@ -218,7 +239,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 restart_all: !no_restart_check,
                 seed,
                 progress: !json && std::io::stderr().is_terminal(),
+                insecure_plaintext,
             };
+            if let Some(rounds) = compare_plaintext {
+                let comparison =
+                    store_bench::compare_plaintext(options, rounds, node_bin, cli.base_port)
+                        .await?;
+                println!("{}", serde_json::to_string_pretty(&comparison)?);
+                return Ok(comparison.all_passed);
+            }
             let report = store_bench::run(options, node_bin, cli.dir, cli.base_port).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -54,6 +54,8 @@ pub struct StoreBench {
     pub seed: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Run the nodes without TLS.
+    pub insecure_plaintext: bool,
 }
 
 /// The JSON report.
@@ -454,7 +456,8 @@ pub async fn run(
         "--sas and --ops must be positive"
     );
     anyhow::ensure!(options.concurrency > 0, "--concurrency must be positive");
-    let spec = LocalCluster::new(options.nodes, dir.unwrap_or_default(), base_port);
+    let mut spec = LocalCluster::new(options.nodes, dir.unwrap_or_default(), base_port);
+    spec.insecure_plaintext = options.insecure_plaintext;
     let cluster = ProcessCluster::launch(spec, node_bin).await?;
     let cluster = Arc::new(RwLock::new(cluster));
     let result = run_on(&options, cluster.clone()).await;
@@ -694,5 +697,77 @@ async fn run_on(
         restart_digest_equal,
         create_secs,
         workload_secs,
+    })
+}
+
+/// What TLS costs: the same benchmark with and without it, alternating.
+#[derive(Debug, Serialize)]
+pub struct PlaintextComparison {
+    /// Rounds of each.
+    pub rounds: u32,
+    /// Median acknowledged updates per second (whole run), with TLS.
+    pub tls_commits_per_sec: f64,
+    /// The same, in plaintext.
+    pub plaintext_commits_per_sec: f64,
+    /// tls / plaintext.
+    pub commits_ratio: f64,
+    /// Median of the rounds' latency p50 and p99 (ms), with TLS.
+    pub tls_latency_ms: (f64, f64),
+    /// The same, in plaintext.
+    pub plaintext_latency_ms: (f64, f64),
+    /// Every round lost nothing and its digests matched.
+    pub all_passed: bool,
+    /// Every round's report, in the order run.
+    pub runs: Vec<(bool, Report)>,
+}
+
+/// Runs `options` `rounds` times with TLS and `rounds` times without, alternating (so drift
+/// in the machine's load hits both alike), each on a fresh cluster.
+pub async fn compare_plaintext(
+    options: StoreBench,
+    rounds: u32,
+    node_bin: std::path::PathBuf,
+    base_port: u16,
+) -> anyhow::Result<PlaintextComparison> {
+    anyhow::ensure!(rounds > 0, "--compare-plaintext needs at least one round");
+    let mut runs = Vec::new();
+    for round in 0..rounds * 2 {
+        let plaintext = round % 2 == 1;
+        let options = StoreBench {
+            insecure_plaintext: plaintext,
+            progress: false,
+            ..options.clone()
+        };
+        let report = run(options, node_bin.clone(), None, base_port).await?;
+        runs.push((plaintext, report));
+    }
+    let median = |plaintext: bool, pick: &dyn Fn(&Report) -> f64| {
+        let mut values: Vec<f64> = runs
+            .iter()
+            .filter(|(p, _)| *p == plaintext)
+            .map(|(_, r)| pick(r))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let tls = median(false, &|r| r.commits_per_sec);
+    let plain = median(true, &|r| r.commits_per_sec);
+    Ok(PlaintextComparison {
+        rounds,
+        tls_commits_per_sec: tls,
+        plaintext_commits_per_sec: plain,
+        commits_ratio: tls / plain,
+        tls_latency_ms: (
+            median(false, &|r| r.latency_ms.p50),
+            median(false, &|r| r.latency_ms.p99),
+        ),
+        plaintext_latency_ms: (
+            median(true, &|r| r.latency_ms.p50),
+            median(true, &|r| r.latency_ms.p99),
+        ),
+        all_passed: runs.iter().all(|(_, r)| {
+            r.ops_lost == 0 && r.digests_equal && r.restart_digest_equal != Some(false)
+        }),
+        runs,
     })
 }

@@ -59,9 +59,21 @@ pub async fn create_sas(
                 for c in sa.children.values_mut() {
                     c.out_hwm = lease;
                 }
-                match propose(&mut client, &Command::CreateSa(Box::new(sa))).await? {
-                    Ok(_) => made.push((SaId(n), child)),
-                    Err(rejection) => anyhow::bail!("creating SA {n}: {rejection}"),
+                // Slots can still be moving when the cluster has just come up (a node that
+                // joined late gets its share): follow the slot to its owner, as a gateway would.
+                let mut tries = 0;
+                loop {
+                    match propose(&mut client, &Command::CreateSa(Box::new(sa.clone()))).await? {
+                        Ok(_) => break made.push((SaId(n), child)),
+                        Err(evpc_raft_store::Rejection::NotSlotOwner {
+                            owner: Some(owner),
+                            ..
+                        }) if tries < 5 => {
+                            tries += 1;
+                            sa.owner = owner;
+                        }
+                        Err(rejection) => anyhow::bail!("creating SA {n}: {rejection}"),
+                    }
                 }
             }
         }));

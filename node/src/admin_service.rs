@@ -34,6 +34,10 @@ pub struct AdminService {
     node: Arc<Node>,
     /// One key rotation at a time on this node.
     rotation: Arc<tokio::sync::Mutex<()>>,
+    /// The state digest at an applied index: hashing the whole state is the dearest read
+    /// (and it holds the state's lock), so a client polling `status --digest` on an idle
+    /// cluster pays for it once per index.
+    digest: Arc<std::sync::Mutex<Option<(u64, String)>>>,
 }
 
 impl AdminService {
@@ -42,7 +46,27 @@ impl AdminService {
         AdminService {
             node,
             rotation: Arc::new(tokio::sync::Mutex::new(())),
+            digest: Arc::default(),
         }
+    }
+
+    /// The digest of `state`, from the cache when its applied index has not moved.
+    fn digest_of(&self, state: &evpc_raft_store::StateGuard<'_>) -> String {
+        let index = state.applied_index();
+        let mut cache = self.digest.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((at, digest)) if *at == index => digest.clone(),
+            _ => {
+                let digest = state.digest();
+                *cache = Some((index, digest.clone()));
+                digest
+            }
+        }
+    }
+
+    /// The node served.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
     }
 
     /// Fails unless this node leads, pointing at the leader when it is known.
@@ -331,7 +355,7 @@ impl Admin for AdminService {
             ike_sas: state.sa_count() as u64,
             child_sas: state.child_count() as u64,
             state_digest: if include_digest {
-                state.digest()
+                self.digest_of(&state)
             } else {
                 String::new()
             },
@@ -537,40 +561,52 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TransferSaResponse>, Status> {
         let request = request.into_inner();
         let id = parse_sa_id(&request.id)?;
-        let (from, epoch) = {
-            let state = self.node.state.read();
-            let sa = state
-                .sa(id)
-                .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
-            (sa.owner, sa.epoch)
-        };
-        if from == request.to {
-            return Err(Status::failed_precondition(format!(
-                "IKE SA {id} is already owned by node {from}"
-            )));
-        }
-        let command = Command::AssignOwners(vec![OwnerMove {
-            sa: id,
-            from_epoch: epoch,
-            to: request.to,
-            lease: self.node.config.ownership.move_lease,
-        }]);
-        match self.propose(command).await? {
-            (log_index, Applied::Moves(results)) => match results.into_iter().next() {
-                Some(Ok(epoch)) => {
-                    tracing::info!(sa = %id, from, to = request.to, %epoch, "SA transferred");
-                    Ok(Response::new(pb::TransferSaResponse {
-                        id: id.to_string(),
-                        from,
-                        to: request.to,
-                        epoch: epoch.0,
-                        log_index,
-                    }))
+        // The epoch is read from this node's applied state, which may trail the leader's (a
+        // follower, or a move the reconciler just committed): a stale read is refused by
+        // `apply`, and read again once the state caught up.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (from, epoch) = {
+                let state = self.node.state.read();
+                let sa = state
+                    .sa(id)
+                    .ok_or_else(|| Status::not_found(format!("no IKE SA {id}")))?;
+                (sa.owner, sa.epoch)
+            };
+            if from == request.to {
+                return Err(Status::failed_precondition(format!(
+                    "IKE SA {id} is already owned by node {from}"
+                )));
+            }
+            let command = Command::AssignOwners(vec![OwnerMove {
+                sa: id,
+                from_epoch: epoch,
+                to: request.to,
+                lease: self.node.config.ownership.move_lease,
+            }]);
+            match self.propose(command).await? {
+                (log_index, Applied::Moves(results)) => match results.into_iter().next() {
+                    Some(Ok(epoch)) => {
+                        tracing::info!(sa = %id, from, to = request.to, %epoch, "SA transferred");
+                        return Ok(Response::new(pb::TransferSaResponse {
+                            id: id.to_string(),
+                            from,
+                            to: request.to,
+                            epoch: epoch.0,
+                            log_index,
+                        }));
+                    }
+                    Some(Err(Rejection::StaleEpoch { .. })) if attempts < 5 => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Some(Err(rejection)) => return Err(rejection_status(rejection)),
+                    None => return Err(Status::internal("the move answered nothing")),
+                },
+                (_, other) => {
+                    return Err(Status::internal(format!("the move answered {other:?}")));
                 }
-                Some(Err(rejection)) => Err(rejection_status(rejection)),
-                None => Err(Status::internal("the move answered nothing")),
-            },
-            (_, other) => Err(Status::internal(format!("the move answered {other:?}"))),
+            }
         }
     }
 

@@ -1,4 +1,10 @@
 //! The server side of cluster.v1: Raft RPCs from other members and forwarded proposals.
+//!
+//! Every call is checked against the certificate of its connection ([`Caller`]): it must be a
+//! node's, that node must be a member (or this node knows no membership yet, as while it is
+//! being added), and it must be the node the message says sent it — the vote's candidate, the
+//! append's or snapshot's leader, the ping's sender. Anything else is refused with
+//! PERMISSION_DENIED and logged; nothing reaches Raft.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -9,13 +15,20 @@ use evpc_proto::cluster::v1::{
     ProposalResult, RaftMessage, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
 };
 use evpc_raft_store::raft::{Snapshot, SnapshotMeta, Vote};
-use evpc_raft_store::{Command, KeyId};
+use evpc_raft_store::{Command, KeyId, TypeConfig};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
 use crate::node::Node;
+use crate::tls::Caller;
 use crate::wire;
+
+/// The node a vote is for: a candidate's own, or the leader that holds it.
+fn vote_node(vote: &Vote) -> u64 {
+    vote.leader_id().node_id
+}
 
 /// cluster.v1 served by one node.
 #[derive(Debug, Clone)]
@@ -56,6 +69,113 @@ impl ClusterService {
         let membership = m.membership_config.membership();
         membership.nodes().next().is_none() || membership.get_node(&node).is_some()
     }
+
+    /// The member node that sent `request`, which must be `claimed` (what the message says),
+    /// or PERMISSION_DENIED, logged.
+    fn sender<T>(&self, request: &Request<T>, claimed: u64, call: &str) -> Result<u64, Status> {
+        let checked = self.identify(request, call).and_then(|caller| {
+            let id = caller.node(claimed)?;
+            if id != claimed {
+                return Err(Status::permission_denied(format!(
+                    "{call}: the certificate is node {id}'s but the message claims node {claimed}"
+                )));
+            }
+            if !self.is_member(id) {
+                return Err(Status::permission_denied(format!(
+                    "{call}: node {id} is not a member of this cluster"
+                )));
+            }
+            Ok(id)
+        });
+        checked.inspect_err(|status| self.refused(request, call, status))
+    }
+
+    /// The caller of `request`, which must be a node (member or not).
+    fn identify<T>(&self, request: &Request<T>, call: &str) -> Result<Caller, Status> {
+        let caller = Caller::of(request, self.node.tls.is_some())?;
+        if let Caller::Operator { name, .. } = &caller {
+            return Err(Status::permission_denied(format!(
+                "{call}: {name} has an operator certificate; cluster.v1 is for nodes"
+            )));
+        }
+        Ok(caller)
+    }
+
+    /// The member node that sent `request`, whoever the message says sent it.
+    fn member<T>(&self, request: &Request<T>, call: &str) -> Result<Caller, Status> {
+        let checked = self.identify(request, call).and_then(|caller| match caller {
+            Caller::Node(id) if !self.is_member(id) => Err(Status::permission_denied(format!(
+                "{call}: node {id} is not a member of this cluster"
+            ))),
+            caller => Ok(caller),
+        });
+        checked.inspect_err(|status| self.refused(request, call, status))
+    }
+
+    /// Receives the rest of a snapshot into a file in the data directory, so a slow transfer
+    /// holds no memory while it arrives: at most `limits.max_snapshot_bytes` in all, and no
+    /// more than `stall` between chunks (a large snapshot takes as long as it needs while it
+    /// moves). The file goes when this returns.
+    async fn receive_snapshot(
+        &self,
+        first: Vec<u8>,
+        mut chunks: Streaming<SnapshotChunk>,
+        stall: std::time::Duration,
+    ) -> Result<Vec<u8>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let cap = self.node.config.limits.max_snapshot_bytes;
+        let internal = |e: std::io::Error| Status::internal(format!("receiving a snapshot: {e}"));
+        let spool = tempfile::Builder::new()
+            .prefix("incoming-snapshot.")
+            .tempfile_in(&self.node.config.data_dir)
+            .map_err(internal)?;
+        let mut file = tokio::fs::File::from_std(spool.reopen().map_err(internal)?);
+        let mut total = 0u64;
+        let mut next = Some(first);
+        loop {
+            let data = match next.take() {
+                Some(data) => data,
+                None => match tokio::time::timeout(stall, chunks.next()).await {
+                    Err(_) => {
+                        tracing::warn!(bytes = total, "snapshot transfer stalled; abandoned");
+                        return Err(Status::deadline_exceeded(format!(
+                            "no snapshot chunk for {} ms after {total} bytes",
+                            stall.as_millis()
+                        )));
+                    }
+                    Ok(None) => break,
+                    Ok(Some(chunk)) => {
+                        let chunk = chunk?;
+                        if !chunk.header.is_empty() {
+                            return Err(Status::invalid_argument(
+                                "snapshot header repeated after the first chunk",
+                            ));
+                        }
+                        chunk.data
+                    }
+                },
+            };
+            total += data.len() as u64;
+            if total > cap {
+                tracing::warn!(cap, "snapshot larger than limits.max_snapshot_bytes; refused");
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than limits.max_snapshot_bytes ({cap} bytes)"
+                )));
+            }
+            file.write_all(&data).await.map_err(internal)?;
+        }
+        file.flush().await.map_err(internal)?;
+        file.rewind().await.map_err(internal)?;
+        let mut data = Vec::with_capacity(total as usize);
+        file.read_to_end(&mut data).await.map_err(internal)?;
+        drop(spool);
+        Ok(data)
+    }
+
+    fn refused<T>(&self, request: &Request<T>, call: &str, status: &Status) {
+        let peer = request.remote_addr();
+        tracing::warn!(call, peer = ?peer, reason = status.message(), "cluster.v1 call refused");
+    }
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
@@ -77,12 +197,23 @@ impl Cluster for ClusterService {
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<AppendReplies>, Status> {
         self.require_in_service()?;
-        // A request that does not decode ends the input; the leader sees the stream close and
-        // falls back to a fresh one.
-        let requests = request.into_inner().map_while(|message| {
+        let caller = self.member(&request, "StreamAppend")?;
+        // A request that does not decode, or that claims another leader than the certificate
+        // names, ends the input; the leader sees the stream close and falls back to a fresh one.
+        let requests = request.into_inner().map_while(move |message| {
             let message = message.ok()?;
-            match wire::decode(&message.payload) {
-                Ok(rpc) => Some(rpc),
+            match wire::decode::<AppendEntriesRequest<TypeConfig>>(&message.payload) {
+                Ok(rpc) => match caller.node(vote_node(&rpc.vote)) {
+                    Ok(id) if id == vote_node(&rpc.vote) => Some(rpc),
+                    _ => {
+                        tracing::warn!(
+                            caller = %caller,
+                            claimed = vote_node(&rpc.vote),
+                            "append from a leader other than the certificate names; closing the stream"
+                        );
+                        None
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "undecodable append request; closing the stream");
                     None
@@ -102,13 +233,15 @@ impl Cluster for ClusterService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
-        let rpc = wire::decode(&request.into_inner().payload)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = wire::decode(&request.get_ref().payload)?;
+        self.sender(&request, vote_node(&rpc.vote), "AppendEntries")?;
         reply(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
-        let rpc = wire::decode(&request.into_inner().payload)?;
+        let rpc: VoteRequest<TypeConfig> = wire::decode(&request.get_ref().payload)?;
+        self.sender(&request, vote_node(&rpc.vote), "Vote")?;
         reply(&self.node.raft.vote(rpc).await)
     }
 
@@ -117,7 +250,8 @@ impl Cluster for ClusterService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
-        let rpc = wire::decode(&request.into_inner().payload)?;
+        let rpc: VoteRequest<TypeConfig> = wire::decode(&request.get_ref().payload)?;
+        self.sender(&request, vote_node(&rpc.vote), "PreVote")?;
         reply(&self.node.raft.pre_vote(rpc).await)
     }
 
@@ -126,31 +260,28 @@ impl Cluster for ClusterService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
-        let rpc = wire::decode(&request.into_inner().payload)?;
+        let rpc: TransferLeaderRequest<TypeConfig> = wire::decode(&request.get_ref().payload)?;
+        self.sender(&request, vote_node(rpc.from_leader()), "TransferLeader")?;
         reply(&self.node.raft.handle_transfer_leader(rpc).await)
     }
 
     async fn install_snapshot(
         &self,
-        request: Request<Streaming<SnapshotChunk>>,
+        mut request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
-        let mut chunks = request.into_inner();
-        let first = chunks
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let stall = std::time::Duration::from_millis(self.node.config.limits.snapshot_stall_ms);
+        let first = match tokio::time::timeout(stall, request.get_mut().next()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no snapshot header in time")),
+            Ok(None) => return Err(Status::invalid_argument("empty snapshot stream")),
+            Ok(Some(chunk)) => chunk?,
+        };
         let (vote, meta): (Vote, SnapshotMeta) = wire::decode(&first.header)?;
-        let mut data = first.data;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            if !chunk.header.is_empty() {
-                return Err(Status::invalid_argument(
-                    "snapshot header repeated after the first chunk",
-                ));
-            }
-            data.extend_from_slice(&chunk.data);
-        }
+        // Who sends it is checked before a byte of it is kept.
+        self.sender(&request, vote_node(&vote), "InstallSnapshot")?;
+        let data = self
+            .receive_snapshot(first.data, request.into_inner(), stall)
+            .await?;
         tracing::info!(bytes = data.len(), last_log_id = ?meta.last_log_id, "received snapshot");
         let snapshot = Snapshot {
             meta,
@@ -164,20 +295,11 @@ impl Cluster for ClusterService {
     /// that is starting or whose Raft core stopped does not answer, so it is failed over.
     async fn ping(&self, request: Request<PingMessage>) -> Result<Response<PingMessage>, Status> {
         self.require_in_service()?;
-        let message = request.into_inner();
-        if message.from == 0 || message.from == self.node.id {
-            return Err(Status::invalid_argument(format!(
-                "ping from node {}",
-                message.from
-            )));
+        let from = request.get_ref().from;
+        if from == 0 || from == self.node.id {
+            return Err(Status::invalid_argument(format!("ping from node {from}")));
         }
-        if !self.is_member(message.from) {
-            tracing::warn!(from = message.from, "ping from a node that is not a member");
-            return Err(Status::permission_denied(format!(
-                "node {} is not a member of this cluster",
-                message.from
-            )));
-        }
+        self.sender(&request, from, "Ping")?;
         Ok(Response::new(crate::pinger::message(&self.node)))
     }
 
@@ -186,12 +308,7 @@ impl Cluster for ClusterService {
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
         self.require_in_service()?;
-        let from = request.into_inner().from;
-        if !self.is_member(from) {
-            return Err(Status::permission_denied(format!(
-                "node {from} is not a member of this cluster"
-            )));
-        }
+        self.sender(&request, request.get_ref().from, "ReadIndex")?;
         let (index, term) = self.node.local_read_index().await?;
         Ok(Response::new(ReadIndexResponse { index, term }))
     }
@@ -202,10 +319,21 @@ impl Cluster for ClusterService {
         &self,
         request: Request<CheckInRequest>,
     ) -> Result<Response<CheckInResponse>, Status> {
-        let request = request.into_inner();
-        if request.node == 0 {
+        if request.get_ref().node == 0 {
             return Err(Status::invalid_argument("check-in from node 0"));
         }
+        // A node checks in before anything else, members or not (one being added does too);
+        // it learns no more than a node of this CA may know.
+        let claimed = request.get_ref().node;
+        self.identify(&request, "CheckIn")
+            .and_then(|caller| match caller.node(claimed)? {
+                id if id == claimed => Ok(()),
+                id => Err(Status::permission_denied(format!(
+                    "CheckIn: the certificate is node {id}'s but the message claims node {claimed}"
+                ))),
+            })
+            .inspect_err(|status| self.refused(&request, "CheckIn", status))?;
+        let request = request.into_inner();
         let state = self.node.state.read();
         Ok(Response::new(CheckInResponse {
             from: self.node.id,
@@ -226,14 +354,11 @@ impl Cluster for ClusterService {
         request: Request<InstallKeyRequest>,
     ) -> Result<Response<InstallKeyResponse>, Status> {
         self.require_in_service()?;
+        // The sender is the node its certificate names, and a member.
+        let from = request.get_ref().from;
+        self.sender(&request, from, "InstallKey")?;
         let mut request = request.into_inner();
         let secret = Zeroizing::new(std::mem::take(&mut request.key));
-        if !self.is_member(request.from) {
-            return Err(Status::permission_denied(format!(
-                "node {} is not a member of this cluster",
-                request.from
-            )));
-        }
         if self.node.leader().map(|(id, _)| id) != Some(request.from) {
             return Err(Status::failed_precondition(format!(
                 "node {} is not the leader this node follows; only the leader hands out keys",
@@ -284,6 +409,7 @@ impl Cluster for ClusterService {
         request: Request<Proposal>,
     ) -> Result<Response<ProposalResult>, Status> {
         self.require_in_service()?;
+        self.member(&request, "Propose")?;
         let command: Command = wire::decode(&request.into_inner().command)?;
         // Only the leader commits a forwarded command; forwarding again could loop.
         let proposed = self.node.propose_local(command).await?;

@@ -19,6 +19,15 @@
 //!
 //! [raft]                           # optional
 //! snapshot_every = 100000          # log entries between snapshots
+//!
+//! [tls]                            # mutual TLS on both APIs (or insecure_plaintext = true)
+//! ca_file = "/etc/evpc/pki/ca.pem"
+//! cert_file = "/etc/evpc/pki/node-1.pem"
+//! key_file = "/etc/evpc/pki/node-1.key"   # owner-only
+//!
+//! [limits]                         # optional; see `Limits`
+//! max_snapshot_bytes = 4294967296
+//! admin_requests_per_second = 200
 //! ```
 
 use std::collections::BTreeSet;
@@ -67,6 +76,56 @@ pub struct NodeConfig {
     /// can open (enough for the probe data plane, not for ESP).
     #[serde(default)]
     pub cluster_key_file: Option<PathBuf>,
+    /// Mutual TLS on cluster.v1 and admin.v1: the cluster CA, this node's certificate (from
+    /// `evpc-node pki issue-node`) and its key (owner-only).
+    #[serde(default)]
+    pub tls: Option<crate::pki::TlsFiles>,
+    /// Serve and dial both gRPC services in plaintext, authenticating nobody: anyone who
+    /// reaches a port can then run the cluster. For a lab only; logged at every start.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Bounds on what the gRPC services accept.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Bounds on the gRPC services: message sizes, time, concurrency, rates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// The largest snapshot this node accepts from a leader (bytes). It is received into a
+    /// file in `data_dir`, never held in memory while it arrives.
+    pub max_snapshot_bytes: u64,
+    /// A snapshot transfer that moves no chunk for this long is abandoned, on both sides (ms):
+    /// a large snapshot may take as long as it needs while it makes progress.
+    pub snapshot_stall_ms: u64,
+    /// The largest admin.v1 request or answer (bytes).
+    pub admin_max_message_bytes: usize,
+    /// An admin.v1 call still running after this long is cancelled (ms).
+    pub admin_timeout_ms: u64,
+    /// admin.v1 calls served at once on one connection.
+    pub admin_concurrency_per_connection: usize,
+    /// admin.v1 calls per second for one caller (certificate name), sustained.
+    pub admin_requests_per_second: u32,
+    /// admin.v1 calls one caller may make in a burst above the sustained rate.
+    pub admin_burst: u32,
+    /// HTTP/2 streams at once on one cluster.v1 connection.
+    pub cluster_max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_snapshot_bytes: 4 << 30,
+            snapshot_stall_ms: 10_000,
+            admin_max_message_bytes: 4 << 20,
+            admin_timeout_ms: 30_000,
+            admin_concurrency_per_connection: 16,
+            admin_requests_per_second: 200,
+            admin_burst: 400,
+            cluster_max_streams: 256,
+        }
+    }
 }
 
 /// SA ownership settings (milliseconds unless noted).
@@ -345,6 +404,31 @@ impl NodeConfig {
                 self.raft_addr
             ));
         }
+        match (&self.tls, self.insecure_plaintext) {
+            (None, false) => {
+                return Err("no [tls] section: cluster.v1 and admin.v1 need mutual TLS. Create \
+                            a CA and this node's certificate with `evpc-node pki init --dir D` and \
+                            `evpc-node pki issue-node ID --dir D`, then set [tls] ca_file, \
+                            cert_file and key_file; or, for a lab only, insecure_plaintext = true"
+                    .into());
+            }
+            (Some(_), true) => {
+                return Err("both [tls] and insecure_plaintext = true: choose one".into());
+            }
+            _ => {}
+        }
+        let l = &self.limits;
+        if l.max_snapshot_bytes == 0
+            || l.snapshot_stall_ms == 0
+            || l.admin_max_message_bytes == 0
+            || l.admin_timeout_ms == 0
+            || l.admin_concurrency_per_connection == 0
+            || l.admin_requests_per_second == 0
+            || l.admin_burst == 0
+            || l.cluster_max_streams == 0
+        {
+            return Err("every [limits] value must be positive".into());
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err("data_dir must not be empty".into());
         }
@@ -492,6 +576,7 @@ mod tests {
         raft_addr = "127.0.0.1:7101"
         admin_addr = "127.0.0.1:7201"
         data_dir = "/tmp/evpc-1"
+        insecure_plaintext = true
         [[peers]]
         id = 2
         raft_addr = "127.0.0.1:7102"
@@ -526,6 +611,15 @@ mod tests {
                 .contains("twice heartbeat_ms")
         );
         assert!(invalid("id = 1").contains("missing field"));
+        let plaintext = "insecure_plaintext = true\n";
+        assert!(invalid(&GOOD.replace(plaintext, "")).contains("no [tls] section"));
+        let tls = "\n[tls]\nca_file = \"ca.pem\"\ncert_file = \"n.pem\"\nkey_file = \"n.key\"";
+        assert!(invalid(&format!("{GOOD}{tls}")).contains("choose one"));
+        let secure = NodeConfig::parse(&format!("{}{tls}", GOOD.replace(plaintext, ""))).unwrap();
+        assert_eq!(secure.tls.unwrap().key_file, PathBuf::from("n.key"));
+        assert!(
+            invalid(&format!("{GOOD}\n[limits]\nadmin_burst = 0")).contains("must be positive")
+        );
         assert!(
             invalid(&format!("{GOOD}\n[ownership]\nfence_ms = 400")).contains("below failover_ms")
         );

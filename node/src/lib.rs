@@ -19,6 +19,7 @@
 //! `evpc-node run --config node.toml` runs one node; `evpc-node local --nodes N` runs a whole
 //! cluster of child processes on loopback.
 
+pub mod admin_guard;
 pub mod admin_service;
 pub mod backend;
 pub mod cluster_service;
@@ -33,6 +34,7 @@ pub mod owner;
 pub mod ownership;
 pub mod peers;
 pub mod pinger;
+pub mod pki;
 pub mod placement;
 pub mod probe;
 pub mod raft_network;
@@ -41,6 +43,7 @@ pub mod resealer;
 pub mod rotation;
 pub mod sealing;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 /// Installs the `tracing` subscriber: `RUST_LOG` filters (default `info`), `EVPC_LOG_FORMAT=json`

@@ -1,11 +1,15 @@
 //! `evpc-node local`: a whole cluster of child processes on loopback, for trying evpc out and
 //! for tests. Each node gets its own directory (config, data, log) under `--dir`.
+//!
+//! Secure by default: the first start creates a PKI in `--dir/pki` (a CA, a certificate per
+//! node, and the operator certificate `local-admin` with the admin role), every node serves
+//! mutual TLS, and the `evpcctl` line it prints uses that operator certificate.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use evpc_api::AdminClient;
+use evpc_api::{AdminClient, ClientTls, Security};
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::cluster::v1::cluster_client::ClusterClient;
 use nix::sys::signal::{Signal, kill};
@@ -34,13 +38,19 @@ pub struct LocalCluster {
     pub ownership: OwnershipConfig,
     /// Data plane for every node.
     pub dataplane: DataplaneConfig,
-    /// The cluster key file every node uses; `None`: `dir/cluster.key`, created (0600) with a
+    /// The cluster key file every node uses; `None`: `dir/pki/cluster.key`, created (0600) with a
     /// fresh random key if it does not exist.
     pub cluster_key_file: Option<PathBuf>,
     /// Give node `i` its own loopback address `127.0.0.(10+i)` instead of sharing 127.0.0.1, so
     /// a firewall rule can cut one node off (the chaos runner's partitions).
     pub address_per_node: bool,
+    /// Run without TLS (`insecure_plaintext = true` on every node): benchmarks measure what
+    /// TLS costs with it.
+    pub insecure_plaintext: bool,
 }
+
+/// The operator certificate `local` creates and prints an `evpcctl` line for.
+pub const LOCAL_OPERATOR: &str = "local-admin";
 
 impl LocalCluster {
     /// `nodes` nodes under `dir` with default timing and tuning.
@@ -55,6 +65,7 @@ impl LocalCluster {
             dataplane: DataplaneConfig::default(),
             cluster_key_file: None,
             address_per_node: false,
+            insecure_plaintext: false,
         }
     }
 
@@ -106,14 +117,57 @@ impl LocalCluster {
             cluster_key_file: Some(self.cluster_key_path()),
             metrics_addr: None,
             ike: None,
+            tls: (!self.insecure_plaintext).then(|| self.pki().node(id)),
+            insecure_plaintext: self.insecure_plaintext,
+            limits: Default::default(),
         }
+    }
+
+    /// The cluster's PKI directory.
+    pub fn pki(&self) -> crate::pki::PkiDir {
+        crate::pki::PkiDir::new(self.dir.join("pki"))
+    }
+
+    /// How an operator reaches the nodes: with the `local-admin` certificate, or in plaintext.
+    pub fn security(&self) -> anyhow::Result<Security> {
+        self.security_as(LOCAL_OPERATOR)
+    }
+
+    /// How operator `name` (whose certificate is in the PKI directory) reaches the nodes.
+    pub fn security_as(&self, name: &str) -> anyhow::Result<Security> {
+        if self.insecure_plaintext {
+            return Ok(Security::Plaintext);
+        }
+        let files = self.pki().client(name);
+        Ok(Security::Tls(ClientTls::load(
+            &files.ca_file,
+            &files.cert_file,
+            &files.key_file,
+        )?))
+    }
+
+    /// The `evpcctl` options that reach this cluster as the local operator.
+    pub fn evpcctl_args(&self) -> String {
+        let mut args = format!("--endpoints {}", self.admin_endpoints().join(","));
+        if self.insecure_plaintext {
+            args.push_str(" --insecure-plaintext");
+        } else {
+            let files = self.pki().client(LOCAL_OPERATOR);
+            args.push_str(&format!(
+                " --cacert {} --cert {} --key {}",
+                files.ca_file.display(),
+                files.cert_file.display(),
+                files.key_file.display()
+            ));
+        }
+        args
     }
 
     /// The cluster key file the nodes use.
     pub fn cluster_key_path(&self) -> PathBuf {
         self.cluster_key_file
             .clone()
-            .unwrap_or_else(|| self.dir.join("cluster.key"))
+            .unwrap_or_else(|| self.pki().cluster_key())
     }
 
     /// Creates the cluster key file (owner-only) with a fresh random key, unless it exists.
@@ -160,6 +214,10 @@ impl LocalCluster {
             self.nodes
         );
         self.ensure_cluster_key()?;
+        if !self.insecure_plaintext {
+            let ids: Vec<u64> = (1..=self.nodes).collect();
+            self.pki().ensure_local(&ids, LOCAL_OPERATOR)?;
+        }
         (1..=self.nodes)
             .map(|id| {
                 let config = self.node_config(id);
@@ -179,7 +237,7 @@ impl LocalCluster {
     /// Initializes the cluster through node 1 if it is new, then waits until every node is a
     /// voter, a leader is elected and every placement slot has an owner.
     pub async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<pb::StatusResponse> {
-        bootstrap_cluster(&self.admin_endpoints(), self.nodes, timeout)
+        bootstrap_cluster(&self.admin_endpoints(), self.nodes, timeout, &self.security()?)
             .await
             .with_context(|| format!("see the node logs under {}", self.dir.display()))
     }
@@ -193,10 +251,15 @@ pub async fn bootstrap_cluster(
     endpoints: &[String],
     nodes: u64,
     timeout: Duration,
+    security: &Security,
 ) -> anyhow::Result<pb::StatusResponse> {
     let deadline = tokio::time::Instant::now() + timeout;
     let first = endpoints.first().context("no endpoints")?;
-    let mut node1 = AdminClient::new(std::slice::from_ref(first), Duration::from_secs(2))?;
+    let mut node1 = AdminClient::new(
+        std::slice::from_ref(first),
+        Duration::from_secs(2),
+        security.clone(),
+    )?;
     let status = loop {
         match node1.status(false).await {
             Ok(status) => break status,
@@ -213,8 +276,11 @@ pub async fn bootstrap_cluster(
     loop {
         let mut ready = None;
         for endpoint in endpoints {
-            let mut node =
-                AdminClient::new(std::slice::from_ref(endpoint), Duration::from_secs(2))?;
+            let mut node = AdminClient::new(
+                std::slice::from_ref(endpoint),
+                Duration::from_secs(2),
+                security.clone(),
+            )?;
             match node.status(false).await {
                 Ok(status)
                     if status.leader_id.is_some()
@@ -369,13 +435,20 @@ impl ProcessCluster {
         Ok(AdminClient::new(
             &[self.node(id).config.admin_addr.to_string()],
             Duration::from_secs(5),
+            self.spec.security()?,
         )?)
     }
 
-    /// A cluster.v1 client for node `id` (to propose to it directly).
+    /// A cluster.v1 client for node `id` (to propose to it directly), presenting the
+    /// certificate of another member (cluster.v1 is for members only).
     pub fn cluster_client(&self, id: u64) -> anyhow::Result<ClusterClient<Channel>> {
         let addr = self.node(id).config.raft_addr.to_string();
-        let channel = crate::peers::endpoint(&addr, Duration::from_secs(1))?
+        let as_member = id % self.spec.nodes + 1;
+        let tls = match &self.node(as_member).config.tls {
+            Some(files) => Some(crate::tls::TlsMaterial::load(files)?),
+            None => None,
+        };
+        let channel = crate::peers::endpoint(&addr, Duration::from_secs(1), tls.as_ref(), id)?
             .timeout(Duration::from_secs(3))
             .connect_lazy();
         Ok(ClusterClient::new(channel).max_decoding_message_size(64 << 20))
@@ -515,6 +588,7 @@ impl ProcessCluster {
         Ok(AdminClient::new(
             &self.spec.admin_endpoints(),
             Duration::from_secs(5),
+            self.spec.security()?,
         )?)
     }
 
@@ -538,9 +612,12 @@ pub async fn run(spec: LocalCluster) -> anyhow::Result<()> {
         spec.dir.display()
     );
     print!("{}", table(&cluster.nodes, &status));
+    if spec.insecure_plaintext {
+        println!("WARNING: insecure_plaintext: the cluster's APIs authenticate nobody");
+    }
     println!(
-        "\ntry: evpcctl --endpoints {} status\nlogs: {}/node*/node.log — Ctrl-C stops the cluster",
-        spec.admin_endpoints().join(","),
+        "\ntry: evpcctl {} status\nlogs: {}/node*/node.log — Ctrl-C stops the cluster",
+        spec.evpcctl_args(),
         spec.dir.display()
     );
 

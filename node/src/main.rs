@@ -38,7 +38,85 @@ enum Command {
         /// Node i listens on BASE+i (Raft) and BASE+100+i (admin).
         #[arg(long, default_value_t = 7100)]
         base_port: u16,
+        /// Run the nodes without TLS, authenticating nobody (a lab only; logged).
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
+    /// The cluster's certificates: a CA, one certificate per node, one per operator.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a CA (ca.pem, ca.key) and a cluster key (cluster.key) in a new directory.
+    Init {
+        /// The PKI directory (created 0700).
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// A name for the cluster, put into the CA's subject.
+        #[arg(long, default_value = "evpc")]
+        name: String,
+    },
+    /// Issue node ID's certificate (node-ID.pem, node-ID.key).
+    IssueNode {
+        /// The node id.
+        id: u64,
+        /// The PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = evpc_node::pki::DEFAULT_LEAF_DAYS)]
+        days: i64,
+    },
+    /// Issue an operator's certificate (client-NAME.pem, client-NAME.key) with a role.
+    IssueClient {
+        /// The operator's name, which the audit log shows.
+        name: String,
+        /// reader (status, lists), operator (moves SAs), admin (membership, keys).
+        #[arg(long)]
+        role: evpc_node::pki::Role,
+        /// The PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = evpc_node::pki::DEFAULT_LEAF_DAYS)]
+        days: i64,
+    },
+}
+
+/// Runs a `pki` command and says what it wrote.
+fn pki(command: PkiCommand) -> anyhow::Result<()> {
+    use evpc_node::pki::PkiDir;
+    let show = |files: evpc_node::pki::TlsFiles| {
+        println!(
+            "wrote {} and {} (owner-only); the CA is {}",
+            files.cert_file.display(),
+            files.key_file.display(),
+            files.ca_file.display()
+        );
+    };
+    match command {
+        PkiCommand::Init { dir, name } => {
+            let pki = PkiDir::new(dir);
+            pki.init(&name)?;
+            println!(
+                "wrote {} and {} (owner-only, keep it off the nodes if you can) and the cluster \
+                 key {} (owner-only, the same on every node)",
+                pki.ca_cert().display(),
+                pki.ca_key().display(),
+                pki.cluster_key().display()
+            );
+        }
+        PkiCommand::IssueNode { id, dir, days } => show(PkiDir::new(dir).issue_node(id, days)?),
+        PkiCommand::IssueClient {
+            name,
+            role,
+            dir,
+            days,
+        } => show(PkiDir::new(dir).issue_client(&name, role, days)?),
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,7 +142,13 @@ fn main() -> std::process::ExitCode {
                 nodes,
                 dir,
                 base_port,
-            } => evpc_node::local::run(LocalCluster::new(nodes, dir, base_port)).await,
+                insecure_plaintext,
+            } => {
+                let mut spec = LocalCluster::new(nodes, dir, base_port);
+                spec.insecure_plaintext = insecure_plaintext;
+                evpc_node::local::run(spec).await
+            }
+            Command::Pki(command) => pki(command),
         }
     });
     match result {

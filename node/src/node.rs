@@ -128,6 +128,8 @@ pub struct Node {
     pub fence: Mutex<Option<FenceReason>>,
     /// The cluster keys: seal and open SA keys; `None` without `cluster_key_file`.
     pub keyring: Option<Keyring>,
+    /// This node's TLS material; `None` with `insecure_plaintext`.
+    pub tls: Option<crate::tls::TlsMaterial>,
     /// An operator asked for a rebalance (the leader's reconciler works it off).
     pub rebalance_requested: AtomicBool,
     /// Child SAs the data plane drives now.
@@ -206,16 +208,34 @@ impl Node {
                 .map_or(0, |l| l.index)
         };
         let state = state_machine.reader();
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::TlsMaterial::load(files)?),
+            None => {
+                tracing::warn!(
+                    node = config.id,
+                    "insecure_plaintext = true: cluster.v1 and admin.v1 run without TLS and \
+                     authenticate nobody; anyone who reaches {} or {} controls this cluster",
+                    config.raft_addr,
+                    config.admin_addr
+                );
+                None
+            }
+        };
         let own_ip = config.raft_addr.ip();
         let peers = Peers::new(
             Duration::from_millis(config.timeouts.rpc_ms),
             (!own_ip.is_unspecified()).then_some(own_ip),
+            tls.clone(),
         );
         let joined = Arc::new(AtomicBool::new(false));
         let raft = Raft::new(
             config.id,
             Arc::new(config.raft_config()?),
-            NetworkFactory::new(peers.clone(), joined.clone()),
+            NetworkFactory::new(
+                peers.clone(),
+                joined.clone(),
+                Duration::from_millis(config.limits.snapshot_stall_ms),
+            ),
             log_store,
             state_machine,
         )
@@ -276,6 +296,7 @@ impl Node {
                 needed: 1,
             })),
             keyring,
+            tls,
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),
             lease_commits: AtomicU64::new(0),

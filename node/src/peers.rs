@@ -13,6 +13,8 @@ use evpc_proto::cluster::v1::cluster_client::ClusterClient;
 use evpc_raft_store::NodeId;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::TlsMaterial;
+
 /// The largest message a node accepts from another (append batches, snapshot chunks).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -25,17 +27,25 @@ pub struct Peers {
     inner: Arc<Mutex<HashMap<NodeId, CachedClient>>>,
     connect_timeout: Duration,
     local_ip: Option<std::net::IpAddr>,
+    tls: Option<TlsMaterial>,
 }
 
 impl Peers {
     /// An empty cache; `connect_timeout` bounds dialing. Connections leave from `local_ip`
     /// when given (this node's own address, so a firewall rule on it isolates the node both
     /// ways).
-    pub fn new(connect_timeout: Duration, local_ip: Option<std::net::IpAddr>) -> Peers {
+    /// With `tls`, every peer is dialed over mutual TLS and must show the certificate of the
+    /// node it is dialed as; without, in plaintext (`insecure_plaintext`).
+    pub fn new(
+        connect_timeout: Duration,
+        local_ip: Option<std::net::IpAddr>,
+        tls: Option<TlsMaterial>,
+    ) -> Peers {
         Peers {
             inner: Arc::default(),
             connect_timeout,
             local_ip,
+            tls,
         }
     }
 
@@ -51,7 +61,7 @@ impl Peers {
         {
             return Ok(client.clone());
         }
-        let channel = endpoint(addr, self.connect_timeout)?
+        let channel = endpoint(addr, self.connect_timeout, self.tls.as_ref(), node)?
             .local_address(self.local_ip)
             .connect_lazy();
         let client = ClusterClient::new(channel)
@@ -70,17 +80,28 @@ impl Peers {
     }
 }
 
-/// An endpoint tuned for a LAN cluster: no Nagle delay, fast dead-peer detection.
-pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, tonic::Status> {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))
-        .map(|e| {
-            e.connect_timeout(connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_millis(500))
-                .keep_alive_timeout(Duration::from_millis(1000))
-                .keep_alive_while_idle(true)
-        })
+/// An endpoint for node `node` at `addr`, tuned for a LAN cluster: no Nagle delay, fast
+/// dead-peer detection. With `tls`, the server must prove it is `node`.
+pub fn endpoint(
+    addr: &str,
+    connect_timeout: Duration,
+    tls: Option<&TlsMaterial>,
+    node: NodeId,
+) -> Result<Endpoint, tonic::Status> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_millis(500))
+        .keep_alive_timeout(Duration::from_millis(1000))
+        .keep_alive_while_idle(true);
+    match tls {
+        None => Ok(endpoint),
+        Some(tls) => endpoint
+            .tls_config(tls.client_config(&crate::pki::node_name(node)))
+            .map_err(|e| tonic::Status::internal(format!("TLS for node {node}: {e}"))),
+    }
 }
 
 /// Whether an RPC error came from the transport (no answer from the peer's service) rather than

@@ -31,13 +31,19 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 pub struct NetworkFactory {
     peers: Peers,
     joined: Arc<AtomicBool>,
+    snapshot_stall: Duration,
 }
 
 impl NetworkFactory {
     /// A factory sharing `peers`' channels. Nothing is sent until `joined` turns true: a node
     /// that has not checked its data directory in with its peers must not vote or replicate.
-    pub fn new(peers: Peers, joined: Arc<AtomicBool>) -> Self {
-        NetworkFactory { peers, joined }
+    /// A snapshot transfer that moves no chunk for `snapshot_stall` is abandoned.
+    pub fn new(peers: Peers, joined: Arc<AtomicBool>, snapshot_stall: Duration) -> Self {
+        NetworkFactory {
+            peers,
+            joined,
+            snapshot_stall,
+        }
     }
 }
 
@@ -48,6 +54,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerNetwork {
             peers: self.peers.clone(),
             joined: self.joined.clone(),
+            snapshot_stall: self.snapshot_stall,
             target,
             addr: node.raft_addr.clone(),
         }
@@ -59,6 +66,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerNetwork {
     peers: Peers,
     joined: Arc<AtomicBool>,
+    snapshot_stall: Duration,
     target: NodeId,
     addr: String,
 }
@@ -269,36 +277,60 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         vote: Vote,
         snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
-        option: RPCOption,
+        _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let header = wire::encode(&(&vote, &snapshot.meta))
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let data = snapshot.snapshot.into_inner();
-        let mut chunks: Vec<SnapshotChunk> = data
-            .chunks(SNAPSHOT_CHUNK_BYTES)
-            .map(|c| SnapshotChunk {
-                header: Vec::new(),
-                data: c.to_vec(),
-            })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk::default());
-        }
-        chunks[0].header = header;
+        let total = data.len();
+        // Chunks are cut as the transport pulls them (no second copy of the snapshot), and
+        // each pull is progress: the transfer may take as long as it needs while it moves.
+        let started = tokio::time::Instant::now();
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pulled = progress.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let sent_all = finished.clone();
+        let chunks = futures::stream::unfold((0usize, Some(header)), move |(at, header)| {
+            let pulled = pulled.clone();
+            let sent_all = sent_all.clone();
+            let end = (at + SNAPSHOT_CHUNK_BYTES).min(total);
+            let chunk = (header.is_some() || at < total).then(|| SnapshotChunk {
+                header: header.unwrap_or_default(),
+                data: data[at..end].to_vec(),
+            });
+            pulled.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if chunk.is_none() {
+                sent_all.store(true, Ordering::Relaxed);
+            }
+            async move { chunk.map(|chunk| (chunk, (end, None))) }
+        });
 
         let mut client = self
             .client()
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
-        let send = client.install_snapshot(tokio_stream::iter(chunks));
-        let reply = tokio::select! {
-            closed = cancel => return Err(StreamingError::Closed(closed)),
-            reply = tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(5)), send) => reply,
+        let send = client.install_snapshot(chunks);
+        tokio::pin!(send);
+        tokio::pin!(cancel);
+        let stall = self.snapshot_stall;
+        let reply = loop {
+            tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                reply = &mut send => break Ok(reply),
+                _ = tokio::time::sleep(stall / 4) => {
+                    let last = Duration::from_millis(progress.load(Ordering::Relaxed));
+                    // The receiver installs the snapshot after the last chunk: allow it more.
+                    let allowed = if finished.load(Ordering::Relaxed) { stall * 3 } else { stall };
+                    if started.elapsed().saturating_sub(last) > allowed {
+                        break Err(());
+                    }
+                }
+            }
         };
         let reply = match reply {
             Err(_) => {
                 self.peers.reset(self.target);
                 return Err(StreamingError::Unreachable(Unreachable::new(&WireError(
-                    "snapshot transfer timed out".into(),
+                    format!("snapshot transfer to node {} stalled", self.target),
                 ))));
             }
             Ok(Err(status)) => {

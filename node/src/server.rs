@@ -6,6 +6,7 @@ use evpc_proto::admin::v1::admin_server::AdminServer;
 use evpc_proto::cluster::v1::cluster_server::ClusterServer;
 use tokio::sync::watch;
 
+use crate::admin_guard::GuardedAdmin;
 use crate::admin_service::AdminService;
 use crate::cluster_service::ClusterService;
 use crate::config::NodeConfig;
@@ -49,17 +50,37 @@ impl RunningNode {
         let node = Node::start(config).await?;
         let (shutdown, _) = watch::channel(false);
 
+        let acceptor = node.tls.as_ref().map(|t| t.acceptor()).transpose()?;
+        let limits = node.config.limits.clone();
         let cluster = ClusterServer::new(ClusterService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let admin = AdminServer::new(AdminService::new(node.clone()));
+        let admin = AdminServer::new(GuardedAdmin::new(AdminService::new(node.clone())))
+            .max_decoding_message_size(limits.admin_max_message_bytes)
+            .max_encoding_message_size(limits.admin_max_message_bytes);
+        let mut cluster_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(Some(limits.cluster_max_streams));
+        let mut admin_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .timeout(std::time::Duration::from_millis(limits.admin_timeout_ms))
+            .concurrency_limit_per_connection(limits.admin_concurrency_per_connection)
+            .max_concurrent_streams(Some(limits.admin_concurrency_per_connection as u32));
         let mut tasks = vec![
-            serve(raft_listener, shutdown.subscribe(), move |mut server| {
-                server.add_service(cluster)
-            }),
-            serve(admin_listener, shutdown.subscribe(), move |mut server| {
-                server.add_service(admin)
-            }),
+            tokio::spawn(serve(
+                "cluster.v1",
+                raft_listener,
+                acceptor.clone(),
+                shutdown.subscribe(),
+                cluster_server.add_service(cluster),
+            )),
+            serve_apart(
+                "admin.v1",
+                admin_listener,
+                acceptor,
+                shutdown.subscribe(),
+                move || admin_server.add_service(admin),
+            )?,
             tokio::spawn(reconciler::run(node.clone(), shutdown.subscribe())),
             tokio::spawn(pinger::run(node.clone(), shutdown.subscribe())),
         ];
@@ -178,36 +199,74 @@ async fn log_leader_changes(
     }
 }
 
-fn serve<F>(
+/// Serves `router` on `listener` until `shutdown`: over mutual TLS with `acceptor`, or in
+/// plaintext without one (`insecure_plaintext`).
+async fn serve(
+    service: &'static str,
     listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
-    services: F,
-) -> tokio::task::JoinHandle<anyhow::Result<()>>
+    router: tonic::transport::server::Router,
+) -> anyhow::Result<()> {
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    match acceptor {
+        Some(acceptor) => {
+            let incoming = crate::tls::accept_tls(listener, acceptor, service);
+            router.serve_with_incoming_shutdown(incoming, stop).await?;
+        }
+        None => {
+            // tonic's tcp_nodelay only applies to listeners it binds itself.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |stream| {
+                    if let Ok(stream) = &stream {
+                        crate::tls::set_nodelay(stream);
+                    }
+                    stream
+                },
+            );
+            router.serve_with_incoming_shutdown(incoming, stop).await?;
+        }
+    }
+    Ok(())
+}
+
+/// [`serve`] on a runtime of its own (one thread): however hard an operator's client hammers
+/// admin.v1, the tasks that send heartbeats and pings never queue behind its calls.
+fn serve_apart<F>(
+    service: &'static str,
+    listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+    router: F,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>>
 where
-    F: FnOnce(tonic::transport::Server) -> tonic::transport::server::Router,
+    F: FnOnce() -> tonic::transport::server::Router + Send + 'static,
 {
-    let router = services(tonic::transport::Server::builder().tcp_nodelay(true));
-    tokio::spawn(async move {
-        // tonic's tcp_nodelay only applies to listeners it binds itself; without TCP_NODELAY
-        // on accepted sockets, small responses meet Nagle and delayed ACKs: ~40 ms stalls.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |stream| {
-                if let Ok(stream) = &stream
-                    && let Err(e) = stream.set_nodelay(true)
-                {
-                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-                }
-                stream
-            },
-        );
-        router
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await?;
-        Ok(())
-    })
+    // A listener belongs to the runtime that registered it: hand it over as a std socket.
+    let listener = listener.into_std()?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("evpc-{service}"))
+        .spawn(move || {
+            let result = (|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    serve(service, listener, acceptor, shutdown, router()).await
+                })
+            })();
+            let _ = done.send(result);
+        })?;
+    Ok(tokio::spawn(async move {
+        finished
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the {service} thread died")))
+    }))
 }
 
 /// Waits until the Raft core stops by itself and says why.

@@ -30,8 +30,10 @@ async fn launch(nodes: u64, base_port: u16, raft: RaftTuning) -> ProcessCluster 
 /// Runs an evpcctl command in-process and returns what it printed.
 async fn evpcctl(cluster: &ProcessCluster, args: &[&str]) -> anyhow::Result<String> {
     use clap::Parser;
-    let endpoints = cluster.spec.admin_endpoints().join(",");
-    let mut argv = vec!["evpcctl", "--endpoints", &endpoints];
+    let connect = cluster.spec.evpcctl_args();
+    let mut argv: Vec<&str> = std::iter::once("evpcctl")
+        .chain(connect.split(' '))
+        .collect();
     argv.extend_from_slice(args);
     let cli = evpc_api::cli::Cli::try_parse_from(argv)?;
     let mut out = Vec::new();
@@ -355,6 +357,10 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
     let mut fourth = LocalCluster::new(4, cluster.spec.dir.clone(), 17_400);
     fourth.raft = tuning;
     let config = fourth.node_config(4);
+    fourth
+        .pki()
+        .ensure_local(&[4], evpc_node::local::LOCAL_OPERATOR)
+        .unwrap();
     let dir = fourth.dir.join("node4");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("node.toml"), toml::to_string(&config).unwrap()).unwrap();
@@ -377,8 +383,12 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
     .await
     .unwrap();
     assert!(added.contains("voters [1, 2, 3, 4]"), "{added}");
-    let mut fourth_admin =
-        AdminClient::new(&[config.admin_addr.to_string()], Duration::from_secs(5)).unwrap();
+    let mut fourth_admin = AdminClient::new(
+        &[config.admin_addr.to_string()],
+        Duration::from_secs(5),
+        fourth.security().unwrap(),
+    )
+    .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let status = fourth_admin.status(false).await;
@@ -782,7 +792,7 @@ async fn rotate_key_reseals_every_blob_and_retires_the_old_key() {
         );
         admin.import_sa(context, None).await.unwrap();
     }
-    every_node_until(&cluster, Duration::from_secs(10), |s| {
+    every_node_until(&cluster, Duration::from_secs(30), |s| {
         s.active_key_id == 1
             && s.key_blobs.len() == 1
             && s.key_blobs[0].blobs == 2 * COUNT

@@ -178,17 +178,20 @@ fn a_node_with_the_userspace_data_plane_carries_udp_both_ways_and_drops_replays(
     .expect("veth pair");
 
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("cluster.key");
-    std::fs::write(&key_file, "42".repeat(32)).unwrap();
-    std::fs::set_permissions(
-        &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let pki = evpc_node::pki::PkiDir::new(dir.path().join("pki"));
+    pki.ensure_local(&[1], evpc_node::local::LOCAL_OPERATOR)
+        .unwrap();
+    let key_file = pki.cluster_key();
     let key = Keyring::load(&key_file)
         .unwrap()
         .get(evpc_raft_store::KeyId(1))
         .unwrap();
+    let tls = pki.node(1);
+    let operator = pki.client(evpc_node::local::LOCAL_OPERATOR);
+    let security = evpc_api::Security::Tls(
+        evpc_api::ClientTls::load(&operator.ca_file, &operator.cert_file, &operator.key_file)
+            .unwrap(),
+    );
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
@@ -206,9 +209,16 @@ cluster_address = "{GW_OUTER}"
 name = "evpcnode0"
 addresses = ["{GW_INNER}/24"]
 routes = ["198.19.8.0/24"]
+[tls]
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{tls_key}"
 "#,
             data = dir.path().join("data").display(),
             key = key_file.display(),
+            ca = tls.ca_file.display(),
+            cert = tls.cert_file.display(),
+            tls_key = tls.key_file.display(),
         ),
     )
     .unwrap();
@@ -237,9 +247,12 @@ routes = ["198.19.8.0/24"]
             .build()
             .unwrap();
         rt.block_on(async move {
-            let mut admin =
-                evpc_api::AdminClient::new(&[format!("127.0.0.1:{ADMIN}")], Duration::from_secs(2))
-                    .unwrap();
+            let mut admin = evpc_api::AdminClient::new(
+                &[format!("127.0.0.1:{ADMIN}")],
+                Duration::from_secs(2),
+                security,
+            )
+            .unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
             while admin.status(false).await.is_err() {
                 assert!(

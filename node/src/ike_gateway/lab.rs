@@ -83,6 +83,8 @@ pub struct LabSpec {
     /// Where the lab's directory goes (default: the system's temporary directory). Its file
     /// system decides what a durable Raft append costs.
     pub base_dir: Option<PathBuf>,
+    /// Run the nodes without TLS (what benchmarks compare TLS against).
+    pub insecure_plaintext: bool,
 }
 
 impl LabSpec {
@@ -99,6 +101,7 @@ impl LabSpec {
             log_filter: "info,openraft=warn,sled=warn,h2=warn,tower=warn".into(),
             keep_dir: false,
             base_dir: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -287,12 +290,34 @@ impl Lab {
             },
             ike: Some(self.spec.ike.clone()),
             metrics_addr: None,
-            cluster_key_file: Some(self.dir().join("cluster.key")),
+            cluster_key_file: Some(self.pki().cluster_key()),
+            tls: (!self.spec.insecure_plaintext).then(|| self.pki().node(id)),
+            insecure_plaintext: self.spec.insecure_plaintext,
+            limits: Default::default(),
         }
     }
 
+    /// The lab cluster's PKI (CA, node and operator certificates, cluster key).
+    pub fn pki(&self) -> crate::pki::PkiDir {
+        crate::pki::PkiDir::new(self.dir().join("pki"))
+    }
+
+    /// How the lab's operator reaches the nodes.
+    fn security(&self) -> anyhow::Result<evpc_api::Security> {
+        if self.spec.insecure_plaintext {
+            return Ok(evpc_api::Security::Plaintext);
+        }
+        let files = self.pki().client(crate::local::LOCAL_OPERATOR);
+        Ok(evpc_api::Security::Tls(evpc_api::ClientTls::load(
+            &files.ca_file,
+            &files.cert_file,
+            &files.key_file,
+        )?))
+    }
+
     fn spawn_nodes(&mut self) -> anyhow::Result<()> {
-        crate::sealing::create_key_file(&self.dir().join("cluster.key"))?;
+        let ids: Vec<u64> = (1..=self.spec.nodes).collect();
+        self.pki().ensure_local(&ids, crate::local::LOCAL_OPERATOR)?;
         for id in 1..=self.spec.nodes {
             let config = self.node_config(id);
             let node_dir = self.dir().join(format!("node{id}"));
@@ -333,7 +358,7 @@ impl Lab {
     /// every placement slot owned, as every node sees it.
     async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<()> {
         let endpoints: Vec<String> = (1..=self.spec.nodes).map(admin_endpoint).collect();
-        crate::local::bootstrap_cluster(&endpoints, self.spec.nodes, timeout)
+        crate::local::bootstrap_cluster(&endpoints, self.spec.nodes, timeout, &self.security()?)
             .await
             .with_context(|| {
                 format!(
@@ -356,13 +381,18 @@ impl Lab {
         Ok(AdminClient::new(
             &[admin_endpoint(id)],
             Duration::from_secs(5),
+            self.security()?,
         )?)
     }
 
     /// An admin client over the live nodes (follows the leader).
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
         let endpoints: Vec<String> = self.alive_ids().into_iter().map(admin_endpoint).collect();
-        Ok(AdminClient::new(&endpoints, Duration::from_secs(5))?)
+        Ok(AdminClient::new(
+            &endpoints,
+            Duration::from_secs(5),
+            self.security()?,
+        )?)
     }
 
     /// SIGKILLs node `id` (`ip netns exec` execs the node, so this is its own pid).

@@ -752,6 +752,10 @@ mod tests {
             admin_addr = "127.0.0.1:7201"
             data_dir = "/tmp/evpc-1"
             cluster_key_file = "/etc/evpc/cluster.key"
+            [tls]
+            ca_file = "/etc/evpc/pki/ca.pem"
+            cert_file = "/etc/evpc/pki/node-1.pem"
+            key_file = "/etc/evpc/pki/node-1.key"
             [dataplane]
             backend = "userspace"
             cluster_address = "192.0.2.1"
