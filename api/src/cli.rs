@@ -400,12 +400,10 @@ fn print_sa(out: &mut dyn Write, sa: &pb::SaInfo) -> std::io::Result<()> {
 fn security(cli: &Cli) -> anyhow::Result<crate::Security> {
     match (&cli.cacert, &cli.cert, &cli.key, cli.insecure_plaintext) {
         (None, None, None, true) => Ok(crate::Security::Plaintext),
-        (Some(ca), Some(cert), Some(key), false) => Ok(crate::Security::Tls(
-            crate::ClientTls::load(ca, cert, key)?,
-        )),
-        (_, _, _, true) => anyhow::bail!(
-            "--insecure-plaintext with certificates: choose one"
-        ),
+        (Some(ca), Some(cert), Some(key), false) => {
+            Ok(crate::Security::Tls(crate::ClientTls::load(ca, cert, key)?))
+        }
+        (_, _, _, true) => anyhow::bail!("--insecure-plaintext with certificates: choose one"),
         _ => anyhow::bail!(
             "the cluster's admin API runs mutual TLS: give --cacert, --cert and --key (or \
              EVPC_CACERT, EVPC_CERT, EVPC_KEY), as `evpc-node local` prints them; \

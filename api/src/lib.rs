@@ -407,13 +407,12 @@ mod tests {
     #[tokio::test]
     async fn no_node_answering_names_every_endpoint_tried() {
         // Ports 1 and 2 on loopback refuse connections.
-        let mut client =
-            AdminClient::new(
-                &["127.0.0.1:1", "127.0.0.1:2"],
-                Duration::from_millis(500),
-                Security::Plaintext,
-            )
-            .unwrap();
+        let mut client = AdminClient::new(
+            &["127.0.0.1:1", "127.0.0.1:2"],
+            Duration::from_millis(500),
+            Security::Plaintext,
+        )
+        .unwrap();
         match client.status(false).await {
             Err(ClientError::Unreachable(tried)) => {
                 assert_eq!(tried.len(), 2);

@@ -143,7 +143,10 @@ async fn measure(args: &Args, cluster: &ProcessCluster) -> anyhow::Result<Report
         failures.push("a node was marked down under the admin flood".into());
     }
     if flood.commit_errors > 0 {
-        failures.push(format!("{} commits failed under the flood", flood.commit_errors));
+        failures.push(format!(
+            "{} commits failed under the flood",
+            flood.commit_errors
+        ));
     }
     let ratio = flood.commit_ms.p99 / idle.commit_ms.p99.max(0.001);
     Ok(Report {
@@ -175,10 +178,13 @@ async fn phase(args: &Args, cluster: &ProcessCluster, flooders: usize) -> anyhow
     let mut flood = Vec::new();
     for i in 0..flooders {
         let endpoint = endpoints[i % endpoints.len()].clone();
-        let mut client =
-            AdminClient::new(&[endpoint], Duration::from_secs(5), security.clone())?;
-        let (stop, served, limited, errors) =
-            (stop.clone(), served.clone(), limited.clone(), errors.clone());
+        let mut client = AdminClient::new(&[endpoint], Duration::from_secs(5), security.clone())?;
+        let (stop, served, limited, errors) = (
+            stop.clone(),
+            served.clone(),
+            limited.clone(),
+            errors.clone(),
+        );
         flood.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match client.status(true).await {

@@ -157,9 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::EspBench(_) => unreachable!("handled above"),
         Command::IkeBench(args) => ike_bench::run(args, node_bin).await,
-        Command::AdminFlood(args) => {
-            admin_flood::run(args, node_bin, cli.dir, cli.base_port).await
-        }
+        Command::AdminFlood(args) => admin_flood::run(args, node_bin, cli.dir, cli.base_port).await,
         Command::Failover {
             nodes,
             sas,

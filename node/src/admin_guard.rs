@@ -61,8 +61,8 @@ impl Budgets {
             .callers
             .entry(who.to_owned())
             .or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second)
-            .min(self.burst);
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -134,7 +134,9 @@ impl GuardedAdmin {
 /// One audit line for a write.
 fn audit<T>(who: &Caller, call: &str, what: &str, result: &Result<Response<T>, Status>) {
     match result {
-        Ok(_) => tracing::info!(target: "evpc::audit", who = %who, call, request = what, result = "ok", "admin write"),
+        Ok(_) => {
+            tracing::info!(target: "evpc::audit", who = %who, call, request = what, result = "ok", "admin write")
+        }
         Err(status) => tracing::warn!(
             target: "evpc::audit",
             who = %who,
@@ -221,7 +223,10 @@ mod tests {
         assert!((0..3).all(|_| b.take("a", t0)));
         assert!(!b.take("a", t0), "the burst is spent");
         assert!(b.take("b", t0), "budgets are per caller");
-        assert!(b.take("a", t0 + Duration::from_millis(100)), "one token after 100 ms");
+        assert!(
+            b.take("a", t0 + Duration::from_millis(100)),
+            "one token after 100 ms"
+        );
         assert!(!b.take("a", t0 + Duration::from_millis(100)));
         let later = t0 + Duration::from_secs(60);
         assert!((0..3).all(|_| b.take("a", later)));

@@ -103,12 +103,14 @@ impl ClusterService {
 
     /// The member node that sent `request`, whoever the message says sent it.
     fn member<T>(&self, request: &Request<T>, call: &str) -> Result<Caller, Status> {
-        let checked = self.identify(request, call).and_then(|caller| match caller {
-            Caller::Node(id) if !self.is_member(id) => Err(Status::permission_denied(format!(
-                "{call}: node {id} is not a member of this cluster"
-            ))),
-            caller => Ok(caller),
-        });
+        let checked = self
+            .identify(request, call)
+            .and_then(|caller| match caller {
+                Caller::Node(id) if !self.is_member(id) => Err(Status::permission_denied(format!(
+                    "{call}: node {id} is not a member of this cluster"
+                ))),
+                caller => Ok(caller),
+            });
         checked.inspect_err(|status| self.refused(request, call, status))
     }
 
@@ -157,7 +159,10 @@ impl ClusterService {
             };
             total += data.len() as u64;
             if total > cap {
-                tracing::warn!(cap, "snapshot larger than limits.max_snapshot_bytes; refused");
+                tracing::warn!(
+                    cap,
+                    "snapshot larger than limits.max_snapshot_bytes; refused"
+                );
                 return Err(Status::resource_exhausted(format!(
                     "snapshot larger than limits.max_snapshot_bytes ({cap} bytes)"
                 )));

@@ -406,11 +406,13 @@ impl NodeConfig {
         }
         match (&self.tls, self.insecure_plaintext) {
             (None, false) => {
-                return Err("no [tls] section: cluster.v1 and admin.v1 need mutual TLS. Create \
+                return Err(
+                    "no [tls] section: cluster.v1 and admin.v1 need mutual TLS. Create \
                             a CA and this node's certificate with `evpc-node pki init --dir D` and \
                             `evpc-node pki issue-node ID --dir D`, then set [tls] ca_file, \
                             cert_file and key_file; or, for a lab only, insecure_plaintext = true"
-                    .into());
+                        .into(),
+                );
             }
             (Some(_), true) => {
                 return Err("both [tls] and insecure_plaintext = true: choose one".into());

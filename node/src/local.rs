@@ -237,9 +237,14 @@ impl LocalCluster {
     /// Initializes the cluster through node 1 if it is new, then waits until every node is a
     /// voter, a leader is elected and every placement slot has an owner.
     pub async fn bootstrap(&self, timeout: Duration) -> anyhow::Result<pb::StatusResponse> {
-        bootstrap_cluster(&self.admin_endpoints(), self.nodes, timeout, &self.security()?)
-            .await
-            .with_context(|| format!("see the node logs under {}", self.dir.display()))
+        bootstrap_cluster(
+            &self.admin_endpoints(),
+            self.nodes,
+            timeout,
+            &self.security()?,
+        )
+        .await
+        .with_context(|| format!("see the node logs under {}", self.dir.display()))
     }
 }
 

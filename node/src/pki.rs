@@ -143,7 +143,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Fails if `path` is readable or writable by anyone but its owner.
 pub fn check_private_file(path: &Path) -> Result<(), PkiError> {
-    let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode()
+        & 0o777;
     if mode & 0o077 != 0 {
         return Err(PkiError::Exposed {
             path: path.to_owned(),
@@ -343,9 +347,8 @@ impl PkiDir {
             }
         }
         let ca_key_pem = read_private_file(&self.ca_key())?;
-        let ca_key_pem = std::str::from_utf8(&ca_key_pem).map_err(|_| {
-            PkiError::Certificate(rcgen::Error::CouldNotParseKeyPair)
-        })?;
+        let ca_key_pem = std::str::from_utf8(&ca_key_pem)
+            .map_err(|_| PkiError::Certificate(rcgen::Error::CouldNotParseKeyPair))?;
         let ca_key = KeyPair::from_pem(ca_key_pem)?;
         let ca_cert = std::fs::read_to_string(self.ca_cert()).map_err(io(&self.ca_cert()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key)?;
@@ -413,7 +416,12 @@ mod tests {
         pki.init("test").unwrap();
         let node = pki.issue_node(1, 30).unwrap();
         let client = pki.issue_client("alice", Role::Reader, 30).unwrap();
-        for key in [&pki.ca_key(), &node.key_file, &client.key_file, &pki.cluster_key()] {
+        for key in [
+            &pki.ca_key(),
+            &node.key_file,
+            &client.key_file,
+            &pki.cluster_key(),
+        ] {
             check_private_file(key).unwrap();
         }
         assert!(matches!(pki.init("again"), Err(PkiError::Exists(_))));

@@ -258,9 +258,9 @@ impl Caller {
         if !tls_on {
             return Ok(Caller::Plaintext);
         }
-        let certs = request.peer_certs().ok_or_else(|| {
-            Status::unauthenticated("no client certificate on this connection")
-        })?;
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;

@@ -12,7 +12,7 @@ use evpc_node::sealing::Keyring;
 use evpc_node::tls::TlsMaterial;
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::cluster::v1::cluster_client::ClusterClient;
-use evpc_proto::cluster::v1::{PingMessage, Proposal, RaftMessage};
+use evpc_proto::cluster::v1::{InstallKeyRequest, PingMessage, Proposal, RaftMessage};
 use evpc_raft_store::raft::Vote;
 use evpc_raft_store::{Command, SaContext, SaId, TypeConfig};
 use tonic::transport::Channel;
@@ -87,7 +87,10 @@ async fn fingerprint(cluster: &ProcessCluster) -> Vec<String> {
             .into_iter()
             .map(|sa| (sa.id, sa.owner, sa.epoch, sa.next_peer_request))
             .collect();
-        seen.push(format!("term {} members {members:?} SAs {sas:?}", status.term));
+        seen.push(format!(
+            "term {} members {members:?} SAs {sas:?}",
+            status.term
+        ));
     }
     seen
 }
@@ -125,7 +128,10 @@ async fn only_members_and_operators_get_in() {
 
     // A reader reads, and may not write.
     let mut reader = admin(&cluster, security(&pki, "rita"));
-    let listed = reader.list_sas(pb::ListSasRequest::default()).await.unwrap();
+    let listed = reader
+        .list_sas(pb::ListSasRequest::default())
+        .await
+        .unwrap();
     assert_eq!(listed.sas.len(), 1);
     assert_eq!(
         code(reader.delete_sa("0000000000007001").await),
@@ -163,9 +169,15 @@ async fn only_members_and_operators_get_in() {
         ClientTls::load(&pki.ca_cert(), &mallory.cert_file, &mallory.key_file).unwrap(),
     );
     let foreign = admin(&cluster, foreign).status(false).await;
-    assert!(foreign.is_err(), "another CA's operator got in: {foreign:?}");
+    assert!(
+        foreign.is_err(),
+        "another CA's operator got in: {foreign:?}"
+    );
     let expired = admin(&cluster, security(&pki, "old")).status(false).await;
-    assert!(expired.is_err(), "an expired certificate got in: {expired:?}");
+    assert!(
+        expired.is_err(),
+        "an expired certificate got in: {expired:?}"
+    );
     let plaintext = admin(&cluster, Security::Plaintext).status(false).await;
     assert!(plaintext.is_err(), "plaintext got in: {plaintext:?}");
     let ca = std::fs::read(pki.ca_cert()).unwrap();
@@ -231,6 +243,39 @@ async fn only_members_and_operators_get_in() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Cluster keys: a member handing out a key in the leader's name, one in its own name
+    // without leading, and an operator rotating the key (the admin role's).
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let install = |from| InstallKeyRequest {
+        from,
+        key_id: 99,
+        key: vec![7; 32],
+    };
+    let claimed = if leader == 3 { 2 } else { leader };
+    let status = member3
+        .clone()
+        .install_key(install(claimed))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let status = cluster_client(&cluster, 1, &pki.node(follower), &pki)
+        .install_key(install(follower))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("only the leader"), "{status:?}");
+    assert_eq!(
+        operator.rotate_key().await.unwrap_err().code(),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        Keyring::load(&cluster.spec.cluster_key_path())
+            .unwrap()
+            .ids(),
+        [evpc_raft_store::KeyId(1)],
+        "no key was installed"
+    );
     let impostor = cluster_client(&cluster, 1, &twin.node(2), &pki);
     assert!(impostor.clone().ping(ping(2)).await.is_err());
     let operator_on_cluster = cluster_client(&cluster, 1, &pki.client("otto"), &pki);
@@ -255,6 +300,7 @@ async fn only_members_and_operators_get_in() {
     for needle in [
         "DeleteSa needs the operator role; rita (reader) may not",
         "AddMember needs the admin role; otto (operator) may not",
+        "RotateKey needs the admin role; otto (operator) may not",
         "node 9 is not a member of this cluster",
         "the certificate is node 3's but the message claims node 2",
         "otto has an operator certificate; cluster.v1 is for nodes",
@@ -266,7 +312,10 @@ async fn only_members_and_operators_get_in() {
         "who=otto (operator) call=\"TransferSa\"",
         "who=local-admin (admin) call=\"ImportSa\"",
     ] {
-        assert!(log.contains(needle), "no {needle:?} in the node logs:\n{log}");
+        assert!(
+            log.contains(needle),
+            "no {needle:?} in the node logs:\n{log}"
+        );
     }
     let mut cluster = cluster;
     cluster.stop().await;

@@ -317,7 +317,8 @@ impl Lab {
 
     fn spawn_nodes(&mut self) -> anyhow::Result<()> {
         let ids: Vec<u64> = (1..=self.spec.nodes).collect();
-        self.pki().ensure_local(&ids, crate::local::LOCAL_OPERATOR)?;
+        self.pki()
+            .ensure_local(&ids, crate::local::LOCAL_OPERATOR)?;
         for id in 1..=self.spec.nodes {
             let config = self.node_config(id);
             let node_dir = self.dir().join(format!("node{id}"));
