@@ -420,6 +420,45 @@ mod tests {
     }
 
     #[test]
+    fn a_second_rotation_before_the_first_drained_moves_both_old_keys() {
+        let (mut state, _) = rotated(4);
+        let ring = Keyring::in_memory([
+            ClusterKey::from_bytes(KeyId(1), &[1; 32]),
+            ClusterKey::from_bytes(KeyId(2), &[2; 32]),
+            ClusterKey::from_bytes(KeyId(3), &[3; 32]),
+        ]);
+        let mut resealer = Resealer::default();
+        let mut n = nonce();
+        // Half the SAs move to key 2, then key 3 is activated.
+        let command = resealer.plan(&state, &ring, 2, 0, &mut n).command.unwrap();
+        apply(&mut state, &command).unwrap();
+        assert_eq!(state.keys().blobs_under(KeyId(2)), 4);
+        let fingerprint = ring.get(KeyId(3)).unwrap().fingerprint();
+        apply(
+            &mut state,
+            &Command::ActivateKey {
+                key: KeyId(3),
+                fingerprint,
+            },
+        )
+        .unwrap();
+        let mut now = 50;
+        while state.keys().live().count() > 1 {
+            if let Some(command) = resealer.plan(&state, &ring, 2, now, &mut n).command {
+                apply(&mut state, &command).unwrap();
+                state.check_invariants().unwrap();
+            }
+            now += 500;
+            assert!(now < 60_000, "does not settle: {:?}", state.keys());
+        }
+        assert_eq!(state.keys().blobs_under(KeyId(3)), 8);
+        assert_eq!(
+            state.keys().retired().iter().copied().collect::<Vec<_>>(),
+            [KeyId(1), KeyId(2)]
+        );
+    }
+
+    #[test]
     fn an_owner_update_in_between_wins_over_the_reseal() {
         let (mut state, ring) = rotated(1);
         let mut resealer = Resealer::default();
