@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Operators' messages print as JSON (`evpcctl --json`, `evpc-chaos` reports).
         .type_attribute(".evpc.admin.v1", "#[derive(serde::Serialize)]")
+        // It carries a cluster key: its `Debug` (in src/lib.rs) prints everything but the key.
+        .skip_debug([".evpc.cluster.v1.InstallKeyRequest"])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -93,6 +93,9 @@ pub enum ClusterCommand {
     Rebalance,
     /// Which node answers new SAs in each placement slot.
     Slots,
+    /// Draw a new cluster key, install it on every member, and make it the sealing key; blobs
+    /// under older keys are resealed in the background and old keys retired (see `status`).
+    RotateKey,
     /// Bootstrap a new cluster through the first endpoint.
     Init {
         /// Initial voters as ID=RAFT_ADDR,ADMIN_ADDR (repeat); none: the node's configured peers.
@@ -262,6 +265,31 @@ fn print_status(out: &mut dyn Write, s: &pb::StatusResponse) -> std::io::Result<
         } else {
             "not fenced".to_owned()
         }
+    )?;
+    let per_key: Vec<String> = s
+        .key_blobs
+        .iter()
+        .map(|k| format!("{}: {} blobs in {} SAs", k.key_id, k.blobs, k.sas))
+        .collect();
+    let ids = |ids: &[u32]| {
+        if ids.is_empty() {
+            "none".to_owned()
+        } else {
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        }
+    };
+    writeln!(
+        out,
+        "cluster key {} active  blobs per key [{}]{}  retired {}  this node holds {}",
+        s.active_key_id,
+        per_key.join(", "),
+        if s.unkeyed_blobs > 0 {
+            format!("  without key id {}", s.unkeyed_blobs)
+        } else {
+            String::new()
+        },
+        ids(&s.retired_key_ids),
+        ids(&s.keyring_key_ids),
     )?;
     if !s.state_digest.is_empty() {
         writeln!(
@@ -573,6 +601,20 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     r.owned_before.values().sum::<u64>(),
                     shown.join(", "),
                     r.moves_planned
+                )?;
+            }
+        }
+        Command::Cluster(ClusterCommand::RotateKey) => {
+            client.follow_leader().await?;
+            let r = client.rotate_key().await?;
+            if json {
+                print_json(out, &r)?;
+            } else {
+                writeln!(
+                    out,
+                    "cluster key {} is active (was {}), installed on nodes {:?} (log index {}); \
+                     {} blobs under older keys are being resealed: see `evpcctl status`",
+                    r.key_id, r.previous_key_id, r.installed_on, r.log_index, r.blobs_to_reseal
                 )?;
             }
         }

@@ -290,6 +290,13 @@ impl AdminClient {
             .await
     }
 
+    /// admin.v1 RotateKey (on the leader): a new cluster key, installed on every member, then
+    /// activated; old blobs are resealed in the background.
+    pub async fn rotate_key(&mut self) -> Result<pb::RotateKeyResponse, ClientError> {
+        self.call(|mut c| async move { c.rotate_key(pb::RotateKeyRequest {}).await })
+            .await
+    }
+
     /// admin.v1 ListSlots: `owners[slot]`, 0 for none.
     pub async fn list_slots(&mut self) -> Result<pb::ListSlotsResponse, ClientError> {
         self.call(|mut c| async move { c.list_slots(pb::ListSlotsRequest {}).await })

@@ -203,6 +203,8 @@ guarded! {
     add_member(pb::AddMemberRequest) -> pb::MembershipResponse: Admin, "AddMember", summary;
     remove_member(pb::RemoveMemberRequest) -> pb::MembershipResponse: Admin, "RemoveMember", summary;
     transfer_leader(pb::TransferLeaderRequest) -> pb::TransferLeaderResponse: Admin, "TransferLeader", summary;
+    // The cluster's sealing key: the cluster's own setting, like membership.
+    rotate_key(pb::RotateKeyRequest) -> pb::RotateKeyResponse: Admin, "RotateKey", summary;
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
-use crate::sealing::{ClusterKey, ContextError};
+use crate::sealing::{ClusterKey, ContextError, Keyring};
 
 /// Metadata key with the leader's admin address on a not-leader answer.
 pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
@@ -32,6 +32,8 @@ pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Arc<Node>,
+    /// One key rotation at a time on this node.
+    rotation: Arc<tokio::sync::Mutex<()>>,
     /// The state digest at an applied index: hashing the whole state is the dearest read
     /// (and it holds the state's lock), so a client polling `status --digest` on an idle
     /// cluster pays for it once per index.
@@ -43,6 +45,7 @@ impl AdminService {
     pub fn new(node: Arc<Node>) -> Self {
         AdminService {
             node,
+            rotation: Arc::new(tokio::sync::Mutex::new(())),
             digest: Arc::default(),
         }
     }
@@ -131,14 +134,22 @@ impl AdminService {
         }))
     }
 
-    /// The key SA contexts are sealed with: the cluster key, which both clusters of a transfer
-    /// share.
-    fn context_key(&self) -> Result<&ClusterKey, Status> {
-        self.node.cluster_key.as_ref().ok_or_else(|| {
+    /// The keys SA contexts are sealed with: the cluster keys, which both clusters of a
+    /// transfer share.
+    fn context_keys(&self) -> Result<&Keyring, Status> {
+        self.node.keyring.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "SA contexts are sealed under the cluster key: set cluster_key_file on this node",
             )
         })
+    }
+
+    /// The key a context is sealed with now: the active cluster key.
+    fn context_sealer(&self) -> Result<Arc<ClusterKey>, Status> {
+        let keyring = self.context_keys()?;
+        keyring
+            .sealer(&self.node.state.read())
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
     async fn propose(&self, command: Command) -> Result<(u64, Applied), Status> {
@@ -364,7 +375,40 @@ impl Admin for AdminService {
             },
             running_children: self.node.running_children.load(Ordering::Relaxed),
             lease_commits: self.node.lease_commits.load(Ordering::Relaxed),
+            active_key_id: state.keys().active().0,
+            // O(live keys): the per-key counts are kept by `apply`.
+            key_blobs: state
+                .keys()
+                .live()
+                .map(|key| pb::KeyBlobs {
+                    key_id: key.0,
+                    blobs: state.keys().blobs_under(key),
+                    sas: state.keys().sas_with(key),
+                })
+                .collect(),
+            unkeyed_blobs: state.keys().opaque_blobs(),
+            retired_key_ids: state.keys().retired().iter().map(|k| k.0).collect(),
+            keyring_key_ids: self
+                .node
+                .keyring
+                .as_ref()
+                .map(|k| k.ids().into_iter().map(|id| id.0).collect())
+                .unwrap_or_default(),
         }))
+    }
+
+    async fn rotate_key(
+        &self,
+        _request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.require_leader()?;
+        let _one_at_a_time = self.rotation.try_lock().map_err(|_| {
+            Status::aborted("a key rotation is already running on this node; retry when it ends")
+        })?;
+        tracing::info!("cluster key rotation requested by an operator");
+        Ok(Response::new(
+            crate::rotation::rotate_key(&self.node).await?,
+        ))
     }
 
     async fn initialize(
@@ -694,7 +738,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ExportSaResponse>, Status> {
         let request = request.into_inner();
         let id = parse_sa_id(&request.id)?;
-        let key = self.context_key()?;
+        let key = self.context_sealer()?;
         let (sa, log_index) = if request.remove {
             // Remove and read in one log entry: whatever the owner committed before is in the
             // export, and it can commit nothing after (the SA is gone, its epoch with it). The
@@ -737,12 +781,12 @@ impl Admin for AdminService {
         request: Request<pb::ImportSaRequest>,
     ) -> Result<Response<pb::ImportSaResponse>, Status> {
         let request = request.into_inner();
-        let key = self.context_key()?;
-        let context = key.open_context(&request.context).map_err(|e| match e {
+        let keys = self.context_keys()?;
+        let context = keys.open_context(&request.context).map_err(|e| match e {
             ContextError::Body(_) | ContextError::NotAContext => {
                 Status::invalid_argument(e.to_string())
             }
-            ContextError::NotAuthentic => Status::permission_denied(e.to_string()),
+            ContextError::NotAuthentic(_) => Status::permission_denied(e.to_string()),
         })?;
         let origin = context.origin;
         let mut sa = context

@@ -11,14 +11,15 @@ use std::sync::Arc;
 
 use evpc_proto::cluster::v1::cluster_server::Cluster;
 use evpc_proto::cluster::v1::{
-    CheckInRequest, CheckInResponse, PingMessage, Proposal, ProposalResult, RaftMessage,
-    ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+    CheckInRequest, CheckInResponse, InstallKeyRequest, InstallKeyResponse, PingMessage, Proposal,
+    ProposalResult, RaftMessage, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
 };
 use evpc_raft_store::raft::{Snapshot, SnapshotMeta, Vote};
-use evpc_raft_store::{Command, TypeConfig};
+use evpc_raft_store::{Command, KeyId, TypeConfig};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use zeroize::Zeroizing;
 
 use crate::node::Node;
 use crate::tls::Caller;
@@ -347,6 +348,64 @@ impl Cluster for ClusterService {
                 .unwrap_or_default(),
             acknowledged: state.acknowledged(request.node),
             applied_index: state.applied_index(),
+        }))
+    }
+
+    /// Installs a new cluster key handed out by the leader: durably in the keyring file first,
+    /// so an acknowledged key survives a crash (the leader activates it only once every member
+    /// acknowledged it).
+    async fn install_key(
+        &self,
+        request: Request<InstallKeyRequest>,
+    ) -> Result<Response<InstallKeyResponse>, Status> {
+        self.require_in_service()?;
+        // The sender is the node its certificate names, and a member.
+        let from = request.get_ref().from;
+        self.sender(&request, from, "InstallKey")?;
+        let mut request = request.into_inner();
+        let secret = Zeroizing::new(std::mem::take(&mut request.key));
+        if self.node.leader().map(|(id, _)| id) != Some(request.from) {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not the leader this node follows; only the leader hands out keys",
+                request.from
+            )));
+        }
+        let node = self.node.clone();
+        if node.keyring.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "node {} has no cluster_key_file to keep the key in",
+                node.id
+            )));
+        }
+        let id = KeyId(request.key_id);
+        let highest = node.state.read().keys().highest();
+        if id <= highest {
+            return Err(Status::failed_precondition(format!(
+                "cluster key id {id} is not new (the cluster has used up to {highest})"
+            )));
+        }
+        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+            secret[..]
+                .try_into()
+                .map_err(|_| Status::invalid_argument("a cluster key is 32 bytes"))?,
+        );
+        let key = crate::sealing::ClusterKey::from_bytes(id, &secret);
+        let fingerprint = key.fingerprint();
+        let installed = tokio::task::spawn_blocking(move || match node.keyring.as_ref() {
+            Some(keyring) => keyring.install(key),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(e) = installed {
+            tracing::error!(key = %id, error = %e, "cannot install the new cluster key");
+            return Err(Status::failed_precondition(e.to_string()));
+        }
+        tracing::info!(key = %id, from = request.from, "new cluster key installed in the keyring file");
+        Ok(Response::new(InstallKeyResponse {
+            from: self.node.id,
+            key_id: id.0,
+            fingerprint: fingerprint.to_vec(),
         }))
     }
 

@@ -157,6 +157,9 @@ pub struct OwnershipConfig {
     pub move_lease: u64,
     /// Drain and rebalance move at most this many SAs per second.
     pub moves_per_second: u64,
+    /// After a cluster key rotation, the leader reseals the blobs of at most this many SAs per
+    /// second under the new key.
+    pub reseals_per_second: u64,
 }
 
 impl Default for OwnershipConfig {
@@ -173,6 +176,7 @@ impl Default for OwnershipConfig {
             replay_jump: 1024,
             move_lease: 4_096,
             moves_per_second: 500,
+            reseals_per_second: 200,
         }
     }
 }
@@ -481,8 +485,11 @@ impl NodeConfig {
         if o.lease_min == 0 || o.lease_min > o.lease_max {
             return Err("ownership.lease_min must be positive and at most lease_max".into());
         }
-        if o.moves_per_second == 0 || o.lease_interval_ms == 0 {
-            return Err("ownership.moves_per_second and lease_interval_ms must be positive".into());
+        if o.moves_per_second == 0 || o.lease_interval_ms == 0 || o.reseals_per_second == 0 {
+            return Err(
+                "ownership.moves_per_second, reseals_per_second and lease_interval_ms must be positive"
+                    .into(),
+            );
         }
         if !matches!(o.replay_gap.as_str(), "accept" | "jump") {
             return Err(format!(

@@ -39,6 +39,8 @@ pub mod placement;
 pub mod probe;
 pub mod raft_network;
 pub mod reconciler;
+pub mod resealer;
+pub mod rotation;
 pub mod sealing;
 pub mod server;
 pub mod tls;

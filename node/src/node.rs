@@ -18,7 +18,7 @@ use crate::config::NodeConfig;
 use crate::ownership::liveness::{FenceReason, Liveness};
 use crate::peers::Peers;
 use crate::raft_network::NetworkFactory;
-use crate::sealing::ClusterKey;
+use crate::sealing::Keyring;
 use crate::wire;
 use evpc_dataplane::FenceGate;
 
@@ -126,8 +126,8 @@ pub struct Node {
     pub liveness: Mutex<Liveness>,
     /// Why the data plane is fenced, if it is.
     pub fence: Mutex<Option<FenceReason>>,
-    /// Seals and opens SA keys; `None` without `cluster_key_file`.
-    pub cluster_key: Option<ClusterKey>,
+    /// The cluster keys: seal and open SA keys; `None` without `cluster_key_file`.
+    pub keyring: Option<Keyring>,
     /// This node's TLS material; `None` with `insecure_plaintext`.
     pub tls: Option<crate::tls::TlsMaterial>,
     /// An operator asked for a rebalance (the leader's reconciler works it off).
@@ -193,10 +193,10 @@ impl Node {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
         let identity = crate::data_dir::load_or_create(&config.data_dir, config.id)?;
-        let cluster_key = config
+        let keyring = config
             .cluster_key_file
             .as_deref()
-            .map(ClusterKey::load)
+            .map(Keyring::load)
             .transpose()?;
         let (mut log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
         let last_log_index = {
@@ -253,6 +253,26 @@ impl Node {
             }
         };
         crate::data_dir::check_state(&config.data_dir, config.id, &identity, recovered.cluster)?;
+        if let Some(keyring) = &keyring {
+            // Not fatal: the node may be far behind and the key it misses retired since; but
+            // the operator must know before the blobs fail to open one by one.
+            let guard = state.read();
+            let missing: Vec<_> = guard
+                .keys()
+                .live()
+                .filter(|id| keyring.get(*id).is_err())
+                .collect();
+            if !missing.is_empty() {
+                tracing::error!(
+                    ?missing,
+                    held = ?keyring.ids(),
+                    "this node's keyring lacks cluster keys the replicated state (as recovered \
+                     from disk) still uses: SAs sealed under them will not open here; copy the \
+                     keyring file from a node that has them (if this state is behind and the \
+                     keys were retired since, this resolves itself as the node catches up)"
+                );
+            }
+        }
         tracing::info!(
             node = config.id,
             raft_addr = %config.raft_addr,
@@ -275,7 +295,7 @@ impl Node {
                 heard: 1,
                 needed: 1,
             })),
-            cluster_key,
+            keyring,
             tls,
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),

@@ -90,11 +90,8 @@ pub async fn run(
         if state_changed {
             let (actions, index) = {
                 let state = node.state.read();
-                let actions = runtime.on_state(
-                    &state,
-                    node.gate.now_ms(),
-                    &Opener(node.cluster_key.as_ref()),
-                );
+                let actions =
+                    runtime.on_state(&state, node.gate.now_ms(), &Opener(node.keyring.as_ref()));
                 (actions, state.applied_index())
             };
             execute(&node, &*driver, actions, &failed_tx);

@@ -1,8 +1,10 @@
 //! The leader's reconciler: every round (a heartbeat) the leader plans placement with
 //! [`crate::ownership::planner`] — registry, failure takeover, drain, rebalance, slots — and
 //! proposes the batch; about once a second it also proposes [`crate::housekeeping`] (cluster
-//! id, acknowledged marks, expired tombstones). Every node runs it; only the leader proposes.
-//! Every node also records the cluster id in its data directory once it has applied it.
+//! id, acknowledged marks, expired tombstones), and each round a bounded batch of the
+//! [`crate::resealer`]'s work after a key rotation. Every node runs it; only the leader
+//! proposes. Every node also records the cluster id in its data directory once it has applied
+//! it, and deletes retired cluster keys from its keyring file.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -72,15 +74,22 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_housekeeping = tokio::time::Instant::now();
+    let reseals_per_round =
+        ((o.reseals_per_second * period.as_millis() as u64) / 1000).max(1) as usize;
+    let mut resealer = crate::resealer::Resealer::default();
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return Ok(()),
             _ = tick.tick() => {}
         }
         record_cluster_id(&node);
+        crate::resealer::drop_obsolete_keys(&node).await;
         if !node.is_leader() {
+            // A later leader starts its own cursors; nothing in them must survive.
+            resealer = crate::resealer::Resealer::default();
             continue;
         }
+        crate::resealer::round(&node, &mut resealer, reseals_per_round).await;
         if last_housekeeping.elapsed() >= HOUSEKEEPING_PERIOD {
             last_housekeeping = tokio::time::Instant::now();
             housekeeping(&node).await;

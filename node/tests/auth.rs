@@ -8,11 +8,11 @@ use std::time::Duration;
 use evpc_api::{AdminClient, ClientTls, Security};
 use evpc_node::local::{LOCAL_OPERATOR, LocalCluster, ProcessCluster};
 use evpc_node::pki::{PkiDir, Role};
-use evpc_node::sealing::ClusterKey;
+use evpc_node::sealing::Keyring;
 use evpc_node::tls::TlsMaterial;
 use evpc_proto::admin::v1 as pb;
 use evpc_proto::cluster::v1::cluster_client::ClusterClient;
-use evpc_proto::cluster::v1::{PingMessage, Proposal, RaftMessage};
+use evpc_proto::cluster::v1::{InstallKeyRequest, PingMessage, Proposal, RaftMessage};
 use evpc_raft_store::raft::Vote;
 use evpc_raft_store::{Command, SaContext, SaId, TypeConfig};
 use tonic::transport::Channel;
@@ -116,7 +116,10 @@ async fn only_members_and_operators_get_in() {
     other.issue_client("mallory", Role::Admin, 30).unwrap();
 
     // One SA, imported by the admin, for the operator to move.
-    let key = ClusterKey::load(&cluster.spec.cluster_key_path()).unwrap();
+    let key = Keyring::load(&cluster.spec.cluster_key_path())
+        .unwrap()
+        .get(evpc_raft_store::KeyId(1))
+        .unwrap();
     let sa = evpc_raft_store::fixture::ike_sa(SaId(0x7001), 0x7001_0001, 0, 0, 0x7001);
     let context = key.seal_context(&SaContext::new(sa, true, None, 1), rand::random());
     let mut root = cluster.admin().unwrap();
@@ -240,6 +243,39 @@ async fn only_members_and_operators_get_in() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Cluster keys: a member handing out a key in the leader's name, one in its own name
+    // without leading, and an operator rotating the key (the admin role's).
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let install = |from| InstallKeyRequest {
+        from,
+        key_id: 99,
+        key: vec![7; 32],
+    };
+    let claimed = if leader == 3 { 2 } else { leader };
+    let status = member3
+        .clone()
+        .install_key(install(claimed))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let status = cluster_client(&cluster, 1, &pki.node(follower), &pki)
+        .install_key(install(follower))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("only the leader"), "{status:?}");
+    assert_eq!(
+        operator.rotate_key().await.unwrap_err().code(),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        Keyring::load(&cluster.spec.cluster_key_path())
+            .unwrap()
+            .ids(),
+        [evpc_raft_store::KeyId(1)],
+        "no key was installed"
+    );
     let impostor = cluster_client(&cluster, 1, &twin.node(2), &pki);
     assert!(impostor.clone().ping(ping(2)).await.is_err());
     let operator_on_cluster = cluster_client(&cluster, 1, &pki.client("otto"), &pki);
@@ -264,6 +300,7 @@ async fn only_members_and_operators_get_in() {
     for needle in [
         "DeleteSa needs the operator role; rita (reader) may not",
         "AddMember needs the admin role; otto (operator) may not",
+        "RotateKey needs the admin role; otto (operator) may not",
         "node 9 is not a member of this cluster",
         "the certificate is node 3's but the message claims node 2",
         "otto has an operator certificate; cluster.v1 is for nodes",

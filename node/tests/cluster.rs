@@ -9,10 +9,10 @@ use std::time::Duration;
 use evpc_api::AdminClient;
 use evpc_node::config::RaftTuning;
 use evpc_node::local::{LocalCluster, ProcessCluster};
-use evpc_node::sealing::ClusterKey;
+use evpc_node::sealing::{ClusterKey, Keyring};
 use evpc_raft_store::{
-    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaId,
-    SaTimes, SealedKeys,
+    ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, KeyId, MessageIds, Role, SaContext,
+    SaId, SaTimes, SealedKeys,
 };
 
 fn exe() -> PathBuf {
@@ -41,21 +41,23 @@ async fn evpcctl(cluster: &ProcessCluster, args: &[&str]) -> anyhow::Result<Stri
     Ok(String::from_utf8(out)?)
 }
 
-/// The cluster key of `cluster` (another cluster sharing it could have exported contexts).
-fn key_of(cluster: &ProcessCluster) -> ClusterKey {
-    ClusterKey::load(&cluster.spec.cluster_key_path()).unwrap()
+/// The cluster keys of `cluster` (another cluster sharing them could have exported contexts).
+fn key_of(cluster: &ProcessCluster) -> Keyring {
+    Keyring::load(&cluster.spec.cluster_key_path()).unwrap()
 }
 
-/// An SA context as another cluster (sharing the cluster key) would export it with --remove.
-fn foreign_sa(key: &ClusterKey, id: u64) -> Vec<u8> {
-    key.seal_context(
+/// An SA context as another cluster (sharing the cluster key) would export it with --remove,
+/// sealed under the newest key of `key`.
+fn foreign_sa(key: &Keyring, id: u64) -> Vec<u8> {
+    let sealer = key.get(key.highest().unwrap()).unwrap();
+    sealer.seal_context(
         &SaContext::new(foreign_record(id), true, None, 77),
         rand::random(),
     )
 }
 
 /// Imports `count` foreign SAs with ids `first + 1 ..= first + count`.
-async fn import_foreign(admin: &mut AdminClient, key: &ClusterKey, first: u64, count: u64) {
+async fn import_foreign(admin: &mut AdminClient, key: &Keyring, first: u64, count: u64) {
     for i in 1..=count {
         admin
             .import_sa(foreign_sa(key, first + i), None)
@@ -199,7 +201,7 @@ async fn sa_import_export_delete_and_recovery_after_sigkill_of_every_node() {
     let err = via_follower.import_sa(edited, None).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
     assert!(err.to_string().contains("does not authenticate"), "{err}");
-    let other_key = ClusterKey::from_bytes(&[9; 32]);
+    let other_key = Keyring::in_memory([ClusterKey::from_bytes(KeyId(1), &[9; 32])]);
     let err = via_follower
         .import_sa(foreign_sa(&other_key, 0x53), None)
         .await
@@ -718,5 +720,174 @@ async fn a_node_whose_disk_fills_up_exits_and_its_sas_fail_over() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    cluster.stop().await;
+}
+
+/// `foreign_record(id)` with its blobs really sealed under `key`: engine state and child keys
+/// (each child's inbound and outbound keys are `id` repeated).
+fn sealed_record(key: &ClusterKey, id: u64) -> IkeSa {
+    use evpc_node::sealing::Binding;
+    let mut sa = foreign_record(id);
+    sa.keys = key.seal(
+        &Binding::ike(sa.id, sa.rekey_generation),
+        sa.epoch,
+        format!("engine {id}").as_bytes(),
+        rand::random(),
+    );
+    let (sa_id, epoch) = (sa.id, sa.epoch);
+    for child in sa.children.values_mut() {
+        let keymat = evpc_dataplane::ChildKeymat::new(vec![id as u8; 20], vec![!(id as u8); 20]);
+        child.keys = key.seal_child(sa_id, epoch, child, &keymat, rand::random());
+    }
+    sa
+}
+
+/// Every node's status, once each satisfies `done` (waits up to `timeout`).
+async fn every_node_until(
+    cluster: &ProcessCluster,
+    timeout: Duration,
+    done: impl Fn(&evpc_proto::admin::v1::StatusResponse) -> bool,
+) -> Vec<evpc_proto::admin::v1::StatusResponse> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut all = Vec::new();
+        for id in cluster.alive_ids() {
+            if let Ok(status) = cluster.admin_of(id).unwrap().status(false).await {
+                all.push(status);
+            }
+        }
+        if all.len() == cluster.alive_ids().len() && all.iter().all(&done) {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reached within {timeout:?}: {:?}",
+            all.iter()
+                .map(|s| (
+                    s.node_id,
+                    s.active_key_id,
+                    s.key_blobs.clone(),
+                    s.retired_key_ids.clone(),
+                    s.keyring_key_ids.clone()
+                ))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_key_reseals_every_blob_and_retires_the_old_key() {
+    use evpc_node::sealing::Binding;
+    use std::os::unix::fs::PermissionsExt;
+    let mut cluster = launch(3, 18_300, RaftTuning::default()).await;
+    let key_file = cluster.spec.cluster_key_path();
+    let k1 = key_of(&cluster).get(KeyId(1)).unwrap();
+    let mut admin = cluster.admin().unwrap();
+    const COUNT: u64 = 30;
+    for i in 1..=COUNT {
+        let context = k1.seal_context(
+            &SaContext::new(sealed_record(&k1, 0x700 + i), true, None, 1),
+            rand::random(),
+        );
+        admin.import_sa(context, None).await.unwrap();
+    }
+    every_node_until(&cluster, Duration::from_secs(30), |s| {
+        s.active_key_id == 1
+            && s.key_blobs.len() == 1
+            && s.key_blobs[0].blobs == 2 * COUNT
+            && s.key_blobs[0].sas == COUNT
+    })
+    .await;
+
+    // With a member down the key cannot reach it: nothing is activated, and the error says who.
+    let leader = cluster.leader(Duration::from_secs(5)).await.unwrap();
+    let down = cluster
+        .alive_ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .unwrap();
+    cluster.sigkill(down).await.unwrap();
+    let err = evpcctl(&cluster, &["cluster", "rotate-key"])
+        .await
+        .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("did not reach every member") && err.contains(&format!("node {down}")),
+        "{err}"
+    );
+    assert_eq!(
+        cluster
+            .admin()
+            .unwrap()
+            .follow_leader()
+            .await
+            .unwrap()
+            .active_key_id,
+        1
+    );
+    cluster.restart(down).unwrap();
+    cluster.converged(Duration::from_secs(30)).await.unwrap();
+
+    // All members up: the rotation goes through (key 3: key 2 was handed out by the failed
+    // attempt and is never reused).
+    let out = evpcctl(&cluster, &["cluster", "rotate-key"]).await.unwrap();
+    assert!(out.contains("cluster key 3 is active (was 1)"), "{out}");
+    // Every blob moves to key 3, key 1 is retired, and every node's keyring drops keys 1 and 2.
+    every_node_until(&cluster, Duration::from_secs(30), |s| {
+        s.active_key_id == 3
+            && s.key_blobs.len() == 1
+            && s.key_blobs[0].key_id == 3
+            && s.key_blobs[0].blobs == 2 * COUNT
+            && s.retired_key_ids == [1]
+            && s.keyring_key_ids == [3]
+    })
+    .await;
+    let ring = Keyring::load(&key_file).unwrap();
+    assert_eq!(ring.ids(), vec![KeyId(3)]);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = evpcctl(&cluster, &["status"]).await.unwrap();
+    assert!(
+        text.contains("cluster key 3 active") && text.contains("retired 1"),
+        "{text}"
+    );
+
+    // The resealed blobs hold the same secrets, under key 3 alone.
+    for i in [1, COUNT / 2, COUNT] {
+        let id = format!("{:016x}", 0x700 + i);
+        let exported = admin.export_sa(&id, false).await.unwrap();
+        let sa = ring.open_context(&exported.context).unwrap().sa;
+        assert_eq!(sa.keys.key_id(), Some(KeyId(3)));
+        let engine = ring
+            .open(
+                &Binding::ike(sa.id, sa.rekey_generation),
+                sa.epoch,
+                &sa.keys,
+            )
+            .unwrap();
+        assert_eq!(&*engine, format!("engine {}", 0x700 + i).as_bytes());
+        let child = sa.children.values().next().unwrap();
+        let keys = ring.open_child(&sa, child).unwrap();
+        assert_eq!(*keys.inbound, vec![(0x700 + i) as u8; 20]);
+    }
+    // A blob under the retired key is refused with the reason.
+    let k3 = ring.get(KeyId(3)).unwrap();
+    let err = admin
+        .import_sa(
+            k3.seal_context(
+                &SaContext::new(sealed_record(&k1, 0x7ff), true, None, 1),
+                rand::random(),
+            ),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cluster key 1 is retired"),
+        "{err}"
+    );
     cluster.stop().await;
 }

@@ -18,7 +18,7 @@ use evpc_esp::{
     InboundConfig, InboundSa, Keymat, NextHeader, Opened, OutboundConfig, OutboundSa,
     SEAL_HEADROOM, Suite,
 };
-use evpc_node::sealing::ClusterKey;
+use evpc_node::sealing::{ClusterKey, Keyring};
 use evpc_raft_store::{
     ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, MessageIds, Role, SaContext, SaId,
     SaTimes, SealedKeys, TrafficSelector,
@@ -75,6 +75,7 @@ fn keymat(byte: u8) -> Vec<u8> {
 }
 
 fn imported_sa(key: &ClusterKey) -> Vec<u8> {
+    let epoch = Epoch::FIRST;
     let keys = ChildKeymat {
         inbound: Zeroizing::new(keymat(0x11)),
         outbound: Zeroizing::new(keymat(0x22)),
@@ -94,7 +95,7 @@ fn imported_sa(key: &ClusterKey) -> Vec<u8> {
             key_bits: 128,
             esn: true,
         },
-        keys: key.seal_child(SA, IN_SPI, &keys, [5; 12]),
+        keys: SealedKeys::default(),
         ts_local: vec![selector(
             Ipv4Addr::new(198, 19, 7, 0),
             Ipv4Addr::new(198, 19, 7, 255),
@@ -106,6 +107,8 @@ fn imported_sa(key: &ClusterKey) -> Vec<u8> {
         rekey_generation: 0,
         times: SaTimes::default(),
     };
+    let mut child = child;
+    child.keys = key.seal_child(SA, epoch, &child, &keys, [5; 12]);
     let sa = IkeSa {
         id: SA,
         spi_i: 0x1111,
@@ -132,7 +135,7 @@ fn imported_sa(key: &ClusterKey) -> Vec<u8> {
         virtual_ip: Some(IpAddr::V4(PEER_INNER)),
         slot: 0,
         owner: 0,
-        epoch: Epoch::FIRST,
+        epoch,
         children: BTreeMap::from([(IN_SPI, child)]),
     };
     key.seal_context(&SaContext::new(sa, true, None, 1), [9; 12])
@@ -179,7 +182,10 @@ fn a_node_with_the_userspace_data_plane_carries_udp_both_ways_and_drops_replays(
     pki.ensure_local(&[1], evpc_node::local::LOCAL_OPERATOR)
         .unwrap();
     let key_file = pki.cluster_key();
-    let key = ClusterKey::load(&key_file).unwrap();
+    let key = Keyring::load(&key_file)
+        .unwrap()
+        .get(evpc_raft_store::KeyId(1))
+        .unwrap();
     let tls = pki.node(1);
     let operator = pki.client(evpc_node::local::LOCAL_OPERATOR);
     let security = evpc_api::Security::Tls(

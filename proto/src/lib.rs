@@ -24,6 +24,16 @@ pub mod cluster {
     )]
     pub mod v1 {
         tonic::include_proto!("evpc.cluster.v1");
+
+        impl std::fmt::Debug for InstallKeyRequest {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("InstallKeyRequest")
+                    .field("from", &self.from)
+                    .field("key_id", &self.key_id)
+                    .field("key", &format_args!("<{} bytes, redacted>", self.key.len()))
+                    .finish()
+            }
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::NodeState;
-use crate::ids::{ClusterId, Epoch, NodeId, SaId, Slot};
+use crate::ids::{ClusterId, Epoch, KeyId, NodeId, SaId, Slot};
+use crate::keys::Fingerprint;
 use crate::sa::{ChildSa, IkeSa, SaTimes, SealedKeys, StoredMessage};
 
 /// A change to the replicated state: the payload of one Raft log entry.
@@ -77,9 +78,48 @@ pub enum Command {
         /// The proposer's wall clock (ms).
         now_ms: u64,
     },
+    /// Make `key` the cluster key new blobs are sealed under. The leader commits it only once
+    /// every member has written the key to its keyring file. Blobs under older keys stay valid
+    /// until they are resealed and their key is retired.
+    ActivateKey {
+        /// The new key's id: above every id the cluster used before.
+        key: KeyId,
+        /// Its fingerprint, so every node can check it holds the same key under that id.
+        fingerprint: Fingerprint,
+    },
+    /// Replace sealed blobs with the same secrets sealed under the active key (the leader's
+    /// resealer). Each replacement is a compare-and-swap: it applies only if the blob is still
+    /// exactly the one the resealer read, so an owner's own update of the blob in the meantime
+    /// always wins; the others are skipped, not refused.
+    ResealKeys(Vec<Reseal>),
+    /// Retire a key no blob is sealed under any more; its id is never used again, and every
+    /// node deletes it from its keyring file.
+    RetireKey(KeyId),
     /// Several commands in one log entry, applied in order; each stands alone. Batches do not
     /// nest.
     Batch(Vec<Command>),
+}
+
+/// Which blob of an SA record, part of [`Reseal`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRef {
+    /// The IKE SA's sealed engine state (`IkeSa::keys`).
+    Ike,
+    /// A child's keys, by its inbound SPI.
+    Child(u32),
+}
+
+/// One blob resealed under the active key, part of [`Command::ResealKeys`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reseal {
+    /// The SA.
+    pub sa: SaId,
+    /// Which of its blobs.
+    pub blob: BlobRef,
+    /// SHA-256 of the blob as the resealer read it: the swap applies only if it is unchanged.
+    pub expect_sha256: [u8; 32],
+    /// The same secret sealed under the active key, for the same SA, child and generation.
+    pub sealed: SealedKeys,
 }
 
 /// One node's acknowledged log index, part of [`Command::RecordAcks`].
@@ -192,10 +232,14 @@ impl Command {
                         | SaUpdate::ReplayCheckpoint { .. }
                 )
             }),
+            // A resealed blob holds the same keys: nothing a data plane runs changes.
             Command::SetSlots(_)
             | Command::SetClusterId(_)
             | Command::RecordAcks(_)
-            | Command::PruneTombstones { .. } => false,
+            | Command::PruneTombstones { .. }
+            | Command::ActivateKey { .. }
+            | Command::ResealKeys(_)
+            | Command::RetireKey(_) => false,
             Command::Batch(commands) => commands.iter().any(Command::may_change_data_plane),
             _ => true,
         }
@@ -243,6 +287,9 @@ impl fmt::Display for Command {
             Command::SetClusterId(id) => write!(f, "cluster-id {id}"),
             Command::RecordAcks(acks) => write!(f, "record-acks ({} nodes)", acks.len()),
             Command::PruneTombstones { now_ms } => write!(f, "prune-tombstones at {now_ms}"),
+            Command::ActivateKey { key, .. } => write!(f, "activate-key {key}"),
+            Command::ResealKeys(reseals) => write!(f, "reseal-keys ({} blobs)", reseals.len()),
+            Command::RetireKey(key) => write!(f, "retire-key {key}"),
             Command::Batch(commands) => write!(f, "batch ({} commands)", commands.len()),
         }
     }
@@ -269,6 +316,13 @@ pub enum Applied {
     Pruned(usize),
     /// A batch: each command's answer in order.
     Batch(Vec<Response>),
+    /// Blobs resealed, and those skipped because they changed (or went) since they were read.
+    Resealed {
+        /// Blobs replaced.
+        replaced: u32,
+        /// Blobs skipped.
+        stale: u32,
+    },
 }
 
 /// The answer to a command: `apply` never panics on a bad command, it refuses it with a reason.
@@ -515,6 +569,39 @@ pub enum Rejection {
         /// The mark.
         out_hwm: u64,
     },
+    /// A blob names a key the cluster never activated.
+    #[error("cluster key {0} was never activated in this cluster")]
+    UnknownKey(KeyId),
+    /// A blob names a retired key: no node holds it any more.
+    #[error("cluster key {0} is retired")]
+    KeyRetired(KeyId),
+    /// A new key's id must be above every id used before.
+    #[error("cluster key id {key} is not new (the highest used is {highest})")]
+    KeyIdNotNew {
+        /// The proposed id.
+        key: KeyId,
+        /// The highest id used so far.
+        highest: KeyId,
+    },
+    /// The active key cannot be retired.
+    #[error("cluster key {0} is the active key and cannot be retired")]
+    KeyIsActive(KeyId),
+    /// A key with blobs still under it cannot be retired.
+    #[error("cluster key {key} still seals {blobs} blobs and cannot be retired")]
+    KeyInUse {
+        /// The key.
+        key: KeyId,
+        /// Blobs still under it.
+        blobs: u64,
+    },
+    /// A resealed blob must be sealed under the active key.
+    #[error("a resealed blob must be under the active key {active}, not {given:?}")]
+    NotActiveKey {
+        /// The key the blob names, if any.
+        given: Option<KeyId>,
+        /// The active key.
+        active: KeyId,
+    },
     /// The cluster id is set once.
     #[error("this cluster is {current}, not {proposed}")]
     ClusterIdMismatch {
@@ -551,6 +638,17 @@ mod tests {
             },
         ]);
         assert!(!exchange.may_change_data_plane());
+        // A resealed blob holds the same keys; key activation and retirement change no owner.
+        for keys in [
+            Command::ActivateKey {
+                key: KeyId(2),
+                fingerprint: [0; 16],
+            },
+            Command::ResealKeys(vec![]),
+            Command::RetireKey(KeyId(1)),
+        ] {
+            assert!(!keys.may_change_data_plane(), "{keys}");
+        }
         assert!(
             !Command::Batch(vec![exchange.clone(), Command::SetSlots(vec![])])
                 .may_change_data_plane()

@@ -73,6 +73,24 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A cluster key's id in the keyring ([`crate::KeyRegistry`]): every sealed blob names the key
+/// it was sealed under in its header. Ids are never reused: a new key takes an id above every
+/// id the cluster has used, so a retired id can never come back with other material. Id 0 is
+/// reserved; a fresh cluster seals under [`KeyId::INITIAL`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct KeyId(pub u32);
+
+impl KeyId {
+    /// The key a new cluster seals under (the id a key file's lone key line gets).
+    pub const INITIAL: KeyId = KeyId(1);
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// The identity of one cluster: 128 random bits the first leader draws and commits
 /// ([`crate::Command::SetClusterId`]). Every node records it in its data directory, so a data
 /// directory of another cluster is recognised and refused, and SA contexts name the cluster

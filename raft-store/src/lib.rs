@@ -35,6 +35,7 @@ mod cluster;
 mod command;
 pub mod fixture;
 mod ids;
+mod keys;
 pub mod limits;
 mod log_store;
 mod sa;
@@ -46,11 +47,16 @@ mod types;
 
 pub use cluster::{NodeRecord, NodeState, SlotMap};
 pub use command::{
-    Applied, Command, NodeAck, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment,
+    Applied, BlobRef, Command, NodeAck, OwnerMove, Rejection, Reseal, Response, SaUpdate,
+    SlotAssignment,
 };
 pub use ids::{
-    ClusterId, Epoch, NodeId, ParseClusterIdError, ParseSaIdError, SLOT_COUNT, SaId, Slot,
+    ClusterId, Epoch, KeyId, NodeId, ParseClusterIdError, ParseSaIdError, SLOT_COUNT, SaId, Slot,
     slot_for_initiator_spi,
+};
+pub use keys::{
+    Fingerprint, KeyRegistry, SEALED_FORMAT, SEALED_HEADER_LEN, SEALED_NONCE_LEN, SEALED_TAG_LEN,
+    SealedHeader,
 };
 pub use log_store::LogStore;
 pub use sa::{

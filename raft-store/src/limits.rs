@@ -50,3 +50,10 @@ pub const MAX_SEQ_32: u64 = u32::MAX as u64;
 pub fn max_seq(esn: bool) -> u64 {
     if esn { MAX_SEQ_ESN } else { MAX_SEQ_32 }
 }
+
+/// Cluster keys live at once (the active one and older ones not yet retired): each rotation
+/// adds one, and a key is retired once its last blob is resealed.
+pub const MAX_LIVE_KEYS: usize = 16;
+
+/// Blobs one [`crate::Command::ResealKeys`] may replace, so applying it stays short.
+pub const MAX_RESEALS_PER_COMMAND: usize = 1024;

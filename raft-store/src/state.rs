@@ -14,9 +14,11 @@ use sha2::{Digest, Sha256};
 
 use crate::cluster::{NodeRecord, NodeState, SlotMap};
 use crate::command::{
-    Applied, Command, NodeAck, OwnerMove, Rejection, Response, SaUpdate, SlotAssignment,
+    Applied, BlobRef, Command, NodeAck, OwnerMove, Rejection, Reseal, Response, SaUpdate,
+    SlotAssignment,
 };
 use crate::ids::{ClusterId, Epoch, NodeId, SLOT_COUNT, SaId};
+use crate::keys::KeyRegistry;
 use crate::limits::{self, max_seq};
 use crate::sa::{ChildSa, IkeSa, MessageIds, Role, StoredMessage};
 use crate::selectors::{AddrRange, SelectorIndex};
@@ -32,6 +34,8 @@ use crate::tombstones::Tombstones;
 /// identities hold overlapping ranges.
 /// Invariant: a slot only ever points at a registered, active node.
 /// Invariant: no live SA or child has a tombstone.
+/// Invariant: `keys` counts exactly the blobs of all SAs under each key, indexes exactly the SAs
+/// with a blob under each key, and every keyed blob is under a live key (see [`KeyRegistry`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     cluster: Option<ClusterId>,
@@ -44,6 +48,7 @@ pub struct State {
     selectors: SelectorIndex,
     tombstones: Tombstones,
     acks: BTreeMap<NodeId, u64>,
+    keys: KeyRegistry,
 }
 
 impl State {
@@ -119,6 +124,11 @@ impl State {
         self.acks.get(&node).copied().unwrap_or(0)
     }
 
+    /// The cluster keys: which is active, which are retired, and the blobs under each.
+    pub fn keys(&self) -> &KeyRegistry {
+        &self.keys
+    }
+
     /// Every recorded acknowledgement, by node.
     pub fn acks(&self) -> &BTreeMap<NodeId, u64> {
         &self.acks
@@ -159,6 +169,7 @@ impl State {
             slots: self.slots.clone(),
             tombstones: self.tombstones.clone(),
             acks: self.acks.clone(),
+            keys: self.keys.without_counts(),
             ..State::default()
         };
         for (id, sa) in &self.sas {
@@ -190,6 +201,7 @@ impl State {
         if rebuilt.selectors != self.selectors {
             return Err("selector index out of sync".into());
         }
+        self.keys.check(&rebuilt.keys)?;
         self.tombstones.check()?;
         if self.nodes.len() > limits::MAX_NODES || self.nodes.contains_key(&0) {
             return Err("node registry out of bounds".into());
@@ -233,6 +245,12 @@ pub fn apply(state: &mut State, command: &Command) -> Response {
         } => set_node_state(state, *node, *s, *at_ms),
         Command::SetClusterId(id) => set_cluster_id(state, *id),
         Command::RecordAcks(acks) => record_acks(state, acks),
+        Command::ActivateKey { key, fingerprint } => state
+            .keys
+            .activate(*key, *fingerprint)
+            .map(|()| Applied::Done),
+        Command::ResealKeys(reseals) => reseal_keys(state, reseals),
+        Command::RetireKey(key) => state.keys.retire(*key).map(|()| Applied::Done),
         Command::PruneTombstones { now_ms } => Ok(Applied::Pruned(
             state
                 .tombstones
@@ -515,6 +533,7 @@ fn start_above(child: &mut ChildSa, floor: u64, lease: u64) {
 
 /// Whether `sa`'s ids, SPIs, address and selectors are free in `state`.
 fn check_indexes_free(state: &State, sa: &IkeSa) -> Result<(), Rejection> {
+    state.keys.check_record(sa)?;
     if state.sas.contains_key(&sa.id) {
         return Err(Rejection::SaExists(sa.id));
     }
@@ -571,6 +590,7 @@ fn unindex_child(state: &mut State, child: &ChildSa) {
 
 /// Adds `sa` to every index (the caller checked they are free).
 fn index_sa(state: &mut State, sa: &IkeSa) {
+    state.keys.add(sa);
     state.ike_spis.insert(sa.id.0, sa.id);
     state.ike_spis.insert(local_spi(sa), sa.id);
     for child in sa.children.values() {
@@ -657,6 +677,7 @@ fn update_sa(state: &mut State, id: SaId, epoch: Epoch, updates: &[SaUpdate]) ->
     for spi in &added {
         check_selectors_free(state, &sa, &sa.children[spi])?;
     }
+    state.keys.check_record(&sa)?;
 
     // Everything was accepted: bring the indexes in line.
     for child in &removed {
@@ -672,6 +693,11 @@ fn update_sa(state: &mut State, id: SaId, epoch: Epoch, updates: &[SaUpdate]) ->
         }
         state.ike_spis.insert(new_spi, id);
     }
+    // Uncount the old record before counting the new one: both may have blobs under one key.
+    if let Some(old) = state.sas.get(&id) {
+        state.keys.remove(old);
+    }
+    state.keys.add(&sa);
     state.sas.insert(id, sa);
     Ok(Applied::Done)
 }
@@ -863,6 +889,7 @@ fn delete_sa(state: &mut State, id: SaId, epoch: Option<Epoch>) -> Response {
     if let Some(addr) = sa.virtual_ip {
         state.addresses.remove(&addr);
     }
+    state.keys.remove(&sa);
     state.tombstones.bury_sa(&sa);
     Ok(Applied::Removed(Box::new(sa)))
 }
@@ -959,4 +986,67 @@ fn record_acks(state: &mut State, acks: &[NodeAck]) -> Response {
         *entry = (*entry).max(ack.index);
     }
     Ok(Applied::Done)
+}
+
+/// Replaces blobs with their resealed copies, each only if it is still exactly the blob the
+/// resealer read (and the copy is bound to the blob's own generation, in an epoch not after
+/// the SA's), so nothing an owner committed meanwhile is ever overwritten with older state.
+///
+/// Invariant: a resealed blob is under the active key; a malformed command is refused whole,
+/// while a blob that changed or went since it was read is skipped (a race, not an error).
+/// Invariant: the key counts and the index of SAs per key follow every replaced blob.
+fn reseal_keys(state: &mut State, reseals: &[Reseal]) -> Response {
+    if reseals.len() > limits::MAX_RESEALS_PER_COMMAND {
+        return Err(too_large(
+            "resealed blobs in one command",
+            limits::MAX_RESEALS_PER_COMMAND,
+        ));
+    }
+    let active = state.keys.active();
+    for r in reseals {
+        if r.sealed.0.len() > limits::MAX_SEALED_BYTES {
+            return Err(too_large("bytes of sealed keys", limits::MAX_SEALED_BYTES));
+        }
+        let given = r.sealed.key_id();
+        if given != Some(active) {
+            return Err(Rejection::NotActiveKey { given, active });
+        }
+    }
+    let (mut replaced, mut stale) = (0u32, 0u32);
+    for r in reseals {
+        let Some(sa) = state.sas.get_mut(&r.sa) else {
+            stale += 1;
+            continue;
+        };
+        let (current, generation) = match r.blob {
+            BlobRef::Ike => (&sa.keys, sa.rekey_generation),
+            BlobRef::Child(spi) => match sa.children.get(&spi) {
+                Some(child) => (&child.keys, child.rekey_generation),
+                None => {
+                    stale += 1;
+                    continue;
+                }
+            },
+        };
+        let fits = r
+            .sealed
+            .header()
+            .is_some_and(|h| h.generation == generation && h.epoch <= sa.epoch);
+        if !fits || <[u8; 32]>::from(Sha256::digest(&current.0)) != r.expect_sha256 {
+            stale += 1;
+            continue;
+        }
+        state.keys.remove(sa);
+        match r.blob {
+            BlobRef::Ike => sa.keys = r.sealed.clone(),
+            BlobRef::Child(spi) => {
+                if let Some(child) = sa.children.get_mut(&spi) {
+                    child.keys = r.sealed.clone();
+                }
+            }
+        }
+        state.keys.add(sa);
+        replaced += 1;
+    }
+    Ok(Applied::Resealed { replaced, stale })
 }

@@ -1,6 +1,6 @@
 //! Property tests: random command sequences never break an invariant, counters never move
-//! backwards, refused commands change nothing, and applying the same log twice gives
-//! byte-identical state.
+//! backwards, refused commands change nothing, the blob counts per cluster key always equal a
+//! recount, and applying the same log twice gives byte-identical state.
 
 mod common;
 
@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use evpc_raft_store::{
-    Applied, ClusterId, Command, Epoch, IkeSa, NodeAck, NodeState, OwnerMove, SaId, SaUpdate,
-    SlotAssignment, State, StoredMessage, apply,
+    Applied, BlobRef, ClusterId, Command, Epoch, IkeSa, KeyId, NodeAck, NodeState, OwnerMove,
+    Reseal, SaId, SaUpdate, SealedHeader, SealedKeys, SlotAssignment, State, StoredMessage, apply,
 };
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 
 const SAS: u64 = 6;
 
@@ -43,8 +44,36 @@ fn node_state() -> impl Strategy<Value = NodeState> {
     ]
 }
 
+/// A blob with a key header (the store reads only the header; the rest is opaque to it).
+fn keyed(key: u32, generation: u32, epoch: u64) -> SealedKeys {
+    let mut blob = SealedHeader {
+        key: KeyId(key),
+        generation,
+        epoch: Epoch(epoch),
+    }
+    .to_bytes()
+    .to_vec();
+    blob.extend_from_slice(&[0x5a; 28]);
+    SealedKeys(blob)
+}
+
+/// Any blob: opaque, empty, or under key 0 (not a key) to 4 (some never activated).
+fn blob() -> impl Strategy<Value = SealedKeys> {
+    prop_oneof![
+        1 => Just(SealedKeys(vec![7; 60])),
+        1 => Just(SealedKeys(vec![])),
+        4 => (0u32..5).prop_map(|k| keyed(k, 0, 1)),
+    ]
+}
+
 fn sa_update() -> impl Strategy<Value = SaUpdate> {
     prop_oneof![
+        blob().prop_map(SaUpdate::Keys),
+        (spi(), blob()).prop_map(|(spi, keys)| {
+            let mut child = common::child(spi, false);
+            child.keys = keys;
+            SaUpdate::ChildCreated(Box::new(child))
+        }),
         (0u32..6).prop_map(|msg_id| SaUpdate::PeerRequestAnswered {
             msg_id,
             response: vec![vec![msg_id as u8; 16]],
@@ -110,6 +139,18 @@ enum Op {
         addr: Option<IpAddr>,
         owner_guess: Option<u64>,
         expire_at_ms: u64,
+        /// Every blob of the SA under this key (none: opaque blobs).
+        key: Option<u32>,
+    },
+    Activate(u32),
+    Retire(u32),
+    /// Reseal one blob of an SA (its engine state or a child) under `key`, with the digest of
+    /// the blob as it is now (`fresh`) or a stale one.
+    Reseal {
+        id: u64,
+        child: Option<u32>,
+        key: u32,
+        fresh: bool,
     },
     /// A context built here (as if from another cluster), crafted freely.
     Import {
@@ -152,10 +193,14 @@ fn leaf_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (sa_id(), 0u16..4, proptest::collection::vec(spi(), 0..3),
               proptest::option::of(addr()), proptest::option::of(node()),
-              prop_oneof![Just(0u64), 1u64..5_000])
-            .prop_map(|(id, slot, children, addr, owner_guess, expire_at_ms)| Op::Create {
-                id, slot, children, addr, owner_guess, expire_at_ms
+              prop_oneof![Just(0u64), 1u64..5_000], proptest::option::of(0u32..4))
+            .prop_map(|(id, slot, children, addr, owner_guess, expire_at_ms, key)| Op::Create {
+                id, slot, children, addr, owner_guess, expire_at_ms, key
             }),
+        1 => (0u32..5).prop_map(Op::Activate),
+        1 => (0u32..5).prop_map(Op::Retire),
+        3 => (sa_id(), proptest::option::of(spi()), 0u32..5, prop_oneof![4 => Just(true), 1 => Just(false)])
+            .prop_map(|(id, child, key, fresh)| Op::Reseal { id, child, key, fresh }),
         1 => (sa_id(), prop_oneof![Just(0u64), node()],
               prop_oneof![epoch(), Just(u64::MAX), Just(1u64 << 48)],
               proptest::collection::vec((spi(), 0u64..3000), 0..3), 0u64..6_000)
@@ -197,8 +242,15 @@ fn to_command(state: &State, harness: &Harness, op: &Op) -> Command {
             addr,
             owner_guess,
             expire_at_ms,
+            key,
         } => {
             let mut sa = common::sa(&common::cluster(1), *id, *slot, children);
+            if let Some(key) = key {
+                sa.keys = keyed(*key, sa.rekey_generation, sa.epoch.0);
+                for child in sa.children.values_mut() {
+                    child.keys = keyed(*key, child.rekey_generation, 1);
+                }
+            }
             sa.owner = owner_guess.or(state.slots().owner(*slot)).unwrap_or(1);
             sa.virtual_ip = *addr;
             sa.times.expire_at_ms = *expire_at_ms;
@@ -294,6 +346,42 @@ fn to_command(state: &State, harness: &Harness, op: &Op) -> Command {
                 .collect(),
         ),
         Op::Prune(now_ms) => Command::PruneTombstones { now_ms: *now_ms },
+        Op::Activate(key) => Command::ActivateKey {
+            key: KeyId(*key),
+            fingerprint: [*key as u8; 16],
+        },
+        Op::Retire(key) => Command::RetireKey(KeyId(*key)),
+        Op::Reseal {
+            id,
+            child,
+            key,
+            fresh,
+        } => {
+            let sa = state.sa(SaId(*id));
+            // A child of the SA if it has one (the generated SPI is rarely one of them).
+            let child = child.and_then(|spi| {
+                sa.and_then(|sa| sa.children.keys().find(|c| **c % 2 == spi % 2).copied())
+            });
+            let (current, generation) = match (sa, child) {
+                (Some(sa), Some(spi)) => (
+                    sa.children[&spi].keys.clone(),
+                    sa.children[&spi].rekey_generation,
+                ),
+                (Some(sa), None) => (sa.keys.clone(), sa.rekey_generation),
+                (None, _) => (SealedKeys::default(), 0),
+            };
+            let expect_sha256 = if *fresh {
+                Sha256::digest(&current.0).into()
+            } else {
+                [0; 32]
+            };
+            Command::ResealKeys(vec![Reseal {
+                sa: SaId(*id),
+                blob: child.map_or(BlobRef::Ike, BlobRef::Child),
+                expect_sha256,
+                sealed: keyed(*key, generation, 1),
+            }])
+        }
         Op::Batch(ops) => {
             Command::Batch(ops.iter().map(|o| to_command(state, harness, o)).collect())
         }
@@ -382,6 +470,36 @@ fn deleted_by(command: &Command) -> Vec<SaId> {
     }
 }
 
+/// The blob counts per key (kept incrementally by `apply`) equal a recount over every record,
+/// and the index of SAs per key names exactly the SAs with a blob under that key.
+fn check_key_counts(state: &State) -> Result<(), TestCaseError> {
+    let mut counts: BTreeMap<KeyId, u64> = BTreeMap::new();
+    let mut users: BTreeMap<KeyId, Vec<SaId>> = BTreeMap::new();
+    for sa in state.sas() {
+        let blobs = std::iter::once(&sa.keys).chain(sa.children.values().map(|c| &c.keys));
+        for key in blobs.filter_map(SealedKeys::key_id) {
+            *counts.entry(key).or_default() += 1;
+            let list = users.entry(key).or_default();
+            if list.last() != Some(&sa.id) {
+                list.push(sa.id);
+            }
+        }
+    }
+    prop_assert_eq!(&counts, state.keys().blob_counts());
+    for (key, sas) in &users {
+        let indexed: Vec<SaId> = state.keys().sas_under(*key, SaId(0)).collect();
+        prop_assert_eq!(&indexed, sas);
+        prop_assert_eq!(state.keys().sas_with(*key), sas.len() as u64);
+        prop_assert!(
+            state.keys().is_live(*key),
+            "blobs under key {} which is not live",
+            key
+        );
+    }
+    prop_assert!(state.keys().is_live(state.keys().active()));
+    Ok(())
+}
+
 /// Counters of one SA that must never move backwards while the SA exists.
 fn check_monotonic(before: &State, after: &State, command: &Command) -> Result<(), TestCaseError> {
     let deleted = deleted_by(command);
@@ -459,6 +577,7 @@ proptest! {
                 return Err(TestCaseError::fail(format!("after {command}: {broken}")));
             }
             check_monotonic(&before, &state, &command)?;
+            check_key_counts(&state)?;
             ledger.check(&before, &state, &command)?;
             removed_by(&response, &mut harness.exported);
         }

@@ -192,7 +192,7 @@ impl Actor {
             self.done = true;
             return false;
         }
-        let engine = open_snapshot(self.shared.key(), record.id, &record.keys)
+        let engine = open_snapshot(self.shared.key(), &record)
             .map_err(|e| e.to_string())
             .and_then(|snapshot| {
                 IkeSa::restore(self.shared.config.clone(), snapshot).map_err(|e| e.to_string())
@@ -335,8 +335,9 @@ impl Actor {
         events: &[Event],
     ) -> Result<Option<Committed>, Failure> {
         let shared = self.shared.clone();
+        let sealer = shared.sealer().map_err(MappingError::Seal)?;
         let mapper = Mapper {
-            key: shared.key(),
+            key: &sealer,
             lifetimes: &shared.config.lifetimes,
             initial_lease: shared.initial_lease,
         };

@@ -4,7 +4,8 @@
 //! The record carries everything an operator or another node reads without keys — SPIs,
 //! addresses, identities, suite, message IDs with the exact last response and pending request
 //! datagrams, times, children with their sealed ESP keys, the inner address — and, sealed with
-//! the cluster key in `IkeSa.keys`, the *whole* engine snapshot, from which any node restores
+//! the cluster's active key in `IkeSa.keys` (bound to the SA, its rekey generation and epoch,
+//! see [`crate::sealing`]), the *whole* engine snapshot, from which any node restores
 //! the engine ([`evpc_ike::IkeSa::restore`]).
 //!
 //! The record follows the current IKE SA generation: after an IKE rekey the same record (same
@@ -29,15 +30,7 @@ use evpc_raft_store::{
 use rand::RngCore;
 use zeroize::Zeroizing;
 
-use crate::sealing::{ClusterKey, SealError};
-
-/// Binds a sealed snapshot to what it is and to its SA.
-fn snapshot_aad(id: SaId) -> [u8; 27] {
-    let mut aad = [0u8; 27];
-    aad[..19].copy_from_slice(b"evpc-ike-snapshot/1");
-    aad[19..].copy_from_slice(&id.0.to_be_bytes());
-    aad
-}
+use crate::sealing::{Binding, ClusterKey, Keyring, SealError};
 
 fn nonce() -> [u8; 12] {
     let mut n = [0u8; 12];
@@ -60,22 +53,29 @@ pub enum MappingError {
     Refused(Rejection),
 }
 
-/// Seals the engine snapshot for `IkeSa.keys`. The plaintext (which holds keys) is wiped.
-pub fn seal_snapshot(key: &ClusterKey, id: SaId, snapshot: &IkeSaSnapshot) -> SealedKeys {
+/// Seals the engine snapshot for `IkeSa.keys` of SA `id` at rekey generation `generation`, in
+/// `epoch`. The plaintext (which holds keys) is wiped.
+pub fn seal_snapshot(
+    key: &ClusterKey,
+    id: SaId,
+    generation: u32,
+    epoch: Epoch,
+    snapshot: &IkeSaSnapshot,
+) -> SealedKeys {
     let plain = Zeroizing::new(
         postcard::to_extend(snapshot, Vec::with_capacity(16 * 1024))
             .expect("encoding a snapshot into a Vec cannot fail"),
     );
-    key.seal_blob(&snapshot_aad(id), &plain, nonce())
+    key.seal(&Binding::ike(id, generation), epoch, &plain, nonce())
 }
 
-/// Opens a sealed engine snapshot.
-pub fn open_snapshot(
-    key: &ClusterKey,
-    id: SaId,
-    sealed: &SealedKeys,
-) -> Result<IkeSaSnapshot, MappingError> {
-    let plain = key.open_blob(&snapshot_aad(id), sealed)?;
+/// Opens the sealed engine snapshot of `record` (with whichever key its blob names).
+pub fn open_snapshot(keyring: &Keyring, record: &IkeSa) -> Result<IkeSaSnapshot, MappingError> {
+    let plain = keyring.open(
+        &Binding::ike(record.id, record.rekey_generation),
+        record.epoch,
+        &record.keys,
+    )?;
     postcard::from_bytes(&plain).map_err(|e| MappingError::Decode(e.to_string()))
 }
 
@@ -195,7 +195,7 @@ impl Window {
 /// Maps engine snapshots to records and updates, sealing keys on the way.
 #[derive(Debug)]
 pub struct Mapper<'a> {
-    /// Seals the snapshot and child keys.
+    /// Seals the snapshot and child keys: the cluster's active key.
     pub key: &'a ClusterKey,
     /// The engine's lifetimes (the hard IKE lifetime is not in the snapshot).
     pub lifetimes: &'a Lifetimes,
@@ -215,17 +215,17 @@ impl Mapper<'_> {
         }
     }
 
-    /// A new child for the record: keys sealed, the first lease granted.
-    pub fn child(&self, id: SaId, c: &EngineChild) -> ChildSa {
+    /// A new child for the record of SA `id` in `epoch`: keys sealed, the first lease granted.
+    pub fn child(&self, id: SaId, epoch: Epoch, c: &EngineChild) -> ChildSa {
         let keys = ChildKeymat::new(
             c.inbound_key.expose().to_vec(),
             c.outbound_key.expose().to_vec(),
         );
-        ChildSa {
+        let mut child = ChildSa {
             in_spi: c.inbound_spi,
             out_spi: c.outbound_spi,
             suite: child_suite(&c.suite),
-            keys: self.key.seal_child(id, c.inbound_spi, &keys, nonce()),
+            keys: SealedKeys::default(),
             ts_local: c.local_ts.iter().map(selector).collect(),
             ts_remote: c.remote_ts.iter().map(selector).collect(),
             out_start: 1,
@@ -237,7 +237,10 @@ impl Mapper<'_> {
                 rekey_at_ms: c.rekey_at_ms.unwrap_or(0),
                 expire_at_ms: c.expire_at_ms.unwrap_or(0),
             },
-        }
+        };
+        // The binding takes the SPI and generation from the record itself.
+        child.keys = self.key.seal_child(id, epoch, &child, &keys, nonce());
+        child
     }
 
     /// The record of an SA the engine has just established, owned by `owner` in epoch 1, its
@@ -256,7 +259,7 @@ impl Mapper<'_> {
             local_id: identity(&snapshot.local_id),
             peer_id: identity(&snapshot.peer_id),
             suite: ike_suite(&g.suite),
-            keys: seal_snapshot(self.key, id, snapshot),
+            keys: seal_snapshot(self.key, id, 0, Epoch::FIRST, snapshot),
             msg: window.msg,
             last_response: window.last_response,
             pending_request: window.pending,
@@ -273,7 +276,7 @@ impl Mapper<'_> {
             children: snapshot
                 .children
                 .iter()
-                .map(|c| (c.inbound_spi, self.child(id, c)))
+                .map(|c| (c.inbound_spi, self.child(id, Epoch::FIRST, c)))
                 .collect(),
         }
     }
@@ -289,6 +292,9 @@ impl Mapper<'_> {
     ) -> Result<(Vec<SaUpdate>, IkeSa), MappingError> {
         let mut updates = Vec::new();
         let current = &snapshot.current;
+        // The generation the record is at once these updates apply: the sealed engine state
+        // is bound to it.
+        let mut generation = prev.rekey_generation;
         if (prev.spi_i, prev.spi_r) == (current.spi_i, current.spi_r) {
             Window::of_record(prev).diff(&Window::of_generation(current), &mut updates);
         } else {
@@ -301,10 +307,11 @@ impl Mapper<'_> {
             {
                 Window::of_record(prev).diff(&Window::of_generation(old), &mut updates);
             }
+            generation = prev.rekey_generation + 1;
             updates.push(SaUpdate::IkeRekeyedInPlace {
                 spi_i: current.spi_i,
                 spi_r: current.spi_r,
-                rekey_generation: prev.rekey_generation + 1,
+                rekey_generation: generation,
             });
             let fresh = Window {
                 msg: MessageIds::default(),
@@ -325,7 +332,7 @@ impl Mapper<'_> {
             if prev.children.contains_key(&c.inbound_spi) {
                 continue;
             }
-            let new = Box::new(self.child(prev.id, c));
+            let new = Box::new(self.child(prev.id, prev.epoch, c));
             match replaces.get(&c.inbound_spi) {
                 Some(old)
                     if prev
@@ -358,7 +365,9 @@ impl Mapper<'_> {
                 at_ms: snapshot.last_peer_activity_ms,
             });
         }
-        updates.push(SaUpdate::Keys(seal_snapshot(self.key, prev.id, snapshot)));
+        updates.push(SaUpdate::Keys(seal_snapshot(
+            self.key, prev.id, generation, prev.epoch, snapshot,
+        )));
         let expected = replay(prev, &updates).map_err(MappingError::Refused)?;
         Ok((updates, expected))
     }
@@ -532,21 +541,25 @@ mod tests {
 
     /// What a [`Mapper`] borrows, owned by the test.
     struct MapperParts {
-        key: ClusterKey,
+        key: Keyring,
+        sealer: Arc<ClusterKey>,
         lifetimes: Lifetimes,
     }
 
     impl MapperParts {
         fn new() -> MapperParts {
+            let key =
+                Keyring::in_memory([ClusterKey::from_bytes(evpc_raft_store::KeyId(1), &[5; 32])]);
             MapperParts {
-                key: ClusterKey::from_bytes(&[5; 32]),
+                sealer: key.get(evpc_raft_store::KeyId(1)).unwrap(),
+                key,
                 lifetimes: Lifetimes::default(),
             }
         }
 
         fn mapper(&self) -> Mapper<'_> {
             Mapper {
-                key: &self.key,
+                key: &self.sealer,
                 lifetimes: &self.lifetimes,
                 initial_lease: 4096,
             }
@@ -594,18 +607,18 @@ mod tests {
             (child.out_start, child.out_hwm, child.in_checkpoint),
             (1, 4096, 0)
         );
-        let opened = key
-            .open_child(record.id, child.in_spi, &child.keys)
-            .unwrap();
+        let opened = key.open_child(&record, child).unwrap();
         assert_eq!(
             *opened.inbound,
             snap.children[0].inbound_key.expose().to_vec()
         );
         // The engine comes back from the record alone, and answers a retransmitted IKE_AUTH
         // with the committed bytes.
-        let restored = open_snapshot(key, record.id, &record.keys).unwrap();
+        let restored = open_snapshot(key, &record).unwrap();
         assert_eq!(restored.current.spi_i, snap.current.spi_i);
-        assert!(open_snapshot(key, SaId(record.id.0 ^ 1), &record.keys).is_err());
+        let mut other = record.clone();
+        other.id = SaId(record.id.0 ^ 1);
+        assert!(open_snapshot(key, &other).is_err());
         let state = state_with(&record);
         assert_eq!(
             crate::exchange::retransmission(&state, record.id, 1),
@@ -631,7 +644,7 @@ mod tests {
                 let (updates, expected) = mapper.updates(record, &snap, &events).unwrap();
                 commit(state, record, updates, expected);
                 // The sealed engine in the record is the engine now.
-                let opened = open_snapshot(key, record.id, &record.keys).unwrap();
+                let opened = open_snapshot(key, record).unwrap();
                 assert_eq!(opened.current.spi_r, snap.current.spi_r);
                 assert_eq!(
                     opened.current.next_peer_request_id,
@@ -663,10 +676,7 @@ mod tests {
         assert!(record.pending_request.is_some());
         // A node taking over restores the engine from the record alone and resends exactly
         // the committed request at once.
-        let restored = Engine::restore(
-            configs().0,
-            open_snapshot(key, record.id, &record.keys).unwrap(),
-        );
+        let restored = Engine::restore(configs().0, open_snapshot(key, &record).unwrap());
         let mut restored = restored.unwrap();
         assert!(restored.next_timeout().is_some_and(|t| t <= pair.now));
         let resent = restored.handle_timeout(pair.now, &mut rng(9));

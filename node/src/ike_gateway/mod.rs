@@ -84,7 +84,7 @@ use self::pool::Pool;
 pub use self::settings::{IkeSettings, PskSecret, PskSetting};
 use crate::exchange;
 use crate::node::{Node, now_ms};
-use crate::sealing::ClusterKey;
+use crate::sealing::{ClusterKey, Keyring, SealError};
 
 /// Depth of each SA task's queue; beyond it datagrams are dropped (the peer retransmits).
 const SA_QUEUE: usize = 64;
@@ -143,11 +143,17 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    fn key(&self) -> &ClusterKey {
+    fn key(&self) -> &Keyring {
         self.node
-            .cluster_key
+            .keyring
             .as_ref()
             .expect("checked when the gateway started")
+    }
+
+    /// The key to seal with now: the active key of the state this node applied.
+    fn sealer(&self) -> Result<Arc<ClusterKey>, SealError> {
+        let state = self.node.state.read();
+        self.key().sealer(&state)
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -392,7 +398,7 @@ async fn serve(
     )));
     let config = Arc::new(config);
     anyhow::ensure!(
-        node.cluster_key.is_some(),
+        node.keyring.is_some(),
         "[ike] needs cluster_key_file: the IKE state is sealed with the cluster key before it is committed"
     );
     let tun_addresses: Vec<_> = node
