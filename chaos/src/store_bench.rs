@@ -614,38 +614,11 @@ async fn run_on(
         // one to recover. Without the pause a node would come back at an earlier index (nothing
         // lost: the entries are in its log and the leader re-commits them), and the digests
         // would be compared at different indexes.
-        let (applied_before_restart, digest) = {
-            let c = cluster.read().await;
-            let mut last = None;
-            let mut seen = Vec::new();
-            let mut quiet_since = Instant::now();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                c.converged(Duration::from_secs(30)).await?;
-                let now = c.digests().await?;
-                anyhow::ensure!(
-                    now.iter().all(|(_, _, d)| *d == now[0].2),
-                    "replicas differ before the restart: {now:?}"
-                );
-                let state = (now[0].1, now[0].2.clone());
-                seen.push(
-                    now.iter()
-                        .map(|(id, index, _)| (*id, *index))
-                        .collect::<Vec<_>>(),
-                );
-                if last.as_ref() != Some(&state) {
-                    last = Some(state);
-                    quiet_since = Instant::now();
-                } else if quiet_since.elapsed() >= Duration::from_millis(1_500) {
-                    break last.expect("set above");
-                }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "the cluster kept committing after the workload: applied indexes {seen:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        };
+        let (applied_before_restart, digest) = cluster
+            .read()
+            .await
+            .quiet(Duration::from_millis(1_500), Duration::from_secs(30))
+            .await?;
         let mut c = cluster.write().await;
         for id in c.alive_ids() {
             c.sigkill(id).await?;
@@ -659,14 +632,12 @@ async fn run_on(
         let c = cluster.read().await;
         c.leader(Duration::from_secs(30)).await?;
         let mut all_equal = true;
-        for id in c.alive_ids() {
-            let status = c.admin_of(id)?.status(true).await?;
-            let equal = status.recovered_applied_index == applied_before_restart
-                && status.recovered_digest == digest;
+        for (id, index, recovered) in c.recovered().await? {
+            let equal = index == applied_before_restart && recovered == digest;
             if !equal {
                 tracing::error!(
                     node = id,
-                    recovered_index = status.recovered_applied_index,
+                    recovered_index = index,
                     index_before = applied_before_restart,
                     "a node did not recover the state it had before SIGKILL"
                 );

@@ -588,6 +588,65 @@ impl ProcessCluster {
         anyhow::bail!("replicas kept applying while digests were taken")
     }
 
+    /// Waits until the replicas agree and nothing has been committed for `quiet_for` (the
+    /// leader's housekeeping commits on its own now and then), and returns that applied index
+    /// and state digest: the state a SIGKILL of every node must leave on their disks. A node
+    /// recovers up to the committed index it persisted; followers learn the last commit index
+    /// from heartbeats, which sled makes durable within its 500 ms background flush, so
+    /// `quiet_for` should be well over that.
+    pub async fn quiet(
+        &self,
+        quiet_for: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<(u64, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last: Option<(u64, String)> = None;
+        let mut since = tokio::time::Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let now = self.digests().await?;
+            anyhow::ensure!(
+                now.iter().all(|(_, _, d)| *d == now[0].2),
+                "replicas differ: {now:?}"
+            );
+            let state = (now[0].1, now[0].2.clone());
+            seen.push(state.0);
+            if last.as_ref() != Some(&state) {
+                last = Some(state);
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= quiet_for {
+                return Ok(last.expect("set above"));
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster kept committing: applied indexes {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// `(node, applied index, digest)` each live node recovered from its data directory when
+    /// it last started: what a restart must reproduce, whatever the cluster committed since (a
+    /// restarted cluster may commit at once, e.g. mark a node that is slow to come back down).
+    pub async fn recovered(&self) -> anyhow::Result<Vec<(u64, u64, String)>> {
+        let mut all = Vec::new();
+        for id in self.alive_ids() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                match self.admin_of(id)?.status(true).await {
+                    Ok(status) => break status,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(node = id, error = %e, "waiting for a restarted node");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            all.push((id, status.recovered_applied_index, status.recovered_digest));
+        }
+        Ok(all)
+    }
+
     /// An admin client over every node's endpoint.
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
         Ok(AdminClient::new(
