@@ -47,6 +47,8 @@ pub struct LocalCluster {
     /// Run without TLS (`insecure_plaintext = true` on every node): benchmarks measure what
     /// TLS costs with it.
     pub insecure_plaintext: bool,
+    /// `[limits]` of every node.
+    pub limits: crate::config::Limits,
 }
 
 /// The operator certificate `local` creates and prints an `evpcctl` line for.
@@ -66,6 +68,7 @@ impl LocalCluster {
             cluster_key_file: None,
             address_per_node: false,
             insecure_plaintext: false,
+            limits: Default::default(),
         }
     }
 
@@ -119,7 +122,7 @@ impl LocalCluster {
             ike: None,
             tls: (!self.insecure_plaintext).then(|| self.pki().node(id)),
             insecure_plaintext: self.insecure_plaintext,
-            limits: Default::default(),
+            limits: self.limits.clone(),
         }
     }
 
