@@ -57,7 +57,7 @@ pub enum TlsFileError {
     },
     /// A private key others can read.
     #[error(
-        "{path} is readable by group or others (mode {mode:o}); a private key must be \
+        "{path} is readable by group or others (mode {mode:04o}); a private key must be \
          owner-only: chmod 600 {path}"
     )]
     Exposed {
@@ -68,7 +68,9 @@ pub enum TlsFileError {
     },
 }
 
-/// Fails if `path` is readable or writable by anyone but its owner.
+/// Fails if `path` is readable or writable by anyone but its owner: the one check of every
+/// private file (TLS keys, the CA key, the cluster keyring), here because every crate that
+/// reads one depends on this one.
 pub fn check_private_file(path: &Path) -> Result<(), TlsFileError> {
     let meta = std::fs::metadata(path).map_err(|error| TlsFileError::Read {
         path: path.display().to_string(),

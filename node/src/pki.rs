@@ -104,17 +104,9 @@ pub enum PkiError {
         /// Why.
         error: std::io::Error,
     },
-    /// A private key file that others can read.
-    #[error(
-        "{path} is readable by group or others (mode {mode:o}); a private key must be \
-         owner-only: chmod 600 {path}"
-    )]
-    Exposed {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// A private key file that is missing or others can read.
+    #[error(transparent)]
+    Private(#[from] evpc_api::tls::TlsFileError),
     /// A file that `init` or `issue-*` would overwrite.
     #[error("{0} exists already; remove it first to replace it")]
     Exists(PathBuf),
@@ -143,18 +135,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Fails if `path` is readable or writable by anyone but its owner.
 pub fn check_private_file(path: &Path) -> Result<(), PkiError> {
-    let mode = std::fs::metadata(path)
-        .map_err(io(path))?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(PkiError::Exposed {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
+    Ok(evpc_api::tls::check_private_file(path)?)
 }
 
 /// Reads a private file (a key) after checking that only its owner can read it.

@@ -428,18 +428,8 @@ fn render_keyring<'a>(keys: impl Iterator<Item = &'a ClusterKey>) -> Zeroizing<S
 
 /// Reads and parses a key file, refusing one that group or others may read.
 fn read_key_file(path: &Path) -> Result<BTreeMap<KeyId, ClusterKey>, SealError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| key_file_error(path, e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(key_file_error(
-            path,
-            format!(
-                "it is readable by group or others (mode {mode:04o}); it holds the keys of every \
-                 SA: `chmod 600` it (and check who could have read it)"
-            ),
-        ));
-    }
+    evpc_api::tls::check_private_file(path)
+        .map_err(|e| key_file_error(path, format!("{e}; it holds the keys of every SA")))?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| key_file_error(path, e.to_string()))?,
     );
