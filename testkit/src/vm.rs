@@ -233,7 +233,7 @@ fn find_kernel() -> anyhow::Result<(String, PathBuf)> {
             found.push((release.to_string(), entry.path()));
         }
     }
-    found.sort_by(|a, b| version_key(&a.0).cmp(&version_key(&b.0)));
+    found.sort_by_key(|(release, _)| version_key(release));
     found.pop().ok_or_else(|| {
         anyhow::anyhow!("no kernel with ESP modules in /boot (apt-get install linux-image-amd64)")
     })
@@ -470,7 +470,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
