@@ -93,8 +93,11 @@ pub fn endpoint(
         .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {addr}: {e}")))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_millis(500))
-        .keep_alive_timeout(Duration::from_millis(1000))
+        // A peer that does not answer a ping within the RPC deadline is gone; scaled with it,
+        // so a cluster tuned for a slow network (or an emulated one) does not drop
+        // connections that are merely slow.
+        .http2_keep_alive_interval((connect_timeout / 2).max(Duration::from_millis(500)))
+        .keep_alive_timeout(connect_timeout.max(Duration::from_millis(1000)))
         .keep_alive_while_idle(true);
     match tls {
         None => Ok(endpoint),

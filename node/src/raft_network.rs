@@ -119,8 +119,11 @@ impl PeerNetwork {
         let deadline = option.hard_ttl().max(Duration::from_millis(50));
         let reply =
             match tokio::time::timeout(deadline, send(client, RaftMessage { payload })).await {
+                // Slow is not broken: the channel stays. Dropping it here would cut a TLS
+                // handshake that takes longer than a heartbeat (a loaded or emulated machine)
+                // and start the next one from scratch, forever; a dead connection is found by
+                // the HTTP/2 keepalive and reported as a transport error instead.
                 Err(_) => {
-                    self.peers.reset(self.target);
                     return Err(unreachable(&WireError(format!(
                         "no answer from node {} within {deadline:?}",
                         self.target
@@ -187,10 +190,13 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             let deadline = option.hard_ttl().max(Duration::from_millis(50));
             let opened = match tokio::time::timeout(deadline, client.stream_append(requests)).await
             {
-                Err(_) => Err(
-                    WireError(format!("node {target}: no answer within {deadline:?}"))
-                        .into_status(),
-                ),
+                // slow, not broken: keep the channel (see `call`)
+                Err(_) => {
+                    return Err(unreachable(
+                        &WireError(format!("node {target}: no answer within {deadline:?}"))
+                            .into_status(),
+                    ));
+                }
                 Ok(result) => result,
             };
             let replies = match opened {

@@ -20,6 +20,11 @@
 //! never answer ARP for the cluster address (`arp_ignore = 1`), so nothing on the segment
 //! learns one node's MAC for it. Failover needs no change on the segment at all.
 //!
+//! With [`LabDataplane::Xfrm`] the nodes run the kernel data plane (`backend = "xfrm"`, which
+//! needs a kernel with ESP: see `evpc_testkit::vm`): the inner address sits on a dummy device
+//! `evpc0` instead of a TUN, the owner's kernel decrypts what arrives on the cluster socket, and
+//! every other node's kernel drops it (no state for its SPI).
+//!
 //! Everything lives in namespaces named `evpc-<pid>-…` (see `evpc_dataplane::netns`): dropping
 //! the [`Lab`] kills the node processes and deletes the namespaces, which removes every veth,
 //! the bridge and the TUN devices; namespaces left by a killed test process are removed by the
@@ -59,6 +64,16 @@ fn admin_endpoint(id: u64) -> String {
     SocketAddr::new(IpAddr::V4(node_addr(id)), 7201).to_string()
 }
 
+/// Which data plane the lab's nodes run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LabDataplane {
+    /// ESP in the node process, inner traffic on a TUN device.
+    #[default]
+    Userspace,
+    /// ESP in the kernel (XFRM), inner traffic on a dummy device; needs a kernel with ESP.
+    Xfrm,
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -85,6 +100,8 @@ pub struct LabSpec {
     pub base_dir: Option<PathBuf>,
     /// Run the nodes without TLS (what benchmarks compare TLS against).
     pub insecure_plaintext: bool,
+    /// The nodes' data plane.
+    pub dataplane: LabDataplane,
 }
 
 impl LabSpec {
@@ -102,6 +119,7 @@ impl LabSpec {
             keep_dir: false,
             base_dir: None,
             insecure_plaintext: false,
+            dataplane: LabDataplane::Userspace,
         }
     }
 }
@@ -222,6 +240,22 @@ impl Lab {
             ns.ip(&["addr", "add", &format!("{CLUSTER}/32"), "dev", "lo"])?;
             sysctl(ns, "net.ipv4.conf.all.arp_ignore", "1")?;
             sysctl(ns, "net.ipv4.conf.all.arp_announce", "2")?;
+            if self.spec.dataplane == LabDataplane::Xfrm {
+                // The kernel decrypts into the stack: the inner address lives on a dummy
+                // device, whose prefix routes replies to the pool into the XFRM policies.
+                let (inner, len) = self.spec.inner;
+                ns.ip(&["link", "add", "evpc0", "type", "dummy"])?;
+                ns.ip(&["addr", "add", &format!("{inner}/{len}"), "dev", "evpc0"])?;
+                ns.ip(&["link", "set", "evpc0", "up"])?;
+                // decrypted packets arrive on n0 from pool addresses routed via evpc0
+                for key in [
+                    "net.ipv4.conf.all.rp_filter",
+                    "net.ipv4.conf.default.rp_filter",
+                    "net.ipv4.conf.n0.rp_filter",
+                ] {
+                    sysctl(ns, key, "0")?;
+                }
+            }
         }
         // The root namespace's door to the admin APIs.
         static LABS: AtomicU32 = AtomicU32::new(0);
@@ -279,7 +313,11 @@ impl Lab {
             raft: RaftTuning::default(),
             ownership: self.spec.ownership.clone(),
             dataplane: DataplaneConfig {
-                backend: "userspace".into(),
+                backend: match self.spec.dataplane {
+                    LabDataplane::Userspace => "userspace",
+                    LabDataplane::Xfrm => "xfrm",
+                }
+                .into(),
                 cluster_address: Some(IpAddr::V4(CLUSTER)),
                 tun: TunSettings {
                     name: "evpc0".into(),
