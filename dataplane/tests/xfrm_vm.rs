@@ -303,7 +303,11 @@ fn lease(lab: &Lab, driver: &XfrmDriver) {
         (N + 41..=N + 50).collect::<Vec<_>>()
     );
     let c = driver.counters(SA_A.in_spi).expect("running");
-    assert_eq!((c.highest_out, c.lease_waits), (N + 50, 1), "{c:?}");
+    assert_eq!(
+        (c.highest_out, c.lease_waits, c.out_packets),
+        (N + 50, 1, 10 + 31 + 10),
+        "out_packets counts the expired state's packets too: {c:?}"
+    );
     println!(
         "{:?} check 3: extend in place (same state, 10 packets on), 31 of 40 sent up to the \
          limit {}, lease_waits {}, re-installed from {}",
@@ -372,14 +376,28 @@ fn fence(lab: &Lab, driver: &XfrmDriver, gate: &FenceGate) {
         (Some(c.highest_out) == wire_max).then_some(c)
     })
     .expect("highest_out matches the wire after the fence");
+    let on_wire = lab
+        .capture
+        .from_gw_since(0)
+        .iter()
+        .filter(|p| p.spi == SA_A.out_spi)
+        .count() as u64;
+    // the packets sent between the fence's last read and its delete are not counted
+    assert!(
+        c.out_packets <= on_wire && c.out_packets + 5 >= on_wire,
+        "out_packets {} across the fence, {on_wire} on the wire",
+        c.out_packets
+    );
     lab.peer_drain();
     println!(
         "{:?} check 4: states gone {:.0} ms after the gate closed, then no ESP for 1 s while \
          {offered} datagrams were offered; resumed at {first} (highest before \
-         {highest_before}), highest_out {}, {sent_total} offered in all",
+         {highest_before}), highest_out {}, out_packets {} ({on_wire} on the wire), \
+         {sent_total} offered in all",
         lab.encap,
         removed.as_secs_f64() * 1e3,
-        c.highest_out
+        c.highest_out,
+        c.out_packets
     );
 }
 

@@ -81,6 +81,10 @@
 //! fence therefore skips up to 1024 numbers; reading then deleting alone re-sent the numbers
 //! used in between (seen in the VM test `xfrm_vm`).
 //!
+//! The kernel counts packets per state, so `out_packets` / `in_packets` add up every state a
+//! child has had (each one's last count; an expired one's is its hard limit). Packets sent or
+//! received between a fence's last read and the delete are not counted.
+//!
 //! ## ESP in UDP or plain ESP
 //!
 //! A child with `udp_encap` (NAT was detected between us and the peer) gets states with an
@@ -297,6 +301,13 @@ struct KChild {
     in_floor: u64,
     out_installed: bool,
     in_installed: bool,
+    /// Packets of the outbound / inbound states installed before the current one (a lease
+    /// that ran out, a fence): the kernel counts per state.
+    out_done: u64,
+    in_done: u64,
+    /// Packets of the current states, as last read.
+    out_now: u64,
+    in_now: u64,
     /// Last counters read.
     last: ChildCounters,
 }
@@ -589,6 +600,7 @@ impl Inner {
         )?;
         child.install_base = oseq;
         child.out_installed = true;
+        child.out_done += std::mem::take(&mut child.out_now);
         Ok(())
     }
 
@@ -602,6 +614,7 @@ impl Inner {
         )?;
         child.in_floor = floor;
         child.in_installed = true;
+        child.in_done += std::mem::take(&mut child.in_now);
         Ok(())
     }
 
@@ -728,13 +741,17 @@ impl Inner {
                     if out.oseq > child.install_base {
                         child.last.highest_out = child.last.highest_out.max(out.oseq);
                     }
-                    child.last.out_packets = child.last.out_packets.max(out.packets);
+                    child.out_now = child.out_now.max(out.packets);
+                    child.last.out_packets = child.out_done + child.out_now;
                 }
                 Err(e) if e.errno == libc::ESRCH => {
                     // hard-expired at the lease mark: every number up to it may be used
                     child.out_installed = false;
                     child.last.lease_waits += 1;
                     child.last.highest_out = child.last.highest_out.max(child.limit);
+                    // it sent up to its hard limit
+                    child.out_now = child.out_now.max(child.limit - child.install_base);
+                    child.last.out_packets = child.out_done + child.out_now;
                     tracing::info!(
                         in_spi = format_args!("{:08x}", child.start.in_spi),
                         limit = child.limit,
@@ -750,7 +767,8 @@ impl Inner {
                     if inbound.seq > child.in_floor {
                         child.last.highest_in = child.last.highest_in.max(inbound.seq);
                     }
-                    child.last.in_packets = child.last.in_packets.max(inbound.packets);
+                    child.in_now = child.in_now.max(inbound.packets);
+                    child.last.in_packets = child.in_done + child.in_now;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the inbound state's counters"),
             }
@@ -789,7 +807,8 @@ impl Inner {
             .netlink
             .request("UPDSA (fence)", XfrmMessage::UpdateSa(message), ACK)
         {
-            if e.errno != libc::ESRCH {
+            // ESRCH: expired and deleted; EINVAL: expired, not deleted yet
+            if e.errno != libc::ESRCH && e.errno != libc::EINVAL {
                 tracing::error!(error = %e, "fencing: freezing an outbound state");
             }
             // gone (expired at the lease) or unknown: any number of the lease may be used
@@ -798,7 +817,11 @@ impl Inner {
         match self.ae(peer, child.start.out_spi, local, child.reqid) {
             // more than FENCE_MARGIN were sent between the two reads: the state expired at
             // once and `oseq` is final; otherwise it can still send up to `freeze`
-            Ok(ae) => ae.oseq.max(freeze),
+            Ok(ae) => {
+                child.out_now = child.out_now.max(ae.packets);
+                child.last.out_packets = child.out_done + child.out_now;
+                ae.oseq.max(freeze)
+            }
             // it reached the new limit and the kernel deleted it: exactly at `freeze` if at
             // most FENCE_MARGIN packets came between the reads, but that cannot be told here
             Err(_) => child.limit,
@@ -900,6 +923,10 @@ impl SaDriver for XfrmDriver {
             in_floor: child.replay_floor,
             out_installed: false,
             in_installed: false,
+            out_done: 0,
+            in_done: 0,
+            out_now: 0,
+            in_now: 0,
             last: ChildCounters::default(),
             start: child,
         };
@@ -953,10 +980,14 @@ impl SaDriver for XfrmDriver {
                 .request("UPDSA (lease)", XfrmMessage::UpdateSa(message), ACK)
             {
                 Ok(_) => return,
-                Err(e) if e.errno == libc::ESRCH => {
+                // ESRCH: expired and deleted; EINVAL: expired, not deleted yet (the kernel
+                // updates only valid states; install_sa replaces it)
+                Err(e) if e.errno == libc::ESRCH || e.errno == libc::EINVAL => {
                     child.out_installed = false;
                     child.last.lease_waits += 1;
                     child.last.highest_out = child.last.highest_out.max(old_limit);
+                    child.out_now = child.out_now.max(old_limit - child.install_base);
+                    child.last.out_packets = child.out_done + child.out_now;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "extending the outbound lease");
