@@ -158,7 +158,7 @@ fn lifecycle(encap: Encap) {
     esn(&lab, &driver);
     stop(&lab, &driver, SA_B);
 
-    let all = lab.capture.from_gw_since(0);
+    let all = lab.capture.gw_since(0);
     assert_unique(&all);
     assert!(
         all.iter().all(|p| p.udp == (encap == Encap::Udp)),
@@ -337,13 +337,13 @@ fn fence(lab: &Lab, driver: &XfrmDriver, gate: &FenceGate) {
     let fenced = lab.capture.mark();
     let offered_before = sender.sent();
     std::thread::sleep(Duration::from_millis(1000));
-    let late = lab.capture.from_gw_since(fenced);
+    let late = lab.capture.gw_since(fenced);
     assert!(late.is_empty(), "ESP left the gw while fenced: {late:?}");
     let offered = sender.sent() - offered_before;
     assert!(offered > 50, "traffic was offered while fenced ({offered})");
     let highest_before = lab
         .capture
-        .from_gw_since(0)
+        .gw_since(0)
         .iter()
         .filter(|p| p.spi == SA_A.out_spi)
         .map(|p| u64::from(p.seq))
@@ -364,12 +364,12 @@ fn fence(lab: &Lab, driver: &XfrmDriver, gate: &FenceGate) {
         resumed_seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "{resumed_seqs:?}"
     );
-    assert_unique(&lab.capture.from_gw_since(0));
+    assert_unique(&lab.capture.gw_since(0));
     let c = wait_for("the counters to catch up", || {
         let c = driver.counters(SA_A.in_spi).expect("running");
         let wire_max = lab
             .capture
-            .from_gw_since(reopen)
+            .gw_since(reopen)
             .iter()
             .map(|p| u64::from(p.seq))
             .max();
@@ -378,7 +378,7 @@ fn fence(lab: &Lab, driver: &XfrmDriver, gate: &FenceGate) {
     .expect("highest_out matches the wire after the fence");
     let on_wire = lab
         .capture
-        .from_gw_since(0)
+        .gw_since(0)
         .iter()
         .filter(|p| p.spi == SA_A.out_spi)
         .count() as u64;
@@ -427,7 +427,7 @@ fn stop(lab: &Lab, driver: &XfrmDriver, sa: Sa) {
     let mark = lab.capture.mark();
     lab.gw_send(5);
     std::thread::sleep(Duration::from_millis(500));
-    let after: Vec<Esp> = lab.capture.from_gw_since(mark);
+    let after: Vec<Esp> = lab.capture.gw_since(mark);
     assert!(after.is_empty(), "ESP sent after stop: {after:?}");
     lab.peer_drain(); // the 5 went out in the clear: no policy is left
     println!(
@@ -583,7 +583,7 @@ fn crash() {
     let dead = lab.capture.mark();
     std::thread::sleep(Duration::from_millis(500));
     let offered = sender.stop();
-    let after_kill = lab.capture.from_gw_since(dead).len();
+    let after_kill = lab.capture.gw_since(dead).len();
     assert!(
         after_kill > 0,
         "the killed process's states went on encrypting"
@@ -611,7 +611,7 @@ fn crash() {
     assert_eq!(left_policies, 3, "and its policies (out, in, fwd)");
     let old_highest = lab
         .capture
-        .from_gw_since(0)
+        .gw_since(0)
         .iter()
         .map(|p| u64::from(p.seq))
         .max()
@@ -650,7 +650,7 @@ fn crash() {
         seqs(&wire, SA_C.out_spi),
         (OLD_LEASE + 1..=OLD_LEASE + 20).collect::<Vec<_>>()
     );
-    let all = lab.capture.from_gw_since(0);
+    let all = lab.capture.gw_since(0);
     assert_unique(&all);
     driver.shutdown();
     println!(
@@ -1251,7 +1251,7 @@ impl Capture {
         self.lock()[mark..].to_vec()
     }
 
-    fn from_gw_since(&self, mark: usize) -> Vec<Esp> {
+    fn gw_since(&self, mark: usize) -> Vec<Esp> {
         self.lock()[mark..]
             .iter()
             .filter(|p| p.from_gw)
@@ -1264,7 +1264,7 @@ impl Capture {
     fn wait_at_least(&self, mark: usize, n: usize) -> Vec<Esp> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let seen = self.from_gw_since(mark);
+            let seen = self.gw_since(mark);
             if seen.len() >= n || Instant::now() > deadline {
                 return seen;
             }
@@ -1276,14 +1276,14 @@ impl Capture {
     /// more came for 300 ms.
     fn wait_from_gw(&self, mark: usize, n: usize) -> Vec<Esp> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.from_gw_since(mark).len() < n && Instant::now() < deadline {
+        while self.gw_since(mark).len() < n && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         loop {
-            let count = self.from_gw_since(mark).len();
+            let count = self.gw_since(mark).len();
             std::thread::sleep(Duration::from_millis(300));
-            if self.from_gw_since(mark).len() == count {
-                return self.from_gw_since(mark);
+            if self.gw_since(mark).len() == count {
+                return self.gw_since(mark);
             }
         }
     }
