@@ -202,6 +202,7 @@ fn bench(args: &Args) -> anyhow::Result<Report> {
             ts_remote: vec![prefix_selector(IpAddr::V4(remote), 24)],
             local: SocketAddr::from((me, 4500)),
             peer: SocketAddr::from((peer, 4500)),
+            udp_encap: true,
             next_seq: 1,
             limit: args.lease,
             replay_floor: 0,

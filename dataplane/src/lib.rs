@@ -89,6 +89,8 @@ pub struct ChildStart {
     pub local: SocketAddr,
     /// The peer's outer address and port (after NAT).
     pub peer: SocketAddr,
+    /// ESP in UDP (RFC 3948) because NAT was detected; false: plain ESP, IP protocol 50.
+    pub udp_encap: bool,
     /// First outbound sequence number this node may use.
     pub next_seq: u64,
     /// Highest outbound sequence number this node may use: the committed `out_hwm`.

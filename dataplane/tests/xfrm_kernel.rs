@@ -363,6 +363,7 @@ fn child_template() -> ChildStart {
         ts_remote: vec![prefix_selector(ip("198.19.2.5"), 32)],
         local: SocketAddr::new(ip("198.18.0.1"), 4500),
         peer: SocketAddr::new(ip("198.18.0.2"), 4500),
+        udp_encap: true,
         next_seq: 101,
         limit: 200,
         replay_floor: 50,

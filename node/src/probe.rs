@@ -262,6 +262,7 @@ impl SaDriver for ProbeDriver {
     }
 
     fn start(&self, child: ChildStart) -> Result<(), DriverError> {
+        // `child.udp_encap` does not matter: the probe sends synthetic packets of its own
         let mut children = self.lock();
         if children.by_spi.contains_key(&child.in_spi) {
             return Err(DriverError::AlreadyRunning(child.in_spi));
@@ -406,6 +407,7 @@ mod tests {
             ts_remote: vec![],
             local: "127.0.0.1:4500".parse().unwrap(),
             peer: "127.0.0.1:4500".parse().unwrap(),
+            udp_encap: true,
             next_seq: next,
             limit,
             replay_floor: 0,

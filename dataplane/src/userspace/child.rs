@@ -69,6 +69,13 @@ pub(crate) fn build_sas(
         in_spi: child.in_spi,
         reason,
     };
+    if !child.udp_encap {
+        return Err(unsupported(
+            "plain ESP (IP protocol 50, no NAT detected): the userspace backend only carries \
+             ESP in UDP (RFC 3948) on the NAT-T port; use the kernel (xfrm) data plane"
+                .into(),
+        ));
+    }
     let keys = child
         .keys
         .as_ref()
@@ -401,6 +408,7 @@ pub(crate) mod tests {
             ts_remote: vec![parse(remote)],
             local: "198.18.0.1:4500".parse().unwrap(),
             peer: "198.18.0.2:4500".parse().unwrap(),
+            udp_encap: true,
             next_seq: 1,
             limit: 3,
             replay_floor: 0,
@@ -410,6 +418,19 @@ pub(crate) mod tests {
     fn udp_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
         let udp = [0x1f, 0x40, 0x1f, 0x41, 0, 12, 0, 0, b'd', b'a', b't', b'a'];
         crate::selector::tests_support::ipv4(src, dst, 17, 0, &udp)
+    }
+
+    #[test]
+    fn plain_esp_children_are_refused() {
+        let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        start.udp_encap = false;
+        assert!(matches!(
+            Child::new(&start, 64),
+            Err(DriverError::Unsupported { in_spi: 0x1000, reason })
+                if reason.contains("plain ESP") && reason.contains("ESP in UDP")
+        ));
+        start.udp_encap = true;
+        assert!(Child::new(&start, 64).is_ok());
     }
 
     #[test]

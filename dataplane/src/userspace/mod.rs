@@ -32,7 +32,8 @@
 //!    the TUN device in the calling thread's network namespace, starts the workers, and returns
 //!    the driver and the [`IkeReceiver`] on which every IKE datagram arrives.
 //! 2. The owner runtime calls [`SaDriver::start`] for each child it owns (refused with
-//!    [`DriverError::Unsupported`] without keys or with a suite other than AES-GCM-16 128/256),
+//!    [`DriverError::Unsupported`] without keys, with a suite other than AES-GCM-16 128/256, or
+//!    for plain ESP — `udp_encap: false` — since it only carries ESP in UDP),
 //!    [`SaDriver::extend`] when it commits a higher `out_hwm`, [`SaDriver::counters`] to
 //!    commit leases and replay checkpoints, and [`SaDriver::stop`] when the child moves away.
 //! 3. The IKE engine answers with [`UserspaceDriver::send_ike`] on the port the request came in

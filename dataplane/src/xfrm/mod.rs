@@ -3,8 +3,9 @@
 //! [`XfrmDriver`] installs each child SA the node starts as a pair of kernel states and the
 //! policies of its traffic selectors (`netlink-packet-xfrm` messages sent through
 //! `xfrmnetlink`), and reads the kernel's counters back to drive leases and checkpoints. The
-//! kernel then does ESP itself (RFC 4303 tunnel mode, `rfc4106(gcm(aes))`, ESP-in-UDP per
-//! RFC 3948 through a `UDP_ENCAP_ESPINUDP` socket on the cluster address).
+//! kernel then does ESP itself (RFC 4303 tunnel mode, `rfc4106(gcm(aes))`), in UDP or not as
+//! the child says ([`ChildStart::udp_encap`], see [ESP in UDP or plain
+//! ESP](#esp-in-udp-or-plain-esp)).
 //!
 //! ```text
 //!  XfrmDriver::new ── flush_owned(reqids): DELSA / DELPOLICY what carries this node's reqids
@@ -25,6 +26,8 @@
 //!                running child already has: shared, no kernel change
 //!  counters: GETAE out (oseq, packets), GETAE in (seq, packets), GETSA in (replay / ICV stats)
 //!  extend:   UPDSA out with the larger hard packet limit (or NEWSA again if it expired)
+//!  fence:    counters, UPDSA out freezing it (hard limit ≤ 1024 above), GETAE, DELSA ×2;
+//!            unfence: NEWSA ×2 above every number the frozen state could use
 //!  stop:     counters, DELPOLICY ×n (or UPDPOLICY to hand a shared one over), DELSA ×2
 //! ```
 //!
@@ -69,9 +72,29 @@
 //! then dropped (the policy's template is required, so nothing leaves in the clear). That is
 //! counted as one `lease_waits` event, `highest_out` is reported as the limit (every number up
 //! to it may have been used), and the next `extend` installs the state again starting above
-//! the old limit. Fencing works the same way: closing the gate removes both states (after
-//! reading their counters) and reopening it installs them again above what was used, so no
-//! sequence number is ever sent twice.
+//! the old limit. Fencing works the same way: closing the gate removes both states and
+//! reopening it installs them again above what was used, so no sequence number is ever sent
+//! twice. The kernel keeps sending while the driver reads the counters and deletes the state,
+//! so before the delete the outbound state is *frozen*: UPDSA lowers its hard limit to at
+//! most `FENCE_MARGIN` (1024) numbers above what the counters said, the counters are read
+//! again, and `highest_out` becomes that bound (every number up to it may have been used). A
+//! fence therefore skips up to 1024 numbers; reading then deleting alone re-sent the numbers
+//! used in between (seen in the VM test `xfrm_vm`).
+//!
+//! The kernel counts packets per state, so `out_packets` / `in_packets` add up every state a
+//! child has had (each one's last count; an expired one's is its hard limit). Packets sent or
+//! received between a fence's last read and the delete are not counted.
+//!
+//! ## ESP in UDP or plain ESP
+//!
+//! A child with `udp_encap` (NAT was detected between us and the peer) gets states with an
+//! `XFRMA_ENCAP` template (`UDP_ENCAP_ESPINUDP`, our NAT-T port ⇄ the peer's port as IKE saw
+//! it): the kernel sends ESP in UDP from the cluster's port 4500, and takes ESP arriving on the
+//! cluster's NAT-T socket, which has `UDP_ENCAP` set (datagrams starting with the non-ESP
+//! marker reach the IKE reader). A child without it gets states with no encapsulation: ESP as
+//! IP protocol 50 both ways, the peer's port unused; the NAT-T socket stays open for IKE and
+//! for the children behind NAT, and plain ESP never reaches it. Both kinds can run side by
+//! side. (The userspace data plane only carries ESP in UDP and refuses the other kind.)
 //!
 //! ## ESP support
 //!
@@ -278,6 +301,13 @@ struct KChild {
     in_floor: u64,
     out_installed: bool,
     in_installed: bool,
+    /// Packets of the outbound / inbound states installed before the current one (a lease
+    /// that ran out, a fence): the kernel counts per state.
+    out_done: u64,
+    in_done: u64,
+    /// Packets of the current states, as last read.
+    out_now: u64,
+    in_now: u64,
     /// Last counters read.
     last: ChildCounters,
 }
@@ -496,6 +526,10 @@ fn watchdog(inner: &Inner) {
 }
 
 const ADD: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+
+/// Sequence numbers a fenced outbound state may still use after its counters were read
+/// ([`Inner::freeze_out`]): the numbers skipped when the fence lifts.
+const FENCE_MARGIN: u64 = 1024;
 const ACK: u16 = NLM_F_REQUEST | NLM_F_ACK;
 
 impl Inner {
@@ -524,7 +558,10 @@ impl Inner {
             reqid: child.reqid,
             keymat,
             esn: child.start.suite.esn,
-            encap: Some((self.config.natt_port, child.start.peer.port())),
+            encap: child
+                .start
+                .udp_encap
+                .then_some((self.config.natt_port, child.start.peer.port())),
             replay_window: self.config.replay_window,
             seq: oseq,
             packet_limit: Some(limit.saturating_sub(oseq)),
@@ -543,7 +580,10 @@ impl Inner {
             reqid: child.reqid,
             keymat,
             esn: child.start.suite.esn,
-            encap: Some((child.start.peer.port(), self.config.natt_port)),
+            encap: child
+                .start
+                .udp_encap
+                .then_some((child.start.peer.port(), self.config.natt_port)),
             replay_window: self.config.replay_window,
             seq: floor,
             packet_limit: None,
@@ -560,6 +600,7 @@ impl Inner {
         )?;
         child.install_base = oseq;
         child.out_installed = true;
+        child.out_done += std::mem::take(&mut child.out_now);
         Ok(())
     }
 
@@ -573,6 +614,7 @@ impl Inner {
         )?;
         child.in_floor = floor;
         child.in_installed = true;
+        child.in_done += std::mem::take(&mut child.in_now);
         Ok(())
     }
 
@@ -699,13 +741,17 @@ impl Inner {
                     if out.oseq > child.install_base {
                         child.last.highest_out = child.last.highest_out.max(out.oseq);
                     }
-                    child.last.out_packets = child.last.out_packets.max(out.packets);
+                    child.out_now = child.out_now.max(out.packets);
+                    child.last.out_packets = child.out_done + child.out_now;
                 }
                 Err(e) if e.errno == libc::ESRCH => {
                     // hard-expired at the lease mark: every number up to it may be used
                     child.out_installed = false;
                     child.last.lease_waits += 1;
                     child.last.highest_out = child.last.highest_out.max(child.limit);
+                    // it sent up to its hard limit
+                    child.out_now = child.out_now.max(child.limit - child.install_base);
+                    child.last.out_packets = child.out_done + child.out_now;
                     tracing::info!(
                         in_spi = format_args!("{:08x}", child.start.in_spi),
                         limit = child.limit,
@@ -721,7 +767,8 @@ impl Inner {
                     if inbound.seq > child.in_floor {
                         child.last.highest_in = child.last.highest_in.max(inbound.seq);
                     }
-                    child.last.in_packets = child.last.in_packets.max(inbound.packets);
+                    child.in_now = child.in_now.max(inbound.packets);
+                    child.last.in_packets = child.in_done + child.in_now;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the inbound state's counters"),
             }
@@ -741,12 +788,56 @@ impl Inner {
         }
     }
 
+    /// Before a fence removes the outbound state: stops it from sending more than
+    /// [`FENCE_MARGIN`] numbers past what the counters last said, and returns the highest
+    /// number it can have used (or will use before it is deleted).
+    ///
+    /// Reading the counters and then deleting the state is not enough: the kernel goes on
+    /// sending in between, and the numbers it used there would be sent again when the fence
+    /// lifts (with AES-GCM, a repeated nonce). So the hard packet limit is lowered first
+    /// (UPDSA: from then on the kernel sends at most up to `freeze`), and the counters read
+    /// again: their `oseq` is final if the state already reached the new limit.
+    fn freeze_out(&self, child: &mut KChild) -> u64 {
+        let local = self.local();
+        let peer = child.start.peer.ip();
+        let used = child.last.highest_out.max(child.install_base);
+        let freeze = child.limit.min(used.saturating_add(FENCE_MARGIN));
+        let message = self.out_message(child, child.install_base, freeze);
+        if let Err(e) = self
+            .netlink
+            .request("UPDSA (fence)", XfrmMessage::UpdateSa(message), ACK)
+        {
+            // ESRCH: expired and deleted; EINVAL: expired, not deleted yet
+            if e.errno != libc::ESRCH && e.errno != libc::EINVAL {
+                tracing::error!(error = %e, "fencing: freezing an outbound state");
+            }
+            // gone (expired at the lease) or unknown: any number of the lease may be used
+            return child.limit;
+        }
+        match self.ae(peer, child.start.out_spi, local, child.reqid) {
+            // more than FENCE_MARGIN were sent between the two reads: the state expired at
+            // once and `oseq` is final; otherwise it can still send up to `freeze`
+            Ok(ae) => {
+                child.out_now = child.out_now.max(ae.packets);
+                child.last.out_packets = child.out_done + child.out_now;
+                ae.oseq.max(freeze)
+            }
+            // it reached the new limit and the kernel deleted it: exactly at `freeze` if at
+            // most FENCE_MARGIN packets came between the reads, but that cannot be told here
+            Err(_) => child.limit,
+        }
+    }
+
     fn apply_fence(&self, state: &mut State, fenced: bool) {
         for child in state.children.values_mut() {
             let local = self.local();
             let peer = child.start.peer.ip();
             if fenced {
                 self.refresh(child);
+                if child.out_installed {
+                    let bound = self.freeze_out(child);
+                    child.last.highest_out = child.last.highest_out.max(bound);
+                }
                 if let Err(e) = self.delete_sa(peer, child.start.out_spi, local) {
                     tracing::error!(error = %e, "fencing: removing an outbound state");
                 }
@@ -832,6 +923,10 @@ impl SaDriver for XfrmDriver {
             in_floor: child.replay_floor,
             out_installed: false,
             in_installed: false,
+            out_done: 0,
+            in_done: 0,
+            out_now: 0,
+            in_now: 0,
             last: ChildCounters::default(),
             start: child,
         };
@@ -885,10 +980,14 @@ impl SaDriver for XfrmDriver {
                 .request("UPDSA (lease)", XfrmMessage::UpdateSa(message), ACK)
             {
                 Ok(_) => return,
-                Err(e) if e.errno == libc::ESRCH => {
+                // ESRCH: expired and deleted; EINVAL: expired, not deleted yet (the kernel
+                // updates only valid states; install_sa replaces it)
+                Err(e) if e.errno == libc::ESRCH || e.errno == libc::EINVAL => {
                     child.out_installed = false;
                     child.last.lease_waits += 1;
                     child.last.highest_out = child.last.highest_out.max(old_limit);
+                    child.out_now = child.out_now.max(old_limit - child.install_base);
+                    child.last.out_packets = child.out_done + child.out_now;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "extending the outbound lease");

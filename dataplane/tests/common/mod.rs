@@ -254,6 +254,7 @@ pub fn child_start(suite: Suite, esn: bool, limit: u64) -> ChildStart {
         ts_remote: vec![prefix_selector(IpAddr::V4(PEER_INNER), 32)],
         local: SocketAddr::from((GW_OUTER, 4500)),
         peer: SocketAddr::from((PEER_OUTER, 4500)),
+        udp_encap: true,
         next_seq: 1,
         limit,
         replay_floor: 0,
