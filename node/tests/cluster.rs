@@ -81,6 +81,7 @@ fn foreign_record(id: u64) -> IkeSa {
         out_start: 1,
         out_hwm: 5_000 + id,
         in_checkpoint: 4_000,
+        udp_encap: true,
         rekey_generation: 2,
         times: SaTimes::default(),
     };

@@ -104,6 +104,7 @@ fn imported_sa(key: &ClusterKey) -> Vec<u8> {
         out_start: 1,
         out_hwm: 1_000,
         in_checkpoint: 0,
+        udp_encap: true,
         rekey_generation: 0,
         times: SaTimes::default(),
     };

@@ -42,6 +42,7 @@ pub fn ike_sa(id: SaId, spi_i: u64, slot: Slot, owner: NodeId, child_spi: u32) -
         out_start: 1,
         out_hwm: 0,
         in_checkpoint: 0,
+        udp_encap: true,
         rekey_generation: 0,
         times: SaTimes::default(),
     };

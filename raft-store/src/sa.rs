@@ -186,6 +186,9 @@ pub struct ChildSa {
     /// Highest authenticated inbound sequence number the owner reported; a new owner's replay
     /// window refuses everything at or below it.
     pub in_checkpoint: u64,
+    /// ESP travels in UDP (RFC 3948) because IKE detected a NAT between us and the peer
+    /// (RFC 7296 §2.23) or the peer forced encapsulation; otherwise plain ESP, IP protocol 50.
+    pub udp_encap: bool,
     /// How many times this child has been rekeyed (0 for the first SA of its lineage).
     pub rekey_generation: u32,
     /// Lifetimes.

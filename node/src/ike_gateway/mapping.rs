@@ -215,8 +215,9 @@ impl Mapper<'_> {
         }
     }
 
-    /// A new child for the record of SA `id` in `epoch`: keys sealed, the first lease granted.
-    pub fn child(&self, id: SaId, epoch: Epoch, c: &EngineChild) -> ChildSa {
+    /// A new child for the record of SA `id` in `epoch`: keys sealed, the first lease granted,
+    /// ESP in UDP when the IKE SA found a NAT (`udp_encap`).
+    pub fn child(&self, id: SaId, epoch: Epoch, c: &EngineChild, udp_encap: bool) -> ChildSa {
         let keys = ChildKeymat::new(
             c.inbound_key.expose().to_vec(),
             c.outbound_key.expose().to_vec(),
@@ -231,6 +232,7 @@ impl Mapper<'_> {
             out_start: 1,
             out_hwm: self.initial_lease,
             in_checkpoint: 0,
+            udp_encap,
             rekey_generation: c.rekey_generation,
             times: SaTimes {
                 established_ms: c.created_at_ms,
@@ -276,7 +278,12 @@ impl Mapper<'_> {
             children: snapshot
                 .children
                 .iter()
-                .map(|c| (c.inbound_spi, self.child(id, Epoch::FIRST, c)))
+                .map(|c| {
+                    (
+                        c.inbound_spi,
+                        self.child(id, Epoch::FIRST, c, snapshot.nat.any()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -332,7 +339,7 @@ impl Mapper<'_> {
             if prev.children.contains_key(&c.inbound_spi) {
                 continue;
             }
-            let new = Box::new(self.child(prev.id, prev.epoch, c));
+            let new = Box::new(self.child(prev.id, prev.epoch, c, snapshot.nat.any()));
             match replaces.get(&c.inbound_spi) {
                 Some(old)
                     if prev

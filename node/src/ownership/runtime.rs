@@ -226,8 +226,7 @@ impl OwnerRuntime {
                     ts_remote: child.ts_remote.clone(),
                     local: sa.local,
                     peer: sa.peer,
-                    // not replicated yet: will come from the SA record's NAT detection (IKE_SA_INIT)
-                    udp_encap: true,
+                    udp_encap: child.udp_encap,
                     next_seq: first,
                     limit: child.out_hwm,
                     replay_floor,

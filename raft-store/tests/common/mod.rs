@@ -70,6 +70,7 @@ pub fn child(in_spi: u32, esn: bool) -> ChildSa {
         out_start: 1,
         out_hwm: 0,
         in_checkpoint: 0,
+        udp_encap: true,
         rekey_generation: 0,
         times: SaTimes::default(),
     }
