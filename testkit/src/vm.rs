@@ -64,7 +64,8 @@ const INITRD_MODULES: &[&str] = &[
 
 /// The initramfs's `/init` (busybox sh). It mounts the host root read-only over 9p with a
 /// tmpfs overlay, moves /proc /sys /dev there, mounts a fresh /run, /dev/pts, /dev/shm and
-/// the read-write share at /out, then `switch_root`s — not `chroot`: the kernel's module
+/// the read-write share at /out (not over /tmp: a checkout or build there must stay visible;
+/// writes to it land in the overlay), then `switch_root`s — not `chroot`: the kernel's module
 /// autoload (`request_module` → /sbin/modprobe, e.g. for `rfc4106(gcm(aes))`) must see the
 /// real root, not the initramfs.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -78,7 +79,6 @@ for d in proc sys dev; do mount --move /$d /newroot/$d; done
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/dev/pts /newroot/dev/shm /newroot/run/lock /newroot/run/netns
 mount -t devpts devpts /newroot/dev/pts; mount -t tmpfs tmpfs /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mkdir -p /newroot/out; mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /newroot/out || { echo "evpc-vm: 9p mount of /out failed"; poweroff -f; }
 cat > /newroot/run/vm-stage2 <<'EOT'
 #!/bin/sh
