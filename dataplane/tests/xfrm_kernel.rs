@@ -26,9 +26,9 @@ use evpc_dataplane::xfrm::{
 };
 use evpc_dataplane::{ChildKeymat, ChildStart, FenceGate, SaDriver};
 use evpc_raft_store::{ChildSuite, Epoch, SaId};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_xfrm::policy::ModifyMessage as PolicyModifyMessage;
-use netlink_packet_xfrm::state::{GetDumpMessage, ModifyMessage as StateModifyMessage};
+use netlink_packet_xfrm::state::ModifyMessage as StateModifyMessage;
 use netlink_packet_xfrm::{Mark, XfrmAttrs, XfrmMessage};
 
 const ADD: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
@@ -89,18 +89,7 @@ fn template_reqids(policy: &PolicyModifyMessage) -> Vec<u32> {
 
 /// Every state in the namespace (GETSA dump).
 fn all_states(nl: &XfrmNetlink) -> Vec<StateModifyMessage> {
-    nl.request(
-        "GETSA (dump)",
-        XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-        NLM_F_REQUEST | NLM_F_DUMP,
-    )
-    .expect("GETSA dump")
-    .into_iter()
-    .filter_map(|m| match m {
-        XfrmMessage::AddSa(sa) => Some(sa),
-        _ => None,
-    })
-    .collect()
+    nl.dump_states().expect("GETSA dump")
 }
 
 /// A larval state reserving an SPI in `spis` for peer → gw, tagged with `reqid`; its SPI.

@@ -51,7 +51,8 @@ use evpc_dataplane::netns::{NetNs, veth_pair};
 use evpc_dataplane::selector::prefix_selector;
 use evpc_dataplane::userspace::ENCR_AES_GCM_16;
 use evpc_dataplane::xfrm::{
-    ReqidRange, XfrmConfig, XfrmDriver, XfrmNetlink, get_ae, parse_ae, template_reqids,
+    ReqidRange, UDP_ENCAP_ESPINUDP, UdpEncap, XfrmConfig, XfrmDriver, XfrmNetlink, get_ae,
+    parse_ae, template_reqids,
 };
 use evpc_dataplane::{ChildCounters, ChildKeymat, ChildStart, FenceGate, SaDriver};
 use evpc_raft_store::{ChildSuite, Epoch, SaId};
@@ -61,13 +62,12 @@ use netlink_packet_xfrm::XfrmMessage;
 use netlink_packet_xfrm::policy::{
     DelGetMessage as PolicyDelGetMessage, ModifyMessage as PolicyModifyMessage,
 };
-use netlink_packet_xfrm::state::{GetDumpMessage, ModifyMessage as StateModifyMessage};
+use netlink_packet_xfrm::state::ModifyMessage as StateModifyMessage;
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, setsockopt, socket, sockopt,
 };
 use nix::sys::time::{TimeVal, TimeValLike};
-use nix::{setsockopt_impl, sockopt_impl};
 
 const GW_OUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_OUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -747,19 +747,7 @@ impl Host {
     }
 
     fn states(&self) -> Vec<StateModifyMessage> {
-        self.netlink
-            .request(
-                "GETSA (dump)",
-                XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-                NLM_F_REQUEST | NLM_F_DUMP,
-            )
-            .expect("GETSA dump")
-            .into_iter()
-            .filter_map(|m| match m {
-                XfrmMessage::AddSa(sa) => Some(sa),
-                _ => None,
-            })
-            .collect()
+        self.netlink.dump_states().expect("GETSA dump")
     }
 
     /// The (non-larval) state with this SPI.
@@ -812,15 +800,6 @@ struct Lab {
     _peer_natt: Option<UdpSocket>,
 }
 
-sockopt_impl!(
-    /// `UDP_ENCAP`: hand ESP arriving on this socket to XFRM (RFC 3948).
-    UdpEncap,
-    SetOnly,
-    libc::IPPROTO_UDP,
-    libc::UDP_ENCAP,
-    libc::c_int
-);
-
 impl Lab {
     fn new(encap: Encap) -> Lab {
         let modprobe = Command::new("modprobe")
@@ -833,7 +812,11 @@ impl Lab {
         );
         let gw = Host::new("gw", GW_INNER);
         let peer = Host::new("peer", PEER_INNER);
-        warm_up_gcm(&gw.ns);
+        let took = gw
+            .ns
+            .run(|| evpc_testkit::vm::warm_up_esp(&[]))
+            .expect("thread in the namespace");
+        println!("rfc4106(gcm(aes)) ready after {:.1} s", took.as_secs_f64());
         veth_pair(
             &gw.ns,
             "gw0",
@@ -863,7 +846,8 @@ impl Lab {
             peer.ns
                 .run(|| {
                     let socket = UdpSocket::bind((PEER_OUTER, NATT)).expect("peer UDP 4500");
-                    setsockopt(&socket.as_fd(), UdpEncap, &2).expect("UDP_ENCAP_ESPINUDP");
+                    setsockopt(&socket.as_fd(), UdpEncap, &UDP_ENCAP_ESPINUDP)
+                        .expect("UDP_ENCAP_ESPINUDP");
                     socket
                 })
                 .expect("thread in the namespace")
@@ -1074,35 +1058,6 @@ impl Sender {
         }
         self.sent()
     }
-}
-
-/// Instantiates `rfc4106(gcm(aes))` with a throwaway state (`ip` waits as long as it takes):
-/// under emulation the first one (module loads, the crypto self-tests) can take longer than
-/// the driver's 5 s netlink timeout.
-fn warm_up_gcm(ns: &NetNs) {
-    let started = Instant::now();
-    let key = format!("0x{}", "00".repeat(20));
-    let id = [
-        "src",
-        "192.0.2.1",
-        "dst",
-        "192.0.2.2",
-        "proto",
-        "esp",
-        "spi",
-        "0x1",
-    ];
-    let mut add = vec!["xfrm", "state", "add"];
-    add.extend(id);
-    add.extend(["mode", "tunnel", "aead", "rfc4106(gcm(aes))", &key, "128"]);
-    ns.ip(&add).expect("an AES-GCM state (warm-up)");
-    let mut delete = vec!["xfrm", "state", "delete"];
-    delete.extend(id);
-    ns.ip(&delete).expect("deleting the warm-up state");
-    println!(
-        "rfc4106(gcm(aes)) ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// `n` datagrams to `to`'s application port, paced a little (send errors — a state past its

@@ -67,12 +67,7 @@ async fn strongswan_keeps_its_ike_sa_when_the_owning_node_dies() {
     );
     // Declared after the lab: dropped (killed) before it, so charon never outlives its namespace.
     let charon = Charon::start(&scratch.path().join("charon"), lab.client_ns().name());
-    {
-        let mut logs = charon.lab_logs.lock().unwrap();
-        for id in 1..=3 {
-            logs.push((id, lab.dir().join(format!("node{id}/node.log"))));
-        }
-    }
+    charon.follow_lab_logs(&lab);
     let traffic = Traffic::start(&lab);
     let mut admin = lab.admin().expect("admin client");
 

@@ -32,7 +32,6 @@ mod swan;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use evpc_node::config::Timeouts;
@@ -60,67 +59,17 @@ fn strongswan_through_a_kernel_data_plane_cluster_survives_an_owner_kill_and_a_t
     if !can_run(TEST) {
         return;
     }
-    warm_kernel_crypto();
+    let took = vm::warm_up_esp(&["esp4", "xfrm_user", "dummy", "veth", "bridge", "tun"]);
+    println!(
+        "kernel ESP with AES-GCM ready after {:.1} s",
+        took.as_secs_f64()
+    );
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime")
         .block_on(scenario());
-}
-
-/// Loads the modules and instantiates AES-GCM for ESP once, before the nodes start: under
-/// emulation the first `rfc4106(gcm(aes))` state (module loads, the crypto self-tests) takes
-/// seconds, longer than a node waits for the kernel's answer to its start-up probe.
-fn warm_kernel_crypto() {
-    let started = Instant::now();
-    let _ = Command::new("modprobe")
-        .args(["-a", "esp4", "xfrm_user", "dummy", "veth", "bridge", "tun"])
-        .status();
-    let key = format!("0x{}", "11".repeat(20));
-    let (ok, out) = output(
-        "ip",
-        &[
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "127.0.0.1",
-            "dst",
-            "127.0.0.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x1",
-            "mode",
-            "tunnel",
-            "aead",
-            "rfc4106(gcm(aes))",
-            &key,
-            "128",
-        ],
-    );
-    assert!(ok, "an AES-GCM ESP state in the VM's kernel: {out}");
-    let _ = output(
-        "ip",
-        &[
-            "xfrm",
-            "state",
-            "del",
-            "src",
-            "127.0.0.1",
-            "dst",
-            "127.0.0.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x1",
-        ],
-    );
-    println!(
-        "kernel ESP with AES-GCM ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// The link-layer address of `dev` in namespace `ns`.
@@ -253,12 +202,7 @@ async fn scenario() {
         .collect();
     let capture = Capture::start(Some(lab.client_ns().name()), "c0").expect("tcpdump on c0");
     let charon = Charon::start(&scratch.path().join("charon"), lab.client_ns().name());
-    {
-        let mut logs = charon.lab_logs.lock().unwrap();
-        for id in 1..=3 {
-            logs.push((id, lab.dir().join(format!("node{id}/node.log"))));
-        }
-    }
+    charon.follow_lab_logs(&lab);
     let traffic = Traffic::start(&lab);
     let mut admin = lab.admin().expect("admin client");
 

@@ -509,24 +509,74 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Skips (loudly) or, under `CI=true`, panics when no VM can run on this host. Returns true
-/// when one can.
-pub fn can_run(test: &str) -> bool {
-    let Some(why) = unavailable() else {
-        return true;
-    };
+/// A test that cannot run here because of `why`: under `CI=true` it panics (CI installs
+/// everything, so a missing prerequisite is a failure); otherwise it prints a banner that
+/// nobody misses, with `hint` saying what to install, and the test returns.
+pub fn skip_or_fail(test: &str, why: &str, hint: &str) {
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
         "{test} cannot run under CI=true: {why}"
     );
     eprintln!(
         "\n################################################################\n\
-         ### SKIPPED {test}: no VM with a kernel that has ESP: {why}\n\
-         ### (run as root with qemu-system-x86, linux-image-amd64,\n\
-         ###  busybox-static installed; .ci/run installs them)\n\
+         ### SKIPPED {test}: {why}\n\
+         ### ({hint})\n\
          ################################################################\n"
     );
+}
+
+/// Skips (loudly) or, under `CI=true`, panics when no VM can run on this host. Returns true
+/// when one can.
+pub fn can_run(test: &str) -> bool {
+    let Some(why) = unavailable() else {
+        return true;
+    };
+    skip_or_fail(
+        test,
+        &format!("no VM with a kernel that has ESP: {why}"),
+        "run as root with qemu-system-x86, linux-image-amd64, busybox-static and kmod \
+         installed; .ci/run installs them",
+    );
     false
+}
+
+/// Inside the VM: loads `modules` and creates (then deletes) one AES-GCM ESP state, in the
+/// calling thread's network namespace. Under emulation the first `rfc4106(gcm(aes))` (module
+/// loads, the crypto self-tests) takes seconds — longer than a data plane waits for the
+/// kernel's answer; `ip` waits as long as it takes. Returns how long it took.
+pub fn warm_up_esp(modules: &[&str]) -> Duration {
+    let started = Instant::now();
+    if !modules.is_empty() {
+        let _ = Command::new("modprobe").arg("-a").args(modules).status();
+    }
+    let key = format!("0x{}", "11".repeat(20));
+    let id = [
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "spi",
+        "0x1",
+    ];
+    let ip = |args: Vec<&str>| {
+        let out = Command::new("ip").args(&args).output().expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut add = vec!["xfrm", "state", "add"];
+    add.extend(id);
+    add.extend(["mode", "tunnel", "aead", "rfc4106(gcm(aes))", &key, "128"]);
+    ip(add);
+    let mut delete = vec!["xfrm", "state", "delete"];
+    delete.extend(id);
+    ip(delete);
+    started.elapsed()
 }
 
 /// On the host: runs the test `name` of the running test binary inside a VM (with

@@ -282,7 +282,7 @@ sockopt_impl!(
 );
 
 /// `UDP_ENCAP_ESPINUDP` (`include/uapi/linux/udp.h`).
-const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
+pub const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
 
 /// One child as the kernel runs it.
 #[derive(Debug)]

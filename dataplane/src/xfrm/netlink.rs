@@ -179,6 +179,24 @@ impl XfrmNetlink {
             .recv()
             .unwrap_or_else(|_| Err(NetlinkError::other(op, "the netlink thread is gone")))
     }
+
+    /// Every state in the namespace (GETSA dump), larval ones included.
+    pub fn dump_states(
+        &self,
+    ) -> Result<Vec<netlink_packet_xfrm::state::ModifyMessage>, NetlinkError> {
+        let answers = self.request(
+            "GETSA (dump)",
+            XfrmMessage::GetDumpSa(netlink_packet_xfrm::state::GetDumpMessage::default()),
+            netlink_packet_core::NLM_F_REQUEST | netlink_packet_core::NLM_F_DUMP,
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                XfrmMessage::AddSa(sa) => Some(sa),
+                _ => None,
+            })
+            .collect())
+    }
 }
 
 impl Drop for XfrmNetlink {

@@ -47,7 +47,7 @@ use netlink_packet_xfrm::policy::{
     DelGetMessage as PolicyDelGetMessage, ModifyMessage as PolicyModifyMessage,
 };
 use netlink_packet_xfrm::state::{
-    DelGetMessage as StateDelGetMessage, GetDumpMessage, ModifyMessage as StateModifyMessage,
+    DelGetMessage as StateDelGetMessage, ModifyMessage as StateModifyMessage,
 };
 use netlink_packet_xfrm::{Address, UserPolicyId, UserSaId, XfrmAttrs, XfrmMessage};
 
@@ -258,15 +258,7 @@ fn is_gone(e: &NetlinkError) -> bool {
 pub fn flush_owned(netlink: &XfrmNetlink, range: ReqidRange) -> Result<FlushReport, NetlinkError> {
     let mut report = FlushReport::default();
     // 1. states: stop what a killed predecessor may still be encrypting
-    let states = netlink.request(
-        "GETSA (dump)",
-        XfrmMessage::GetDumpSa(GetDumpMessage::default()),
-        DUMP,
-    )?;
-    for answer in states {
-        let XfrmMessage::AddSa(sa) = answer else {
-            continue;
-        };
+    for sa in netlink.dump_states()? {
         let info = &sa.user_sa_info;
         if !range.contains(info.reqid) {
             report.states_kept += 1;

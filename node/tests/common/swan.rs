@@ -61,16 +61,11 @@ pub fn can_run(test: &str) -> bool {
     let Some(why) = missing_prerequisite() else {
         return true;
     };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test} cannot run under CI=true: {why}"
-    );
-    eprintln!(
-        "\n################################################################\n\
-         ### SKIPPED {test}: {why}\n\
-         ### (run as root with strongswan-charon, strongswan-swanctl,\n\
-         ###  libcharon-extra-plugins, libstrongswan-extra-plugins)\n\
-         ################################################################\n"
+    evpc_testkit::vm::skip_or_fail(
+        test,
+        &why,
+        "run as root with strongswan-charon, strongswan-swanctl, libcharon-extra-plugins, \
+         libstrongswan-extra-plugins",
     );
     false
 }
@@ -81,7 +76,7 @@ pub struct Charon {
     dir: PathBuf,
     ns: String,
     pid: Option<u32>,
-    pub lab_logs: Arc<Mutex<Vec<(u64, PathBuf)>>>,
+    lab_logs: Arc<Mutex<Vec<(u64, PathBuf)>>>,
 }
 
 impl Charon {
@@ -153,6 +148,14 @@ secrets {{ ike-1 {{ id-1 = gw.example
         let (ok, out) = charon.swanctl(&["--load-all", "--file", &file]);
         assert!(ok, "swanctl --load-all: {out}");
         charon
+    }
+
+    /// On a failing test, also print the logs of `lab`'s nodes.
+    pub fn follow_lab_logs(&self, lab: &Lab) {
+        let mut logs = self.lab_logs.lock().unwrap();
+        for id in 1..=lab.spec.nodes {
+            logs.push((id, lab.dir().join(format!("node{id}/node.log"))));
+        }
     }
 
     pub fn swanctl(&self, args: &[&str]) -> (bool, String) {
