@@ -52,6 +52,8 @@ const PSK: &str = "ike-bench-pre-shared-key";
 /// The bare engine's address on the segment.
 const BASELINE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
 const USER_HZ: f64 = 100.0;
+/// The inner-address pool.
+const POOL: &str = "10.64.0.0/12";
 
 /// Options.
 #[derive(Debug, clap::Args)]
@@ -173,7 +175,9 @@ fn ike_settings(prefix: &str) -> IkeSettings {
             secret: PskSecret::new(PSK),
             remote_ts: None,
         }],
-        pool: Some(format!("{prefix}/16")),
+        // A /12 (about a million addresses): a pool a quarter full or less hands out an address
+        // at the first or second try, whatever the number of SAs.
+        pool: Some(POOL.into()),
         local_ts: vec![format!("{prefix}/16")],
         dpd_s: 0,
         ..IkeSettings::default()

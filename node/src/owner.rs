@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use evpc_dataplane::SaDriver;
-use evpc_raft_store::{Applied, Command, Response, SaUpdate};
+use evpc_raft_store::{Applied, ChangeKinds, Command, Feed, Response, SaId, SaUpdate};
 use tokio::sync::{mpsc, watch};
 
 use crate::node::Node;
@@ -82,23 +82,45 @@ pub async fn run(
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<()>();
     let mut fenced = None;
     let mut state_changed = true;
-    // The applied index of the last scan. Entries that cannot change the data plane (an IKE
-    // exchange's message-ID advance, say) need no rescan: walking every owned SA under the
-    // state's read lock after each of them would hold up `apply` on a busy gateway.
-    let mut scanned = 0;
+    // The change feed's cursor: the SAs changed up to here are reconciled. Entries that cannot
+    // change the data plane (an IKE exchange's message-ID advance, say) are not even listed,
+    // and the SAs that can are looked at one by one: the work per commit does not grow with
+    // the number of SAs, nor does the time `apply` may wait for the state's read lock.
+    let mut cursor = 0;
+    let mut changed = Vec::new();
     loop {
         if state_changed {
-            let (actions, index) = {
+            changed.clear();
+            let feed = node
+                .state
+                .changes_since(cursor, ChangeKinds::DATA_PLANE, &mut changed);
+            let (actions, seen) = {
                 let state = node.state.read();
-                let actions =
-                    runtime.on_state(&state, node.gate.now_ms(), &Opener(node.keyring.as_ref()));
-                (actions, state.applied_index())
+                let now = node.gate.now_ms();
+                let opener = Opener(node.keyring.as_ref());
+                let actions = match feed {
+                    Feed::Resync { .. } => runtime.on_state(&state, now, &opener),
+                    Feed::Changes { .. } => {
+                        let mut ids: Vec<SaId> = changed.iter().map(|c| c.sa).collect();
+                        ids.sort_unstable();
+                        ids.dedup();
+                        runtime.on_changes(&state, &ids, now, &opener)
+                    }
+                };
+                // A full look saw the state as read; the changes only go as far as the feed.
+                let seen = match feed {
+                    Feed::Resync { .. } => state.applied_index(),
+                    Feed::Changes { upto } => upto,
+                };
+                (actions, seen)
+            };
+            cursor = match feed {
+                Feed::Resync { upto } | Feed::Changes { upto } => upto,
             };
             execute(&node, &*driver, actions, &failed_tx);
-            scanned = index;
-            node.reconciled_index.store(index, Ordering::Release);
+            node.reconciled_index.store(seen, Ordering::Release);
             node.running_children
-                .store(runtime.running().count() as u64, Ordering::Relaxed);
+                .store(runtime.running_count() as u64, Ordering::Relaxed);
             state_changed = false;
         }
         tokio::select! {
@@ -108,7 +130,7 @@ pub async fn run(
                     break;
                 }
                 let index = *applied.borrow_and_update();
-                if node.state.data_plane_changed_at() > scanned {
+                if node.state.data_plane_changed_at() > cursor {
                     tokio::time::sleep(DEBOUNCE).await;
                     state_changed = true;
                 } else {

@@ -31,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+mod changes;
 mod cluster;
 mod command;
 pub mod fixture;
@@ -45,6 +46,7 @@ mod state_machine;
 mod tombstones;
 mod types;
 
+pub use changes::{ChangeFeed, ChangeKinds, FEED_CAPACITY, Feed, SaChange, changes};
 pub use cluster::{NodeRecord, NodeState, SlotMap};
 pub use command::{
     Applied, BlobRef, Command, NodeAck, OwnerMove, Rejection, Reseal, Response, SaUpdate,

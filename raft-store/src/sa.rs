@@ -23,7 +23,7 @@ pub enum Role {
 }
 
 /// An IKE identity (RFC 7296 §3.5): the ID type number and its data.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Identity {
     /// ID Type (RFC 7296 §3.5): 1 IPv4, 2 FQDN, 3 RFC 822 address, 5 IPv6, 9 DER DN, 11 key id.
     pub kind: u8,

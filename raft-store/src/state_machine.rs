@@ -11,7 +11,8 @@
 use std::io::{self, Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -19,7 +20,9 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::changes::{ChangeFeed, ChangeKinds, FEED_CAPACITY, Feed, SaChange, changes};
 use crate::command::Applied;
+use crate::ids::SaId;
 use crate::log_store::{decode, encode, io_err};
 use crate::state::{State, apply};
 use crate::types::TypeConfig;
@@ -41,29 +44,51 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// How long the state's lock was held, longest first: what `apply` may have waited for.
+#[derive(Debug, Default)]
+struct LockHolds {
+    /// Longest read hold (µs) since the last [`StateReader::take_longest_holds`].
+    read_us: AtomicU64,
+    /// Longest write hold by `apply` (µs), likewise.
+    write_us: AtomicU64,
+}
+
 /// Read access to the applied state, for the node's services. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StateReader {
     shared: Arc<RwLock<AppliedState>>,
     applied_rx: watch::Receiver<u64>,
     data_plane: Arc<AtomicU64>,
+    feed: Arc<Mutex<ChangeFeed>>,
+    holds: Arc<LockHolds>,
 }
 
-/// A read guard on the applied state.
+/// A read guard on the applied state. Dropping it records how long it was held.
 #[derive(Debug)]
-pub struct StateGuard<'a>(RwLockReadGuard<'a, AppliedState>);
+pub struct StateGuard<'a> {
+    guard: RwLockReadGuard<'a, AppliedState>,
+    since: Instant,
+    holds: &'a LockHolds,
+}
 
 impl std::ops::Deref for StateGuard<'_> {
     type Target = State;
     fn deref(&self) -> &State {
-        &self.0.state
+        &self.guard.state
     }
 }
 
 impl StateGuard<'_> {
     /// The log index of the last applied entry (0 before any).
     pub fn applied_index(&self) -> u64 {
-        self.0.last_applied.as_ref().map_or(0, |id| id.index)
+        self.guard.last_applied.as_ref().map_or(0, |id| id.index)
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let held = self.since.elapsed().as_micros() as u64;
+        self.holds.read_us.fetch_max(held, Ordering::Relaxed);
     }
 }
 
@@ -72,7 +97,45 @@ impl StateReader {
     pub fn read(&self) -> StateGuard<'_> {
         // A poisoned lock means a panic while applying, which `apply` never does; recover the
         // data rather than take the node down with a second panic.
-        StateGuard(self.shared.read().unwrap_or_else(|e| e.into_inner()))
+        let guard = self.shared.read().unwrap_or_else(|e| e.into_inner());
+        StateGuard {
+            guard,
+            since: Instant::now(),
+            holds: &self.holds,
+        }
+    }
+
+    /// Appends the changes of every entry applied after `cursor` whose kinds intersect
+    /// `interest` (O(changes), never O(SAs)), or says the reader must walk the whole state.
+    /// A state read after this call holds at least everything up to the returned cursor.
+    pub fn changes_since(
+        &self,
+        cursor: u64,
+        interest: ChangeKinds,
+        out: &mut Vec<SaChange>,
+    ) -> Feed {
+        self.feed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .since(cursor, interest, out)
+    }
+
+    /// The last applied index that changed the slot map or the node registry (or replaced the
+    /// whole state).
+    pub fn placement_changed_at(&self) -> u64 {
+        self.feed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .placement_changed_at()
+    }
+
+    /// The longest read and write holds of the state's lock (µs) since the last call: how long
+    /// `apply` (or a reader) may have waited. Resets both.
+    pub fn take_longest_holds(&self) -> (u64, u64) {
+        (
+            self.holds.read_us.swap(0, Ordering::Relaxed),
+            self.holds.write_us.swap(0, Ordering::Relaxed),
+        )
     }
 
     /// A watch of the last applied log index: wakes whoever waits for the state to change.
@@ -96,6 +159,8 @@ pub struct StateMachineStore {
     applied_tx: Arc<watch::Sender<u64>>,
     applied_rx: watch::Receiver<u64>,
     data_plane: Arc<AtomicU64>,
+    feed: Arc<Mutex<ChangeFeed>>,
+    holds: Arc<LockHolds>,
     snapshot_path: PathBuf,
 }
 
@@ -122,6 +187,8 @@ impl StateMachineStore {
             applied_tx: Arc::new(applied_tx),
             applied_rx,
             data_plane: Arc::new(AtomicU64::new(index)),
+            feed: Arc::new(Mutex::new(ChangeFeed::new(index, FEED_CAPACITY))),
+            holds: Arc::default(),
             snapshot_path,
         })
     }
@@ -132,6 +199,8 @@ impl StateMachineStore {
             shared: self.shared.clone(),
             applied_rx: self.applied_rx.clone(),
             data_plane: self.data_plane.clone(),
+            feed: self.feed.clone(),
+            holds: self.holds.clone(),
         }
     }
 
@@ -241,24 +310,40 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let mut last_index = None;
+        let mut changed: Vec<(SaId, ChangeKinds)> = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
+            let index = entry.log_id.index;
             let response = {
                 let mut applied = self.write();
+                let since = Instant::now();
                 applied.last_applied = Some(entry.log_id);
-                match &entry.payload {
+                changed.clear();
+                let mut placement = false;
+                let response = match &entry.payload {
                     EntryPayload::Blank => Ok(Applied::Done),
                     EntryPayload::Normal(command) => {
                         if command.may_change_data_plane() {
-                            self.data_plane.store(entry.log_id.index, Ordering::Release);
+                            self.data_plane.store(index, Ordering::Release);
                         }
-                        apply(&mut applied.state, command)
+                        let response = apply(&mut applied.state, command);
+                        placement = changes(command, &response, &mut changed);
+                        response
                     }
                     EntryPayload::Membership(membership) => {
                         applied.membership =
                             StoredMembership::new(Some(entry.log_id), membership.clone());
                         Ok(Applied::Done)
                     }
-                }
+                };
+                // Pushed before the write lock goes: a reader that sees the state at this
+                // index finds its changes in the feed.
+                self.feed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(index, &changed, placement);
+                let held = since.elapsed().as_micros() as u64;
+                self.holds.write_us.fetch_max(held, Ordering::Relaxed);
+                response
             };
             last_index = Some(entry.log_id.index);
             if let Some(responder) = responder {
@@ -283,7 +368,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let restored = restore(meta, &data)?;
         let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
-        *self.write() = restored;
+        {
+            let mut applied = self.write();
+            *applied = restored;
+            self.feed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reset(index);
+        }
         self.data_plane.store(index, Ordering::Release);
         self.save_snapshot(meta, data).await?;
         self.applied_tx.send_replace(index);

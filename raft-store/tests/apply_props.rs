@@ -1,6 +1,7 @@
 //! Property tests: random command sequences never break an invariant, counters never move
 //! backwards, refused commands change nothing, the blob counts per cluster key always equal a
-//! recount, and applying the same log twice gives byte-identical state.
+//! recount, the change feed names every SA a command changed, and applying the same log twice
+//! gives byte-identical state.
 
 mod common;
 
@@ -8,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use evpc_raft_store::{
-    Applied, BlobRef, ClusterId, Command, Epoch, IkeSa, KeyId, NodeAck, NodeState, OwnerMove,
-    Reseal, SaId, SaUpdate, SealedHeader, SealedKeys, SlotAssignment, State, StoredMessage, apply,
+    Applied, BlobRef, ChangeKinds, ClusterId, Command, Epoch, IkeSa, KeyId, NodeAck, NodeState, OwnerMove,
+    Reseal, SaId, SaUpdate, SealedHeader, SealedKeys, SlotAssignment, State, StoredMessage, apply, changes,
 };
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -553,6 +554,78 @@ fn check_monotonic(before: &State, after: &State, command: &Command) -> Result<(
     Ok(())
 }
 
+/// The change feed's rule: every SA whose record differs after a command is named, with the
+/// kinds of what differs (owner or epoch, children and their leases, the peer, existence); the
+/// node's services act on the feed alone, so a missed change is a child that never stops.
+fn check_change_feed(
+    before: &State,
+    after: &State,
+    command: &Command,
+    response: &evpc_raft_store::Response,
+) -> Result<(), TestCaseError> {
+    let mut named: Vec<(SaId, ChangeKinds)> = Vec::new();
+    changes(command, response, &mut named);
+    let kinds_of = |id: SaId| {
+        named
+            .iter()
+            .filter(|(sa, _)| *sa == id)
+            .fold(ChangeKinds::NONE, |k, (_, kinds)| k | *kinds)
+    };
+    let ids: std::collections::BTreeSet<SaId> = before
+        .sas()
+        .chain(after.sas())
+        .map(|sa| sa.id)
+        .collect();
+    for id in ids {
+        let (old, new) = (before.sa(id), after.sa(id));
+        if old == new {
+            continue;
+        }
+        let kinds = kinds_of(id);
+        let need = |kind: ChangeKinds, what: &str| -> Result<(), TestCaseError> {
+            if kinds.intersects(kind) {
+                Ok(())
+            } else {
+                Err(TestCaseError::fail(format!(
+                    "{command}: SA {id} {what}, but the change feed says {kinds:?}"
+                )))
+            }
+        };
+        match (old, new) {
+            (None, Some(_)) => need(ChangeKinds::CREATED, "appeared")?,
+            (Some(_), None) => need(ChangeKinds::REMOVED, "went")?,
+            (Some(old), Some(new)) => {
+                if (old.owner, old.epoch) != (new.owner, new.epoch) {
+                    need(ChangeKinds::OWNER, "changed owner or epoch")?;
+                }
+                if old.children.keys().ne(new.children.keys()) {
+                    need(ChangeKinds::CHILDREN, "changed children")?;
+                }
+                let marks = |sa: &IkeSa| -> Vec<(u64, u64, u64)> {
+                    sa.children
+                        .values()
+                        .map(|c| (c.out_start, c.out_hwm, c.in_checkpoint))
+                        .collect()
+                };
+                if marks(old) != marks(new) {
+                    need(
+                        ChangeKinds::LEASE | ChangeKinds::OWNER | ChangeKinds::CHILDREN,
+                        "changed a lease",
+                    )?;
+                }
+                if old.peer != new.peer {
+                    need(ChangeKinds::PEER, "changed peer")?;
+                }
+                if kinds.is_empty() {
+                    need(ChangeKinds::NONE, "changed")?;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -577,6 +650,7 @@ proptest! {
                 return Err(TestCaseError::fail(format!("after {command}: {broken}")));
             }
             check_monotonic(&before, &state, &command)?;
+            check_change_feed(&before, &state, &command, &response)?;
             check_key_counts(&state)?;
             ledger.check(&before, &state, &command)?;
             removed_by(&response, &mut harness.exported);

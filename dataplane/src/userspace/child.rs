@@ -5,11 +5,12 @@
 //! direction), the lease granted by the node (`granted`, raised by `extend`), and atomic counters
 //! that `counters`/`stop` read without stopping the workers.
 //!
-//! The [`Table`] is immutable: `start` and `stop` build a new one and swap it in (copy on write),
-//! and a worker takes one snapshot per batch:
+//! The [`Table`] is immutable: `start` and `stop` derive a new one and swap it in. Its maps are
+//! persistent (they share structure), so that costs O(log n), not a copy of every child; a worker
+//! takes one snapshot per batch:
 //!
 //! ```text
-//!   start/stop ──build──► Arc<Table> ──swap──► RwLock<Arc<Table>> ◄──clone once per batch── workers
+//!   start/stop ──with/without──► Arc<Table> ──swap──► RwLock<Arc<Table>> ◄──clone once per batch── workers
 //!                          ├─ by_spi:  in_spi → child            (inbound: ESP SPI lookup)
 //!                          ├─ by_host: single remote address → children (road warriors' virtual IPs)
 //!                          └─ ranged:  children with range selectors, narrowest first (scan)
@@ -29,7 +30,6 @@
 //!            selector is wider than the best match so far ──► best (span, start order)
 //! ```
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -289,87 +289,169 @@ pub(crate) enum OpenedPacket<'p> {
     Malformed,
 }
 
-/// An immutable snapshot of the running children.
-#[derive(Debug, Default)]
+/// A running child in the [`Table`], with its start order (ties in routing go to the earliest).
+#[derive(Clone, Debug)]
+struct Entry {
+    order: u64,
+    child: Arc<Child>,
+}
+
+/// An immutable snapshot of the running children: persistent maps, so the next table (one child
+/// more or less) shares all but O(log n) of this one and is built in O(log n), not O(children).
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Table {
-    pub children: Vec<Arc<Child>>,
-    by_spi: HashMap<u32, usize>,
-    by_host: HashMap<IpAddr, Vec<usize>>,
+    by_spi: imbl::HashMap<u32, Entry>,
+    /// Children by each single remote address among their selectors, in start order.
+    by_host: imbl::HashMap<IpAddr, Arc<[Entry]>>,
     /// Children with a range among their remote selectors, with the narrowest [`Span`] of
-    /// their remote selectors, ordered by (span, start order).
-    ranged: Vec<(Span, usize)>,
+    /// their remote selectors, ordered by (span, start order). Rebuilt when such a child comes
+    /// or goes: road warriors have single-address selectors, so this stays short.
+    ranged: Arc<Vec<(Span, u64, Arc<Child>)>>,
+    next_order: u64,
 }
 
 impl Table {
+    /// A table of `children`, started in this order.
+    #[cfg(test)]
     pub(crate) fn build(children: Vec<Arc<Child>>) -> Table {
-        let mut table = Table {
-            by_spi: HashMap::with_capacity(children.len()),
-            ..Table::default()
+        children
+            .into_iter()
+            .fold(Table::default(), |table, child| table.with(child))
+    }
+
+    /// Every running child's inbound SPI.
+    pub(crate) fn spis(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_spi.keys().copied()
+    }
+
+    /// This table with `child` started after every child in it. O(log n).
+    pub(crate) fn with(&self, child: Arc<Child>) -> Table {
+        let mut next = self.clone();
+        let entry = Entry {
+            order: next.next_order,
+            child: child.clone(),
         };
-        for (index, child) in children.iter().enumerate() {
-            table.by_spi.insert(child.in_spi, index);
-            let mut has_range = false;
-            for ts in &child.ts_remote {
-                match single_address(ts) {
-                    Some(addr) => {
-                        let entry = table.by_host.entry(addr).or_default();
-                        if !entry.contains(&index) {
-                            entry.push(index);
-                        }
-                    }
-                    None => has_range = true,
-                }
-            }
-            if has_range && let Some(narrowest) = child.ts_remote.iter().map(span).min() {
-                table.ranged.push((narrowest, index));
+        next.next_order += 1;
+        next.by_spi.insert(child.in_spi, entry.clone());
+        let mut has_range = false;
+        let mut hosts: Vec<IpAddr> = Vec::new();
+        for ts in &child.ts_remote {
+            match single_address(ts) {
+                Some(addr) if !hosts.contains(&addr) => hosts.push(addr),
+                Some(_) => {}
+                None => has_range = true,
             }
         }
-        table.ranged.sort_unstable();
-        table.children = children;
-        table
+        for addr in hosts {
+            let mut entries: Vec<Entry> = next
+                .by_host
+                .get(&addr)
+                .map(|e| e.to_vec())
+                .unwrap_or_default();
+            entries.push(entry.clone());
+            next.by_host.insert(addr, entries.into());
+        }
+        if has_range && let Some(narrowest) = child.ts_remote.iter().map(span).min() {
+            let mut ranged = (*next.ranged).clone();
+            ranged.push((narrowest, entry.order, child));
+            ranged.sort_unstable_by_key(|(span, order, _)| (*span, *order));
+            next.ranged = Arc::new(ranged);
+        }
+        next
+    }
+
+    /// This table without the child `in_spi`, and that child; `None` if it is not running.
+    /// O(log n) plus the child's own selectors.
+    pub(crate) fn without(&self, in_spi: u32) -> Option<(Table, Arc<Child>)> {
+        let entry = self.by_spi.get(&in_spi)?.clone();
+        let mut next = self.clone();
+        next.by_spi.remove(&in_spi);
+        let mut has_range = false;
+        for ts in &entry.child.ts_remote {
+            match single_address(ts) {
+                Some(addr) => {
+                    let rest: Vec<Entry> = next
+                        .by_host
+                        .get(&addr)
+                        .into_iter()
+                        .flat_map(|e| e.iter())
+                        .filter(|e| e.child.in_spi != in_spi)
+                        .cloned()
+                        .collect();
+                    if rest.is_empty() {
+                        next.by_host.remove(&addr);
+                    } else {
+                        next.by_host.insert(addr, rest.into());
+                    }
+                }
+                None => has_range = true,
+            }
+        }
+        if has_range {
+            let ranged: Vec<_> = next
+                .ranged
+                .iter()
+                .filter(|(_, _, c)| c.in_spi != in_spi)
+                .cloned()
+                .collect();
+            next.ranged = Arc::new(ranged);
+        }
+        Some((next, entry.child))
     }
 
     pub(crate) fn get(&self, in_spi: u32) -> Option<&Arc<Child>> {
-        self.by_spi.get(&in_spi).map(|&index| &self.children[index])
+        self.by_spi.get(&in_spi).map(|e| &e.child)
     }
 
-    pub(crate) fn index_of_spi(&self, in_spi: u32) -> Option<usize> {
-        self.by_spi.get(&in_spi).copied()
+    /// The start order of a running child (tests compare routing against it).
+    #[cfg(test)]
+    pub(crate) fn order_of_spi(&self, in_spi: u32) -> Option<u64> {
+        self.by_spi.get(&in_spi).map(|e| e.order)
+    }
+
+    /// [`Table::route`]'s answer as the routed child's start order.
+    #[cfg(test)]
+    pub(crate) fn route_order(&self, flow: &Flow) -> Option<u64> {
+        self.route(flow)
+            .and_then(|child| self.order_of_spi(child.in_spi))
     }
 
     /// The child an outbound packet with this flow belongs to: of those whose selectors
     /// contain it, the one whose matching remote selector is the most specific, the earliest
     /// started among equals (see the module documentation).
-    pub(crate) fn route(&self, flow: &Flow) -> Option<usize> {
-        let candidate = |index: usize| {
-            let child = &self.children[index];
+    pub(crate) fn route(&self, flow: &Flow) -> Option<&Arc<Child>> {
+        fn candidate<'t>(
+            flow: &Flow,
+            order: u64,
+            child: &'t Arc<Child>,
+        ) -> Option<((Span, u64), &'t Arc<Child>)> {
             flow.outbound_span(&child.ts_local, &child.ts_remote)
-                .map(|span| (span, index))
-        };
-        let mut best = self
+                .map(|span| ((span, order), child))
+        }
+        let mut best: Option<((Span, u64), &Arc<Child>)> = self
             .by_host
             .get(&flow.dst)
             .into_iter()
-            .flatten()
-            .filter_map(|&index| candidate(index))
-            .min();
+            .flat_map(|entries| entries.iter())
+            .filter_map(|e| candidate(flow, e.order, &e.child))
+            .min_by_key(|(key, _)| *key);
         // A match on a single-address selector is the narrowest possible, and every child that
         // has one for this address is in `by_host`: no range child can beat it.
-        if best.is_some_and(|(span, _)| span.addresses == 0) {
-            return best.map(|(_, index)| index);
+        if best.is_some_and(|((span, _), _)| span.addresses == 0) {
+            return best.map(|(_, child)| child);
         }
-        for &(narrowest, index) in &self.ranged {
+        for (narrowest, order, child) in self.ranged.iter() {
             // sorted by narrowest selector: no later child can match more specifically
-            if best.is_some_and(|(span, _)| narrowest > span) {
+            if best.is_some_and(|((span, _), _)| *narrowest > span) {
                 break;
             }
-            if let Some(found) = candidate(index)
-                && best.is_none_or(|b| found < b)
+            if let Some(found) = candidate(flow, *order, child)
+                && best.is_none_or(|b| found.0 < b.0)
             {
                 best = Some(found);
             }
         }
-        best.map(|(_, index)| index)
+        best.map(|(_, child)| child)
     }
 }
 
@@ -575,17 +657,17 @@ pub(crate) mod tests {
         let b = child(0x2000, "10.0.0.0/24", "10.9.0.0/24");
         let c = child(0x3000, "10.0.0.0/24", "10.9.0.7/32");
         let table = Table::build(vec![a, b, c]);
-        assert_eq!(table.route(&flow_to([10, 9, 0, 5])), Some(0));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 5])), Some(0));
         assert_eq!(
-            table.route(&flow_to([10, 9, 0, 7])),
+            table.route_order(&flow_to([10, 9, 0, 7])),
             Some(2),
             "c's /32 beats b's /24 although b was started first"
         );
-        assert_eq!(table.route(&flow_to([10, 9, 0, 8])), Some(1));
-        assert_eq!(table.route(&flow_to([10, 9, 1, 8])), None);
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 8])), Some(1));
+        assert_eq!(table.route_order(&flow_to([10, 9, 1, 8])), None);
         let wrong_source = Flow::parse(&udp_packet([10, 0, 1, 1], [10, 9, 0, 5])).unwrap();
-        assert_eq!(table.route(&wrong_source), None);
-        assert_eq!(table.index_of_spi(0x3000), Some(2));
+        assert_eq!(table.route_order(&wrong_source), None);
+        assert_eq!(table.order_of_spi(0x3000), Some(2));
         assert!(table.get(0x4000).is_none());
         assert_eq!(
             table.get(0x2000).map(|c| c.peer_sockaddr),
@@ -602,11 +684,11 @@ pub(crate) mod tests {
         let narrow = child(0x2000, "10.0.0.0/24", "10.8.3.0/24");
         let table = Table::build(vec![wide, narrow]);
         assert_eq!(
-            table.route(&flow_to([10, 8, 3, 1])),
+            table.route_order(&flow_to([10, 8, 3, 1])),
             Some(1),
             "/24 beats /16"
         );
-        assert_eq!(table.route(&flow_to([10, 8, 4, 1])), Some(0));
+        assert_eq!(table.route_order(&flow_to([10, 8, 4, 1])), Some(0));
     }
 
     #[test]
@@ -617,12 +699,12 @@ pub(crate) mod tests {
         let host_old = child(0x3000, "10.0.0.0/24", "10.9.0.9/32");
         let host_new = child(0x4000, "10.0.0.0/24", "10.9.0.9/32");
         let table = Table::build(vec![old, new.clone(), host_old, host_new.clone()]);
-        assert_eq!(table.route(&flow_to([10, 7, 0, 1])), Some(0));
-        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(2));
+        assert_eq!(table.route_order(&flow_to([10, 7, 0, 1])), Some(0));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 9])), Some(2));
         // the old ones stopped: the new ones take over
         let table = Table::build(vec![new, host_new]);
-        assert_eq!(table.route(&flow_to([10, 7, 0, 1])), Some(0));
-        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(1));
+        assert_eq!(table.route_order(&flow_to([10, 7, 0, 1])), Some(0));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 9])), Some(1));
     }
 
     #[test]
@@ -635,14 +717,14 @@ pub(crate) mod tests {
         start.ts_remote[0].end_port = 8001;
         let one_port = Arc::new(Child::new(&start, 64).unwrap());
         let table = Table::build(vec![any, one_port]);
-        assert_eq!(table.route(&flow_to([10, 9, 0, 3])), Some(1));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 3])), Some(1));
         let other_port = {
             let udp = [0x1f, 0x40, 0x00, 0x35, 0, 8, 0, 0];
             let packet =
                 crate::selector::tests_support::ipv4([10, 0, 0, 1], [10, 9, 0, 3], 17, 0, &udp);
             Flow::parse(&packet).unwrap()
         };
-        assert_eq!(table.route(&other_port), Some(0));
+        assert_eq!(table.route_order(&other_port), Some(0));
     }
 
     #[test]
@@ -651,9 +733,32 @@ pub(crate) mod tests {
         let host = child(0x1000, "10.0.1.0/24", "10.9.0.7/32");
         let range = child(0x2000, "10.0.0.0/24", "10.9.0.0/24");
         let table = Table::build(vec![host, range]);
-        assert_eq!(table.route(&flow_to([10, 9, 0, 7])), Some(1));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 7])), Some(1));
         let from_other_lan = Flow::parse(&udp_packet([10, 0, 1, 1], [10, 9, 0, 7])).unwrap();
-        assert_eq!(table.route(&from_other_lan), Some(0));
+        assert_eq!(table.route_order(&from_other_lan), Some(0));
+    }
+
+    #[test]
+    fn a_stopped_child_leaves_no_trace_and_the_rest_route_as_before() {
+        let a = child(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        let b = child(0x2000, "10.0.0.0/24", "10.9.0.0/24");
+        let c = child(0x3000, "10.0.0.0/24", "10.9.0.5/32");
+        let before = Table::build(vec![a, b, c]);
+        assert_eq!(before.route_order(&flow_to([10, 9, 0, 5])), Some(0));
+        let (after, removed) = before.without(0x1000).unwrap();
+        assert_eq!(removed.in_spi, 0x1000);
+        assert!(after.get(0x1000).is_none() && before.get(0x1000).is_some());
+        assert_eq!(
+            after.route_order(&flow_to([10, 9, 0, 5])),
+            Some(2),
+            "the other /32 child, started later, takes its address"
+        );
+        let (after, _) = after.without(0x2000).unwrap();
+        assert_eq!(after.route_order(&flow_to([10, 9, 0, 6])), None);
+        assert!(after.without(0x2000).is_none());
+        let (empty, _) = after.without(0x3000).unwrap();
+        assert_eq!(empty.spis().count(), 0);
+        assert!(empty.by_host.is_empty() && empty.ranged.is_empty());
     }
 
     #[test]
@@ -698,14 +803,14 @@ pub(crate) mod tests {
                             .map(|s| (s, i))
                     })
                     .min()
-                    .map(|(_, i)| i);
-                assert_eq!(table.route(&flow), expected, "10.9.{third}.{fourth}");
+                    .map(|(_, i)| i as u64);
+                assert_eq!(table.route_order(&flow), expected, "10.9.{third}.{fourth}");
             }
         }
-        assert_eq!(table.route(&flow_to([10, 9, 0, 7])), Some(2));
-        assert_eq!(table.route(&flow_to([10, 9, 0, 12])), Some(8));
-        assert_eq!(table.route(&flow_to([10, 9, 0, 9])), Some(7));
-        assert_eq!(table.route(&flow_to([10, 9, 0, 200])), Some(6));
-        assert_eq!(table.route(&flow_to([10, 9, 4, 1])), Some(0));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 7])), Some(2));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 12])), Some(8));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 9])), Some(7));
+        assert_eq!(table.route_order(&flow_to([10, 9, 0, 200])), Some(6));
+        assert_eq!(table.route_order(&flow_to([10, 9, 4, 1])), Some(0));
     }
 }

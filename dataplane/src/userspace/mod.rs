@@ -334,12 +334,7 @@ impl UserspaceDriver {
 
     /// Children currently running.
     pub fn running(&self) -> Vec<u32> {
-        self.shared
-            .snapshot()
-            .children
-            .iter()
-            .map(|c| c.in_spi)
-            .collect()
+        self.shared.snapshot().spis().collect()
     }
 }
 
@@ -373,9 +368,7 @@ impl SaDriver for UserspaceDriver {
         if table.get(child.in_spi).is_some() {
             return Err(DriverError::AlreadyRunning(child.in_spi));
         }
-        let mut children = table.children.clone();
-        children.push(new);
-        *table = Arc::new(Table::build(children));
+        *table = Arc::new(table.with(new));
         tracing::debug!(
             in_spi = format_args!("{:08x}", child.in_spi),
             next_seq = child.next_seq,
@@ -398,10 +391,8 @@ impl SaDriver for UserspaceDriver {
                 .table
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            let index = table.index_of_spi(in_spi)?;
-            let mut children = table.children.clone();
-            let removed = children.remove(index);
-            *table = Arc::new(Table::build(children));
+            let (next, removed) = table.without(in_spi)?;
+            *table = Arc::new(next);
             removed
         };
         // A batch that took its snapshot before the swap may still be using the child.

@@ -93,7 +93,7 @@ pub(super) fn inbound(shared: &Shared) {
             tally: &mut tally,
             tun_errors: &mut tun_errors,
         };
-        let mut current: Option<(usize, MutexGuard<'_, InboundSa>)> = None;
+        let mut current: Option<(u32, MutexGuard<'_, InboundSa>)> = None;
         for index in 0..count {
             if receiver.truncated[index] {
                 run.tally.malformed += 1;
@@ -127,7 +127,7 @@ impl<'a> InboundRun<'a> {
         &mut self,
         datagram: &mut [u8],
         from: Option<std::net::SocketAddr>,
-        current: &mut Option<(usize, MutexGuard<'a, InboundSa>)>,
+        current: &mut Option<(u32, MutexGuard<'a, InboundSa>)>,
     ) {
         let shared = self.shared;
         let table: &'a Table = self.table;
@@ -138,15 +138,14 @@ impl<'a> InboundRun<'a> {
                     return;
                 }
                 let spi = u32::from_be_bytes([esp[0], esp[1], esp[2], esp[3]]);
-                let Some(child_index) = table.index_of_spi(spi) else {
+                let Some(child) = table.get(spi) else {
                     self.tally.unknown_spi += 1;
                     return;
                 };
-                let child = &table.children[child_index];
-                if current.as_ref().map(|(i, _)| *i) != Some(child_index) {
+                if current.as_ref().map(|(i, _)| *i) != Some(spi) {
                     drop(current.take());
                     let guard = child.inbound.lock().unwrap_or_else(PoisonError::into_inner);
-                    *current = Some((child_index, guard));
+                    *current = Some((spi, guard));
                 }
                 let Some((_, sa)) = current.as_mut() else {
                     return;
@@ -239,7 +238,7 @@ pub(super) fn outbound(shared: &Shared) {
         }
         let table = shared.snapshot();
         outgoing.clear();
-        let mut current: Option<(usize, MutexGuard<'_, OutboundSa>)> = None;
+        let mut current: Option<(u32, MutexGuard<'_, OutboundSa>)> = None;
         for (index, &len) in lens[..count].iter().enumerate() {
             let buffer = buffers.get_mut(index);
             let inner = &buffer[SEAL_HEADROOM..SEAL_HEADROOM + len];
@@ -256,11 +255,11 @@ pub(super) fn outbound(shared: &Shared) {
                 std::net::IpAddr::V4(_) => NextHeader::IPV4,
                 std::net::IpAddr::V6(_) => NextHeader::IPV6,
             };
-            let Some(child_index) = table.route(&flow) else {
+            let Some(child) = table.route(&flow) else {
                 tally.no_child += 1;
                 continue;
             };
-            let child = &table.children[child_index];
+            let child_index = child.in_spi;
             if current.as_ref().map(|(i, _)| *i) != Some(child_index) {
                 drop(current.take());
                 let guard = child

@@ -541,10 +541,9 @@ impl Actor {
         let stale: Vec<(evpc_raft_store::SaId, Epoch)> = {
             let state = self.shared.node.state.read();
             state
-                .sas()
+                .sas_of_peer(&me.peer_id)
                 .filter(|sa| {
                     sa.id != me.id
-                        && sa.peer_id == me.peer_id
                         && sa.local_id == me.local_id
                         && sa.times.established_ms <= me.times.established_ms
                 })

@@ -75,7 +75,7 @@ use anyhow::Context;
 use evpc_dataplane::ike::{IkeDatagram, IkePort, IkeReceiver, IkeSocket};
 use evpc_ike::wire::{self, Header, Route};
 use evpc_ike::{Accepted, Config, Datagram, Endpoint, Random, Secret};
-use evpc_raft_store::{SaId, slot_for_initiator_spi};
+use evpc_raft_store::{ChangeKinds, Feed, SaChange, SaId, slot_for_initiator_spi};
 use rand::RngCore;
 use tokio::sync::{mpsc, watch};
 
@@ -90,6 +90,8 @@ use crate::sealing::{ClusterKey, Keyring, SealError};
 const SA_QUEUE: usize = 64;
 /// State changes closer together than this are reconciled together.
 const RECONCILE_EVERY: Duration = Duration::from_millis(50);
+/// SAs looked at under one hold of the state's read lock while reconciling.
+const RECONCILE_PAGE: usize = 1024;
 
 /// What an SA task is told.
 #[derive(Debug)]
@@ -187,6 +189,10 @@ fn random() -> impl Random {
 struct Gateway {
     shared: Arc<Shared>,
     endpoint: Endpoint,
+    /// The change feed's cursor: placement changes up to here were reconciled.
+    cursor: u64,
+    /// Scratch space for the feed's changes.
+    changed: Vec<SaChange>,
 }
 
 impl Gateway {
@@ -326,8 +332,39 @@ impl Gateway {
         self.spawn(id, BTreeSet::new(), None, Start::Restore { first });
     }
 
-    /// Restores SAs this node owns but does not run; tells tasks whose SA changed hands.
-    fn reconcile(&mut self) {
+    /// Restores SAs this node owns but does not run; tells tasks whose SA changed hands. Looks
+    /// only at the SAs whose placement changed since the last call (the change feed), so a
+    /// commit costs the same with 100 SAs as with 100,000; walks everything, a page at a time,
+    /// only when the feed cannot say (first run, a snapshot installed, this node unfenced).
+    fn reconcile(&mut self, full: bool) {
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.clear();
+        let feed = self.shared.node.state.changes_since(
+            self.cursor,
+            ChangeKinds::PLACEMENT,
+            &mut changed,
+        );
+        let (upto, walk) = match feed {
+            Feed::Changes { upto } => (upto, full),
+            Feed::Resync { upto } => (upto, true),
+        };
+        if walk {
+            self.reconcile_all();
+        } else {
+            let mut ids: Vec<SaId> = changed.iter().map(|c| c.sa).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for page in ids.chunks(RECONCILE_PAGE) {
+                self.reconcile_ids(page);
+            }
+        }
+        self.cursor = upto;
+        self.changed = changed;
+    }
+
+    /// The SAs `ids`: restore those this node owns and does not run, nudge tasks whose SA is
+    /// gone, moved or in another epoch.
+    fn reconcile_ids(&mut self, ids: &[SaId]) {
         let me = self.me();
         let fenced = self.shared.node.fence_reason().is_some();
         let mut restore = Vec::new();
@@ -335,26 +372,17 @@ impl Gateway {
         {
             let state = self.shared.node.state.read();
             let registry = self.shared.registry();
-            for sa in state.sas().filter(|sa| sa.owner == me) {
-                match registry.by_id.get(&sa.id) {
-                    None if !fenced => restore.push(sa.id),
-                    None => {}
-                    Some(h) => {
+            for id in ids {
+                let committed = state.sa(*id).map(|sa| (sa.owner, sa.epoch.0));
+                match (registry.by_id.get(id), committed) {
+                    (None, Some((owner, _))) if owner == me && !fenced => restore.push(*id),
+                    (None, _) => {}
+                    (Some(h), committed) => {
                         let epoch = h.epoch.load(Ordering::Acquire);
-                        if epoch != 0 && epoch != sa.epoch.0 {
+                        if epoch != 0 && committed != Some((me, epoch)) {
                             nudge.push(h.clone());
                         }
                     }
-                }
-            }
-            for h in registry.by_id.values() {
-                let epoch = h.epoch.load(Ordering::Acquire);
-                if epoch == 0 {
-                    continue;
-                }
-                match state.sa(h.id) {
-                    Some(sa) if sa.owner == me && sa.epoch.0 == epoch => {}
-                    _ => nudge.push(h.clone()),
                 }
             }
         }
@@ -363,6 +391,35 @@ impl Gateway {
         }
         for id in restore {
             self.spawn(id, BTreeSet::new(), None, Start::Restore { first: None });
+        }
+    }
+
+    /// Every SA in the state and every task, a page at a time (the state's lock is let go
+    /// between pages, so `apply` never waits for more than one page).
+    fn reconcile_all(&mut self) {
+        let mut start = SaId(0);
+        loop {
+            let page: Vec<SaId> = {
+                let state = self.shared.node.state.read();
+                state
+                    .sas_from(start)
+                    .take(RECONCILE_PAGE)
+                    .map(|sa| sa.id)
+                    .collect()
+            };
+            self.reconcile_ids(&page);
+            match page.last() {
+                Some(last) if page.len() == RECONCILE_PAGE => start = SaId(last.0 + 1),
+                _ => break,
+            }
+            if start.0 == 0 {
+                break;
+            }
+        }
+        // Tasks whose SA is no longer in the state at all.
+        let running: Vec<SaId> = self.shared.registry().by_id.keys().copied().collect();
+        for page in running.chunks(RECONCILE_PAGE) {
+            self.reconcile_ids(page);
         }
     }
 }
@@ -432,6 +489,8 @@ async fn serve(
     let mut gateway = Gateway {
         shared,
         endpoint: Endpoint::new(config, Secret::from_slice(cookie.as_ref())),
+        cursor: 0,
+        changed: Vec::new(),
     };
     tracing::info!(
         local_id = %settings.local_id,
@@ -460,7 +519,8 @@ async fn serve(
                 // Coming back from a fence does not move the applied index: look again then.
                 let fenced = gateway.shared.node.fence_reason().is_some();
                 if dirty || (was_fenced && !fenced) {
-                    gateway.reconcile();
+                    // Restores are skipped while fenced: coming back, look at every SA.
+                    gateway.reconcile(was_fenced && !fenced);
                     dirty = false;
                 }
                 was_fenced = fenced;

@@ -17,6 +17,9 @@ use rand::Rng;
 
 use super::settings::PoolPrefix;
 
+/// Random addresses tried before a pick scans the pool in order.
+const RANDOM_PROBES: u32 = 32;
+
 /// The pool of one node (its reservations are node-local; what is taken is replicated).
 #[derive(Debug)]
 pub struct Pool {
@@ -68,7 +71,18 @@ impl Pool {
         if self.size == 0 {
             return None;
         }
-        let start = rand::rng().random_range(0..self.size);
+        // Random probes first: in a pool at most half full each finds a free address with
+        // probability ≥ 1/2, so a pick costs O(1) whatever the number of SAs. Only a nearly full
+        // pool falls through to the scan.
+        let mut rng = rand::rng();
+        for _ in 0..RANDOM_PROBES {
+            let a = Ipv4Addr::from(self.first + rng.random_range(0..self.size));
+            if free(a, &reserved) {
+                reserved.insert(a);
+                return Some(a);
+            }
+        }
+        let start = rng.random_range(0..self.size);
         for i in 0..self.size {
             let a = Ipv4Addr::from(self.first + (start + i) % self.size);
             if free(a, &reserved) {

@@ -129,12 +129,12 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .copied()
         .filter(|v| effective.get(v) == Some(&NodeState::Active))
         .collect();
-    let mut load: BTreeMap<NodeId, usize> = active.iter().map(|n| (*n, 0)).collect();
-    for sa in state.sas() {
-        if let Some(count) = load.get_mut(&sa.owner) {
-            *count += 1;
-        }
-    }
+    // The state's owner index: every step below costs O(nodes) plus the SAs it moves, not
+    // O(SAs) — this runs on every heartbeat while the state's read lock is held.
+    let mut load: BTreeMap<NodeId, usize> = active
+        .iter()
+        .map(|n| (*n, state.owned_count(*n)))
+        .collect();
 
     let mut moves = Vec::new();
     let mut take = |sa: SaId, from_epoch, load: &mut BTreeMap<NodeId, usize>| -> bool {
@@ -153,39 +153,53 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
 
     // Takeover: everything owned by a node that is down or gone, at once.
     let mut takeovers = 0;
-    for sa in state.sas() {
-        let owner_state = effective.get(&sa.owner).copied();
-        let orphan = !input.voters.contains(&sa.owner)
-            || owner_state == Some(NodeState::Down)
-            || owner_state.is_none();
-        if orphan && take(sa.id, sa.epoch, &mut load) {
-            takeovers += 1;
+    let orphaned: Vec<NodeId> = state
+        .owner_counts()
+        .map(|(owner, _)| owner)
+        .filter(|owner| {
+            let owner_state = effective.get(owner).copied();
+            !input.voters.contains(owner)
+                || owner_state == Some(NodeState::Down)
+                || owner_state.is_none()
+        })
+        .collect();
+    for owner in orphaned {
+        for sa in state.sas_owned_by(owner) {
+            if take(sa.id, sa.epoch, &mut load) {
+                takeovers += 1;
+            }
         }
     }
 
     // Drain, at a bounded rate.
     let mut planned = 0;
-    for sa in state.sas() {
-        if planned >= config.moves_per_round {
-            break;
-        }
-        if effective.get(&sa.owner) == Some(&NodeState::Draining)
-            && input.voters.contains(&sa.owner)
-            && take(sa.id, sa.epoch, &mut load)
-        {
-            planned += 1;
+    let draining: Vec<NodeId> = state
+        .owner_counts()
+        .map(|(owner, _)| owner)
+        .filter(|owner| {
+            effective.get(owner) == Some(&NodeState::Draining) && input.voters.contains(owner)
+        })
+        .collect();
+    'drain: for owner in draining {
+        for sa in state.sas_owned_by(owner) {
+            if planned >= config.moves_per_round {
+                break 'drain;
+            }
+            if take(sa.id, sa.epoch, &mut load) {
+                planned += 1;
+            }
         }
     }
 
     // Rebalance, at a bounded rate: from the most to the least loaded until within one.
     let mut rebalance_pending = false;
     if input.rebalance && !load.is_empty() {
-        let mut by_owner: BTreeMap<NodeId, Vec<&evpc_raft_store::IkeSa>> = BTreeMap::new();
-        for sa in state.sas() {
-            if load.contains_key(&sa.owner) && !moves.iter().any(|m| m.sa == sa.id) {
-                by_owner.entry(sa.owner).or_default().push(sa);
-            }
-        }
+        // Each active node's SAs, taken from the highest id down, lazily: a round looks at no
+        // more SAs than it moves.
+        let mut by_owner: BTreeMap<NodeId, _> = load
+            .keys()
+            .map(|node| (*node, state.sas_owned_by(*node).rev()))
+            .collect();
         loop {
             let (&max_node, &max) = load
                 .iter()
@@ -202,7 +216,7 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
                 rebalance_pending = true;
                 break;
             }
-            let Some(sa) = by_owner.get_mut(&max_node).and_then(|v| v.pop()) else {
+            let Some(sa) = by_owner.get_mut(&max_node).and_then(|v| v.next()) else {
                 break;
             };
             *load.get_mut(&max_node).expect("present") -= 1;

@@ -121,8 +121,12 @@ pub struct OwnerRuntime {
     me: NodeId,
     config: OwnerConfig,
     running: BTreeMap<u32, Running>,
-    /// (owner, epoch) of every SA at the last `on_state`; `None` before the first.
-    known: Option<BTreeMap<SaId, (NodeId, Epoch)>>,
+    /// The running children of each SA (an index of `running`).
+    by_sa: BTreeMap<SaId, BTreeSet<u32>>,
+    /// The epoch of every SA this node owned at the last look; `None` before the first full
+    /// [`OwnerRuntime::on_state`]. An owned SA absent here (or in another epoch) had its range
+    /// granted while this process watched.
+    known: Option<BTreeMap<SaId, Epoch>>,
 }
 
 impl OwnerRuntime {
@@ -132,6 +136,7 @@ impl OwnerRuntime {
             me,
             config,
             running: BTreeMap::new(),
+            by_sa: BTreeMap::new(),
             known: None,
         }
     }
@@ -141,115 +146,188 @@ impl OwnerRuntime {
         self.running.iter().map(|(spi, r)| (*spi, r.ike, r.epoch))
     }
 
+    /// How many children are being driven.
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
     /// Whether this process saw `sa`'s current range granted: the SA changed owner or epoch
-    /// since the last state, or appeared after the first.
+    /// since the last look, or appeared after the first.
     fn range_is_fresh(&self, sa: &IkeSa) -> bool {
         match &self.known {
             None => false,
-            Some(known) => known.get(&sa.id) != Some(&(sa.owner, sa.epoch)),
+            Some(known) => known.get(&sa.id) != Some(&sa.epoch),
         }
     }
 
-    /// Reconciles the running children with the applied state.
+    /// Reconciles the running children with the whole applied state: at start, and whenever the
+    /// change feed cannot say what changed. O(SAs).
     pub fn on_state(&mut self, state: &State, now_ms: u64, keys: &dyn KeyOpener) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mut owned: BTreeSet<u32> = BTreeSet::new();
-        for sa in state.sas().filter(|sa| sa.owner == self.me) {
-            let fresh = self.range_is_fresh(sa);
-            for child in sa.children.values() {
-                owned.insert(child.in_spi);
-                match self.running.get_mut(&child.in_spi) {
-                    Some(run) if run.ike == sa.id && run.epoch == sa.epoch => {
-                        if child.out_hwm > run.limit {
-                            run.limit = child.out_hwm;
-                            if run.pending.is_some_and(|(mark, _)| mark <= child.out_hwm) {
-                                run.pending = None;
-                            }
-                            actions.push(Action::Extend {
-                                in_spi: child.in_spi,
-                                limit: child.out_hwm,
-                            });
-                        }
-                        continue;
-                    }
-                    Some(_) => {
-                        // Same SPI, another epoch (or IKE SA): the old run ends first.
-                        self.running.remove(&child.in_spi);
-                        actions.push(Action::Stop {
-                            in_spi: child.in_spi,
-                        });
-                    }
-                    None => {}
-                }
-                let first = if fresh {
-                    child.out_start
-                } else {
-                    child.out_hwm.saturating_add(1)
-                };
-                let replay_floor = match self.config.replay_gap {
-                    ReplayGapPolicy::Accept => child.in_checkpoint,
-                    ReplayGapPolicy::Jump { margin } => child.in_checkpoint.saturating_add(margin),
-                };
-                tracing::info!(
-                    sa = %sa.id,
-                    in_spi = format_args!("{:08x}", child.in_spi),
-                    epoch = %sa.epoch,
-                    first,
-                    limit = child.out_hwm,
-                    replay_floor,
-                    fresh_range = fresh,
-                    "starting child SA"
-                );
-                self.running.insert(
-                    child.in_spi,
-                    Running {
-                        ike: sa.id,
-                        epoch: sa.epoch,
-                        limit: child.out_hwm,
-                        first,
-                        pending: None,
-                        last_checkpoint: child.in_checkpoint,
-                        last_checkpoint_ms: now_ms,
-                        last_in_packets: 0,
-                        rate: 0.0,
-                        sample: None,
-                    },
-                );
-                actions.push(Action::Start(Box::new(ChildStart {
-                    ike: sa.id,
-                    epoch: sa.epoch,
-                    in_spi: child.in_spi,
-                    out_spi: child.out_spi,
-                    suite: child.suite,
-                    keys: keys.open(sa, child),
-                    ts_local: child.ts_local.clone(),
-                    ts_remote: child.ts_remote.clone(),
-                    local: sa.local,
-                    peer: sa.peer,
-                    udp_encap: child.udp_encap,
-                    next_seq: first,
-                    limit: child.out_hwm,
-                    replay_floor,
-                })));
-            }
+        let mut known = BTreeMap::new();
+        let me = self.me;
+        for sa in state.sas().filter(|sa| sa.owner == me) {
+            self.reconcile_sa(sa.id, Some(sa), now_ms, keys, &mut actions);
+            known.insert(sa.id, sa.epoch);
         }
-        let gone: Vec<u32> = self
-            .running
+        let gone: Vec<SaId> = self
+            .by_sa
             .keys()
             .copied()
-            .filter(|spi| !owned.contains(spi))
+            .filter(|id| state.sa(*id).is_none_or(|sa| sa.owner != self.me))
             .collect();
-        for in_spi in gone {
-            self.running.remove(&in_spi);
+        for id in gone {
+            self.reconcile_sa(id, None, now_ms, keys, &mut actions);
+        }
+        self.known = Some(known);
+        actions
+    }
+
+    /// Reconciles the running children of the SAs `changed` (from the change feed) with the
+    /// applied state: O(changed SAs and their children), whatever the number of SAs. Before the
+    /// first [`OwnerRuntime::on_state`] it does nothing (that first look decides which ranges
+    /// this process saw granted).
+    pub fn on_changes(
+        &mut self,
+        state: &State,
+        changed: &[SaId],
+        now_ms: u64,
+        keys: &dyn KeyOpener,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.known.is_none() {
+            return actions;
+        }
+        for id in changed {
+            let sa = state.sa(*id).filter(|sa| sa.owner == self.me);
+            self.reconcile_sa(*id, sa, now_ms, keys, &mut actions);
+            let known = self.known.get_or_insert_with(BTreeMap::new);
+            match sa {
+                Some(sa) => known.insert(sa.id, sa.epoch),
+                None => known.remove(id),
+            };
+        }
+        actions
+    }
+
+    /// One SA: `owned` is its record if this node owns it now, `None` if it is gone or another
+    /// node's. Starts, extends and stops its children to match.
+    fn reconcile_sa(
+        &mut self,
+        id: SaId,
+        owned: Option<&IkeSa>,
+        now_ms: u64,
+        keys: &dyn KeyOpener,
+        actions: &mut Vec<Action>,
+    ) {
+        let was_running = self.by_sa.get(&id).cloned().unwrap_or_default();
+        let Some(sa) = owned else {
+            for in_spi in was_running {
+                self.stop(in_spi, actions);
+            }
+            return;
+        };
+        let fresh = self.range_is_fresh(sa);
+        for in_spi in was_running {
+            if !sa.children.contains_key(&in_spi) {
+                self.stop(in_spi, actions);
+            }
+        }
+        for child in sa.children.values() {
+            match self.running.get_mut(&child.in_spi) {
+                Some(run) if run.ike == sa.id && run.epoch == sa.epoch => {
+                    if child.out_hwm > run.limit {
+                        run.limit = child.out_hwm;
+                        if run.pending.is_some_and(|(mark, _)| mark <= child.out_hwm) {
+                            run.pending = None;
+                        }
+                        actions.push(Action::Extend {
+                            in_spi: child.in_spi,
+                            limit: child.out_hwm,
+                        });
+                    }
+                    continue;
+                }
+                // Same SPI, another epoch (or IKE SA): the old run ends first.
+                Some(_) => self.stop(child.in_spi, actions),
+                None => {}
+            }
+            self.start(sa, child, fresh, now_ms, keys, actions);
+        }
+    }
+
+    fn stop(&mut self, in_spi: u32, actions: &mut Vec<Action>) {
+        if let Some(run) = self.running.remove(&in_spi) {
+            if let Some(spis) = self.by_sa.get_mut(&run.ike) {
+                spis.remove(&in_spi);
+                if spis.is_empty() {
+                    self.by_sa.remove(&run.ike);
+                }
+            }
             actions.push(Action::Stop { in_spi });
         }
-        self.known = Some(
-            state
-                .sas()
-                .map(|sa| (sa.id, (sa.owner, sa.epoch)))
-                .collect(),
+    }
+
+    fn start(
+        &mut self,
+        sa: &IkeSa,
+        child: &ChildSa,
+        fresh: bool,
+        now_ms: u64,
+        keys: &dyn KeyOpener,
+        actions: &mut Vec<Action>,
+    ) {
+        let first = if fresh {
+            child.out_start
+        } else {
+            child.out_hwm.saturating_add(1)
+        };
+        let replay_floor = match self.config.replay_gap {
+            ReplayGapPolicy::Accept => child.in_checkpoint,
+            ReplayGapPolicy::Jump { margin } => child.in_checkpoint.saturating_add(margin),
+        };
+        tracing::info!(
+            sa = %sa.id,
+            in_spi = format_args!("{:08x}", child.in_spi),
+            epoch = %sa.epoch,
+            first,
+            limit = child.out_hwm,
+            replay_floor,
+            fresh_range = fresh,
+            "starting child SA"
         );
-        actions
+        self.running.insert(
+            child.in_spi,
+            Running {
+                ike: sa.id,
+                epoch: sa.epoch,
+                limit: child.out_hwm,
+                first,
+                pending: None,
+                last_checkpoint: child.in_checkpoint,
+                last_checkpoint_ms: now_ms,
+                last_in_packets: 0,
+                rate: 0.0,
+                sample: None,
+            },
+        );
+        self.by_sa.entry(sa.id).or_default().insert(child.in_spi);
+        actions.push(Action::Start(Box::new(ChildStart {
+            ike: sa.id,
+            epoch: sa.epoch,
+            in_spi: child.in_spi,
+            out_spi: child.out_spi,
+            suite: child.suite,
+            keys: keys.open(sa, child),
+            ts_local: child.ts_local.clone(),
+            ts_remote: child.ts_remote.clone(),
+            local: sa.local,
+            peer: sa.peer,
+            udp_encap: child.udp_encap,
+            next_seq: first,
+            limit: child.out_hwm,
+            replay_floor,
+        })));
     }
 
     /// The lease size for a child sending `rate` packets per second: about one commit per
