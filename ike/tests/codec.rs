@@ -254,10 +254,14 @@ fn truncation_at_every_offset() {
                 o.commit.is_none() && o.send.is_empty(),
                 "truncated input changed state"
             );
-            let _ = sim
-                .gw
-                .endpoint
-                .accept(sim.now, &mut rng, gw_addr(), client_addr(0), prefix, 0);
+            let _ = sim.gw.router.endpoint().accept(
+                sim.now,
+                &mut rng,
+                gw_addr(),
+                client_addr(0),
+                prefix,
+                0,
+            );
         }
     }
     // The untruncated DPD is still processed normally afterwards.
@@ -417,7 +421,8 @@ fn ike_sa_init_with_unknown_critical_payload_is_refused() {
     let mut rng = Rng(2);
     match sim
         .gw
-        .endpoint
+        .router
+        .endpoint()
         .accept(sim.now, &mut rng, gw_addr(), client_addr(0), &msg, 0)
     {
         evpc_ike::Accepted::Reply(d, PeerError::UnsupportedCriticalPayload(210)) => {
@@ -437,7 +442,8 @@ fn ike_sa_init_with_unknown_critical_payload_is_refused() {
     msg[17] = 0x30;
     assert!(matches!(
         sim.gw
-            .endpoint
+            .router
+            .endpoint()
             .accept(sim.now, &mut rng, gw_addr(), client_addr(0), &msg, 0),
         evpc_ike::Accepted::Reply(_, PeerError::UnsupportedVersion(3))
     ));
