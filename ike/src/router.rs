@@ -206,7 +206,7 @@ struct Entry {
 ///      not return `NewSa`, [`Router::remove`] the handle.
 ///    - [`Dispatch::Unknown`]: the caller's choice; an SA restored from a
 ///      snapshot (or one we initiate) is made known with [`Router::insert`].
-///    - [`Dispatch::Drop`]: nothing.
+///    - [`Dispatch::Drop`]: send nothing.
 /// 2. Pass every [`Event`] an SA's [`crate::Outcome`] carries to
 ///    [`Router::on_event`], after the outcome's commit is durable (the
 ///    events describe the committed state): it follows IKE rekeys
