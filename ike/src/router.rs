@@ -392,7 +392,9 @@ impl<H: Copy + Eq + Hash + core::fmt::Debug> Router<H> {
         let spis = self.free_spis(h, spis)?;
         let deadline = now.saturating_add(self.endpoint.config().lifetimes.half_open_timeout_ms);
         let expiry = (deadline, self.next_seq);
-        self.next_seq += 1;
+        // Unique among live entries; 2^64 insertions never happen, and
+        // wrapping keeps even that from panicking.
+        self.next_seq = self.next_seq.wrapping_add(1);
         let source = source_of(key.peer.ip());
         for spi in &spis {
             self.by_spi.insert(*spi, h);

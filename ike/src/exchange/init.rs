@@ -86,9 +86,9 @@ pub enum Screened {
 }
 
 /// Where a half-open SA is found again when the peer retransmits its
-/// IKE_SA_INIT: the request carries no SPI of ours yet (RFC 7296 §2.1), so
-/// the initiator's SPI and the address it came from identify it (§2.6: a
-/// retransmission keeps both).
+/// IKE_SA_INIT: the request carries no SPI of ours yet (its responder SPI is
+/// zero, RFC 7296 §3.1), so the initiator's SPI and the address it came from
+/// identify it (a retransmission is the same message from the same place, §2.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HalfOpenKey {
     pub peer: SocketAddr,
@@ -99,7 +99,8 @@ pub struct HalfOpenKey {
 /// checked, proposal and KE group chosen, responder SPI drawn.
 ///
 /// It holds only the peer's (untrusted, public) data and our choices, no
-/// secret: our Diffie-Hellman value and nonce are only drawn by
+/// secret of its own (the shared `Arc<Config>` aside, whose PSKs are
+/// [`Secret`]s): our Diffie-Hellman value and nonce are only drawn by
 /// [`PendingInit::complete`]. So it can be queued or moved to another task
 /// freely, and dropping it needs no zeroizing.
 pub struct PendingInit {
