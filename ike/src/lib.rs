@@ -15,9 +15,11 @@
 //!            UDP 500/4500 (non-ESP marker stripped/added by the node)
 //!                 │                                    ▲
 //!                 ▼                                    │
-//!   wire::route(bytes) ──NewSa──► Endpoint::accept ──► IkeSa (half-open,
-//!        │                        (cookie, INVALID_KE,  node-local)
-//!        │ Existing{local_spi}     NAT-D, IKE_SA_INIT)
+//!   Router::route(remote, bytes)     SPI and half-open tables, cap, per-source budget
+//!        │ NewSa ──► Router::screen   cookie §2.6, proposal, INVALID_KE; no DH
+//!        │            │ Admit ──► Router::insert_half_open ──► PendingInit::complete
+//!        │            │           (DH and keys, in the SA's own task) ──► IkeSa (half-open)
+//!        │ Sa(h)
 //!        ▼
 //!   IkeSa::handle_datagram / handle_timeout / rekey_* / delete_* / close
 //!        │
@@ -27,37 +29,42 @@
 //!        │           ▼                                   ▼
 //!        │     Raft log: StateChange::Upsert(snapshot)   data plane: ChildSaInstalled /
 //!        │           │  / Remove                          ChildSaDeleted (ESP keys, SPIs, TS)
-//!        │           ▼ durable
+//!        │           ▼ durable                            router: Router::on_event
 //!        └──► send; then commit.into_datagrams_after_durable() ──► send
 //! ```
 //!
 //! # Call order
 //!
-//! 1. For each received datagram call [`wire::route`]. For `NewSa` look up a
-//!    half-open SA by (peer address, initiator SPI); if there is none call
-//!    [`Endpoint::accept`] (pass the node's current count of half-open SAs;
-//!    above `Config::cookie_threshold` cookies are required). For `Existing`
-//!    look the SA up by local SPI and call [`IkeSa::handle_datagram`].
+//! 1. For each received datagram call [`Router::route`] (see [`Router`] for
+//!    the full order): `Sa(h)` goes to [`IkeSa::handle_datagram`] of that SA;
+//!    `NewSa` to [`Router::screen`], whose `Admit` is registered with
+//!    [`Router::insert_half_open`] and finished with
+//!    [`PendingInit::complete`] (the Diffie-Hellman work, best done in the
+//!    SA's own task); `Unknown` is an SA the caller may restore. A caller
+//!    without a router can use [`wire::route`] and [`Endpoint::accept`]
+//!    (screen and complete in one call) directly.
 //! 2. Handle the returned [`Outcome`] completely before the next call into the
 //!    same SA: send `send`; commit `commit.change` and, once durable, send
 //!    `commit.into_datagrams_after_durable()`; then apply `events` (they
 //!    describe the state just committed, e.g. ESP SAs to install); arm a
 //!    timer for `next_timeout`. If a commit fails, drop the SA object and
-//!    restore from the last durable snapshot. Keep the half-open map entry of
-//!    step 1 until [`Event::IkeSaEstablished`] or [`Event::Closed`].
+//!    restore from the last durable snapshot. Pass each event to
+//!    [`Router::on_event`].
 //! 3. When [`Event::InnerAddressNeeded`] comes (IKE_AUTH with a CP request),
 //!    allocate an address (through the cluster) and call
 //!    [`IkeSa::assign_inner_address`]; the IKE_AUTH answer is built only then.
 //! 4. At `next_timeout` call [`IkeSa::handle_timeout`]: retransmissions with
-//!    exponential back-off (§2.1), DPD, rekeys, expiry, half-open expiry.
+//!    exponential back-off (§2.1), DPD, rekeys, expiry, half-open expiry. At
+//!    [`Router::poll_timeout`] call [`Router::handle_timeout`] (cookie secret
+//!    rotation, half-open SAs to drop).
 //! 5. Gateway-initiated work: [`IkeSa::send_dpd`], [`IkeSa::rekey_child`],
 //!    [`IkeSa::rekey_ike`], [`IkeSa::create_child`], [`IkeSa::delete_child`],
 //!    [`IkeSa::close`]. Requests wait in a committed queue while another one
 //!    is outstanding (window size 1).
-//! 6. On [`Event::IkeSaRekeyed`] route the new local SPI to the same SA; on
-//!    [`Event::LocalSpiReleased`] stop routing that SPI; on [`Event::Closed`]
-//!    drop the SA.
-//! 7. On fail-over: [`IkeSa::restore`] each committed snapshot, then call
+//! 6. On [`Event::Closed`] drop the SA ([`Router::on_event`] already
+//!    followed [`Event::IkeSaRekeyed`] and [`Event::LocalSpiReleased`]).
+//! 7. On fail-over: [`IkeSa::restore`] each committed snapshot,
+//!    [`Router::insert`] its [`IkeSa::local_spis`], then call
 //!    `handle_timeout` at `next_timeout` (due at once when a request of ours was
 //!    outstanding: it is resent byte-for-byte).
 //!
@@ -88,7 +95,8 @@
 //! holds the suite (AES-GCM-16 SK payload, HMAC-SHA2 prf/prf+, groups 31, 19
 //! and 14, key derivation, PSK AUTH), [`sa`] the per-SA machinery (routing to
 //! a generation, message-ID window, retransmission, timers, outcome), and
-//! [`exchange`] the four exchanges. [`snapshot`] is the committed state,
+//! [`exchange`] the four exchanges, [`router`] the demultiplexer and flood
+//! protection in front of them. [`snapshot`] is the committed state,
 //! [`outcome`] what comes back from a call, [`error`] what peers do wrong,
 //! [`policy`] the caller's admission hook for child SAs.
 //!
@@ -113,6 +121,7 @@ pub mod error;
 pub mod exchange;
 pub mod outcome;
 pub mod policy;
+pub mod router;
 pub mod sa;
 pub mod snapshot;
 pub mod wire;
@@ -120,9 +129,10 @@ pub mod wire;
 pub use config::{Config, EspPolicy, IkePolicy, Lifetimes, PskEntry, RetransmitPolicy};
 pub use crypto::{DhGroup, EncrAlg, EspSuite, IkeSuite, PrfAlg, Secret};
 pub use error::{ApiError, PeerError, Reaction};
-pub use exchange::init::{Accepted, Endpoint};
+pub use exchange::init::{Accepted, Endpoint, HalfOpenKey, PendingInit, Screened};
 pub use outcome::{ChildSaInfo, CloseReason, Commit, Datagram, Event, Outcome, StateChange};
 pub use policy::{ChildContext, ChildPolicy};
+pub use router::{Dispatch, DropReason, Router, RouterError, RouterLimits};
 pub use sa::{ConnectOptions, IkeSa};
 pub use snapshot::{IkeSaSnapshot, InnerAddress, Role};
 pub use wire::{Identity, Route, TrafficSelector};

@@ -254,10 +254,14 @@ fn truncation_at_every_offset() {
                 o.commit.is_none() && o.send.is_empty(),
                 "truncated input changed state"
             );
-            let _ = sim
-                .gw
-                .endpoint
-                .accept(sim.now, &mut rng, gw_addr(), client_addr(0), prefix, 0);
+            let _ = sim.gw.router.endpoint().accept(
+                sim.now,
+                &mut rng,
+                gw_addr(),
+                client_addr(0),
+                prefix,
+                0,
+            );
         }
     }
     // The untruncated DPD is still processed normally afterwards.
@@ -417,7 +421,8 @@ fn ike_sa_init_with_unknown_critical_payload_is_refused() {
     let mut rng = Rng(2);
     match sim
         .gw
-        .endpoint
+        .router
+        .endpoint()
         .accept(sim.now, &mut rng, gw_addr(), client_addr(0), &msg, 0)
     {
         evpc_ike::Accepted::Reply(d, PeerError::UnsupportedCriticalPayload(210)) => {
@@ -437,8 +442,55 @@ fn ike_sa_init_with_unknown_critical_payload_is_refused() {
     msg[17] = 0x30;
     assert!(matches!(
         sim.gw
-            .endpoint
+            .router
+            .endpoint()
             .accept(sim.now, &mut rng, gw_addr(), client_addr(0), &msg, 0),
         evpc_ike::Accepted::Reply(_, PeerError::UnsupportedVersion(3))
     ));
+}
+
+/// An IKE_SA_INIT without its SA, KE or Nonce payload is answered with
+/// INVALID_SYNTAX, and the error names the payload that is missing.
+#[test]
+fn ike_sa_init_missing_a_payload_names_it() {
+    let sim = Sim::new(81, Faults::NONE, gateway_config(1));
+    let mut rng = Rng(3);
+    let (_, o) = evpc_ike::IkeSa::connect(
+        std::sync::Arc::new(client_config(0)),
+        client_addr(0),
+        gw_addr(),
+        connect_options(),
+        sim.now,
+        &mut rng,
+    );
+    let (h, chain) = wire::parse_message(&o.send[0].payload).unwrap();
+    for missing in [PayloadType::SA, PayloadType::KE, PayloadType::NONCE] {
+        let payloads: Vec<Payload> = chain
+            .payloads
+            .iter()
+            .filter(|p| p.payload_type() != missing)
+            .cloned()
+            .collect();
+        assert_eq!(payloads.len() + 1, chain.payloads.len());
+        let msg = wire::emit_plain_message(h, &payloads);
+        let endpoint = sim.gw.router.endpoint();
+        match endpoint.screen(&mut rng, gw_addr(), client_addr(0), &msg, 0) {
+            evpc_ike::Screened::Reply(d, PeerError::MissingPayload(p)) => {
+                assert_eq!(p, missing);
+                let (_, reply) = wire::parse_message(&d.payload).unwrap();
+                assert_eq!(
+                    reply.payloads,
+                    vec![Payload::Notify(NotifyPayload::new(
+                        NotifyType::INVALID_SYNTAX,
+                        vec![]
+                    ))]
+                );
+            }
+            other => panic!("without {missing:?}: {other:?}"),
+        }
+        assert!(matches!(
+            endpoint.accept(sim.now, &mut rng, gw_addr(), client_addr(0), &msg, 0),
+            evpc_ike::Accepted::Reply(_, PeerError::MissingPayload(p)) if p == missing
+        ));
+    }
 }

@@ -464,7 +464,7 @@ fn gateway_survives_crashes_after_every_commit() {
 #[test]
 fn restored_gateway_answers_retransmission_with_identical_bytes() {
     let (mut sim, slot) = setup(5, Faults::NONE);
-    let config = sim.gw.endpoint.config().clone();
+    let config = sim.gw.router.endpoint().config().clone();
     // A client DPD request, answered and committed by the gateway.
     let mut rng = Rng(99);
     let o = sim.clients[0].sa.send_dpd(sim.now, &mut rng).unwrap();
@@ -528,7 +528,7 @@ fn restored_gateway_answers_retransmission_with_identical_bytes() {
 #[test]
 fn restored_gateway_resends_pending_request_byte_for_byte() {
     let (mut sim, slot) = setup(6, Faults::NONE);
-    let config = sim.gw.endpoint.config().clone();
+    let config = sim.gw.router.endpoint().config().clone();
     let mut rng = Rng(5);
     let spi = sim.gw_sa(slot).unwrap().children()[0].inbound_spi;
     let gw = sim.gw.sas[slot].as_mut().unwrap();
@@ -869,7 +869,7 @@ fn forced_udp_encapsulation_without_nat() {
 #[test]
 fn restore_refuses_inconsistent_snapshots() {
     let (sim, slot) = setup(22, Faults::NONE);
-    let config = sim.gw.endpoint.config().clone();
+    let config = sim.gw.router.endpoint().config().clone();
     let good = sim.gw_sa(slot).unwrap().snapshot().unwrap();
     let mut short_key = good.clone();
     short_key.current.keys.sk_er = evpc_ike::Secret::from_slice(&[1, 2, 3]);

@@ -1,6 +1,14 @@
 //! IKE_SA_INIT (RFC 7296 §1.2): the stateless front door of the responder
 //! ([`Endpoint`]: cookies §2.6, INVALID_KE_PAYLOAD §1.2, NAT detection §2.23)
 //! and the initiator's first exchange.
+//!
+//! The responder side is two steps so that a gateway can keep the expensive
+//! one off its single dispatcher: [`Endpoint::screen`] parses and answers
+//! statelessly (no Diffie-Hellman), and only what it admits reaches
+//! [`PendingInit::complete`] (two Diffie-Hellman operations and the key
+//! derivation, by far the most expensive part, above all for MODP-2048),
+//! which a gateway runs in the new SA's own task. [`Endpoint::accept`] does
+//! both at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +47,10 @@ fn check_nonce(n: &[u8]) -> Result<(), PeerError> {
 }
 
 /// The responder's entry point for new IKE SAs.
+///
+/// It keeps no per-peer state: [`Endpoint::screen`] answers or drops what it
+/// can from the request alone, and what it admits carries everything the
+/// expensive second step ([`PendingInit::complete`]) needs.
 #[derive(Debug)]
 pub struct Endpoint {
     config: Arc<Config>,
@@ -46,7 +58,7 @@ pub struct Endpoint {
     cookie_secrets: Vec<(u8, Secret)>,
 }
 
-/// What [`Endpoint::accept`] decided.
+/// What [`Endpoint::accept`] (or [`PendingInit::complete`]) decided.
 #[derive(Debug)]
 pub enum Accepted {
     /// A new half-open SA; keep it under (peer address, initiator SPI) and
@@ -56,6 +68,70 @@ pub enum Accepted {
     Reply(Datagram, PeerError),
     /// Nothing to send.
     Dropped(PeerError),
+}
+
+/// What [`Endpoint::screen`] decided about an IKE_SA_INIT request, before any
+/// Diffie-Hellman work.
+#[derive(Debug)]
+pub enum Screened {
+    /// Worth a half-open SA: register it (e.g. [`crate::Router::insert_half_open`]
+    /// under [`PendingInit::key`] and [`PendingInit::local_spi`]), then call
+    /// [`PendingInit::complete`], ideally in the SA's own task so the
+    /// Diffie-Hellman computation does not hold up the dispatcher.
+    Admit(Box<PendingInit>),
+    /// A stateless answer (COOKIE, INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...).
+    Reply(Datagram, PeerError),
+    /// Nothing to send.
+    Dropped(PeerError),
+}
+
+/// Where a half-open SA is found again when the peer retransmits its
+/// IKE_SA_INIT: the request carries no SPI of ours yet (its responder SPI is
+/// zero, RFC 7296 §3.1), so the initiator's SPI and the address it came from
+/// identify it (a retransmission is the same message from the same place, §2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HalfOpenKey {
+    pub peer: SocketAddr,
+    pub initiator_spi: u64,
+}
+
+/// An IKE_SA_INIT request that passed [`Endpoint::screen`]: parsed, cookie
+/// checked, proposal and KE group chosen, responder SPI drawn.
+///
+/// It holds only the peer's (untrusted, public) data and our choices, no
+/// secret of its own (the shared `Arc<Config>` aside, whose PSKs are
+/// [`Secret`]s): our Diffie-Hellman value and nonce are only drawn by
+/// [`PendingInit::complete`]. So it can be queued or moved to another task
+/// freely, and dropping it needs no zeroizing.
+pub struct PendingInit {
+    config: Arc<Config>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    spi_i: u64,
+    spi_r: u64,
+    proposal_number: u8,
+    suite: crate::crypto::IkeSuite,
+    ni: Vec<u8>,
+    peer_public: Vec<u8>,
+    nat: NatState,
+    /// The initiator sent NAT_DETECTION_SOURCE_IP: answer NAT detection (§2.23).
+    nat_asked: bool,
+    /// The request as received; IKE_AUTH signs it (§2.15).
+    init_request: Vec<u8>,
+}
+
+impl core::fmt::Debug for PendingInit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // The config (PSKs, albeit redacted) and the raw request are noise here.
+        f.debug_struct("PendingInit")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("spi_i", &format_args!("{:016x}", self.spi_i))
+            .field("spi_r", &format_args!("{:016x}", self.spi_r))
+            .field("suite", &self.suite)
+            .field("nat", &self.nat)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Endpoint {
@@ -79,7 +155,8 @@ impl Endpoint {
     }
 
     /// Handles an IKE_SA_INIT request that [`wire::route`] classified as
-    /// `NewSa` and that is not a retransmission for a known half-open SA.
+    /// `NewSa` and that is not a retransmission for a known half-open SA:
+    /// [`Endpoint::screen`], then [`PendingInit::complete`] at once.
     /// `half_open_sas` is how many half-open SAs this node holds now.
     pub fn accept(
         &self,
@@ -90,12 +167,37 @@ impl Endpoint {
         datagram: &[u8],
         half_open_sas: usize,
     ) -> Accepted {
+        match self.screen(rng, local, remote, datagram, half_open_sas) {
+            Screened::Admit(pending) => pending.complete(now, rng),
+            Screened::Reply(d, err) => Accepted::Reply(d, err),
+            Screened::Dropped(err) => Accepted::Dropped(err),
+        }
+    }
+
+    /// The cheap, stateless half of [`Endpoint::accept`]: everything that can
+    /// be decided, and answered without state, from the request alone.
+    ///
+    /// Checks, in order: the header and payload syntax (§2.5: unsupported
+    /// major version and unknown critical payloads are answered), that it is
+    /// an IKE_SA_INIT request, SA/KE/Nonce present and the nonce length
+    /// (§3.9), the cookie when `half_open_sas >= Config::cookie_threshold`
+    /// (§2.6), the proposal (§2.7), the KE group (§1.2, INVALID_KE_PAYLOAD)
+    /// and the KE length. `rng` only draws the responder SPI of an admitted
+    /// request (8 bytes); no Diffie-Hellman work happens here.
+    pub fn screen(
+        &self,
+        rng: &mut dyn Random,
+        local: SocketAddr,
+        remote: SocketAddr,
+        datagram: &[u8],
+        half_open_sas: usize,
+    ) -> Screened {
         let (header, chain) = match wire::parse_message(datagram) {
             Ok(x) => x,
             Err(e) => {
                 let err = PeerError::from(e);
                 let Some(h) = Header::peek(datagram).filter(|h| !h.response) else {
-                    return Accepted::Dropped(err);
+                    return Screened::Dropped(err);
                 };
                 // §2.5: a major version we do not speak, or an unknown payload
                 // marked critical, is refused with a notification (unprotected
@@ -109,9 +211,9 @@ impl Endpoint {
                         NotifyType::UNSUPPORTED_CRITICAL_PAYLOAD,
                         err.notify_data(),
                     ),
-                    _ => return Accepted::Dropped(err),
+                    _ => return Screened::Dropped(err),
                 };
-                return Accepted::Reply(plain_reply(&h, notify, local, remote), err);
+                return Screened::Reply(plain_reply(h.spi_i, notify, local, remote), err);
             }
         };
         if header.exchange != ExchangeType::IKE_SA_INIT
@@ -121,16 +223,26 @@ impl Endpoint {
             || header.message_id != 0
             || chain.encrypted.is_some()
         {
-            return Accepted::Dropped(PeerError::UnexpectedExchange(header.exchange));
+            return Screened::Dropped(PeerError::UnexpectedExchange(header.exchange));
         }
         let payloads = &chain.payloads;
         let reply = |n: NotifyPayload, err: PeerError| {
-            Accepted::Reply(plain_reply(&header, n, local, remote), err)
+            Screened::Reply(plain_reply(header.spi_i, n, local, remote), err)
         };
-        let (Some(sa), Some(ke), Some(ni)) = (payloads.sa(), payloads.ke(), payloads.nonce())
-        else {
-            let err = PeerError::MissingPayload(PayloadType::SA);
-            return reply(NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]), err);
+        let syntax = |missing: PayloadType| {
+            reply(
+                NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]),
+                PeerError::MissingPayload(missing),
+            )
+        };
+        let Some(sa) = payloads.sa() else {
+            return syntax(PayloadType::SA);
+        };
+        let Some(ke) = payloads.ke() else {
+            return syntax(PayloadType::KE);
+        };
+        let Some(ni) = payloads.nonce() else {
+            return syntax(PayloadType::NONCE);
         };
         if let Err(err) = check_nonce(ni) {
             return reply(NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]), err);
@@ -139,17 +251,19 @@ impl Endpoint {
             let presented = payloads
                 .notify(NotifyType::COOKIE)
                 .map(|n| n.data.as_slice());
+            // The first octet names the secret (see `cookie`), so a forged
+            // cookie costs one PRF, not one per secret kept.
             let valid = presented.is_some_and(|c| {
-                self.cookie_secrets
-                    .iter()
-                    .any(|(v, s)| ct_eq(c, &cookie(*v, s, ni, remote.ip(), header.spi_i)))
+                c.first()
+                    .and_then(|v| self.cookie_secrets.iter().find(|(sv, _)| sv == v))
+                    .is_some_and(|(v, s)| ct_eq(c, &cookie(*v, s, ni, remote.ip(), header.spi_i)))
             });
             if !valid {
                 let (v, s) = &self.cookie_secrets[0];
                 let data = cookie(*v, s, ni, remote.ip(), header.spi_i);
-                return Accepted::Reply(
+                return Screened::Reply(
                     plain_reply(
-                        &header,
+                        header.spi_i,
                         NotifyPayload::new(NotifyType::COOKIE, data),
                         local,
                         remote,
@@ -176,45 +290,103 @@ impl Endpoint {
                 err,
             );
         }
-        let dh = DhPrivate::generate(selected.suite.dh, rng);
-        let shared = match dh.agree(&ke.data) {
+        // The length is free to check here; whether the value is a valid
+        // point (or in range) is only known while agreeing, in `complete`.
+        if ke.data.len() != selected.suite.dh.public_len() {
+            let err = PeerError::InvalidKePublicValue;
+            return reply(NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]), err);
+        }
+        Screened::Admit(Box::new(PendingInit {
+            config: self.config.clone(),
+            local,
+            remote,
+            spi_i: header.spi_i,
+            spi_r: random_nonzero_u64(rng),
+            proposal_number: selected.number,
+            suite: selected.suite,
+            ni: ni.to_vec(),
+            peer_public: ke.data.clone(),
+            nat: detect_nat(payloads, header.spi_i, 0, local, remote),
+            nat_asked: payloads
+                .notify(NotifyType::NAT_DETECTION_SOURCE_IP)
+                .is_some(),
+            init_request: datagram.to_vec(),
+        }))
+    }
+}
+
+impl PendingInit {
+    /// Where a retransmission of this request will be looked up.
+    pub fn key(&self) -> HalfOpenKey {
+        HalfOpenKey {
+            peer: self.remote,
+            initiator_spi: self.spi_i,
+        }
+    }
+
+    /// Our SPI for the new SA (the responder SPI): the peer's IKE_AUTH will
+    /// carry it, so route it to the SA before its response leaves.
+    pub fn local_spi(&self) -> u64 {
+        self.spi_r
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// The expensive half of [`Endpoint::accept`]: our Diffie-Hellman value,
+    /// the shared secret, key derivation (§2.14), the IKE_SA_INIT response
+    /// and the half-open SA, whose half-open deadline starts at `now`.
+    ///
+    /// `Reply` when the peer's KE value is not a valid public value
+    /// (INVALID_SYNTAX); the caller then forgets whatever it registered for
+    /// this request.
+    pub fn complete(self, now: u64, rng: &mut dyn Random) -> Accepted {
+        let suite = self.suite;
+        let dh = DhPrivate::generate(suite.dh, rng);
+        let shared = match dh.agree(&self.peer_public) {
             Ok(s) => s,
             Err(_) => {
                 let err = PeerError::InvalidKePublicValue;
-                return reply(NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]), err);
+                let n = NotifyPayload::new(NotifyType::INVALID_SYNTAX, vec![]);
+                return Accepted::Reply(plain_reply(self.spi_i, n, self.local, self.remote), err);
             }
         };
-        let spi_r = random_nonzero_u64(rng);
+        let (local, remote) = (self.local, self.remote);
+        let (spi_i, spi_r) = (self.spi_i, self.spi_r);
         let nr = random_bytes(rng, self.config.nonce_len);
-        let suite = selected.suite;
-        let keys = IkeKeys::derive_initial(&suite, &shared, ni, &nr, header.spi_i, spi_r);
-        let nat = detect_nat(payloads, header.spi_i, 0, local, remote);
+        let keys = IkeKeys::derive_initial(&suite, &shared, &self.ni, &nr, spi_i, spi_r);
 
         let mut out_payloads = vec![
-            Payload::Sa(proposal::ike_chosen(selected.number, Vec::new(), &suite)),
+            Payload::Sa(proposal::ike_chosen(
+                self.proposal_number,
+                Vec::new(),
+                &suite,
+            )),
             Payload::Ke(KePayload {
                 group: suite.dh.id(),
                 data: dh.public(),
             }),
             Payload::Nonce(nr.clone()),
         ];
-        if payloads
-            .notify(NotifyType::NAT_DETECTION_SOURCE_IP)
-            .is_some()
-        {
+        if self.nat_asked {
             // §2.23: only answer NAT detection if the initiator asked.
             out_payloads.push(Payload::Notify(NotifyPayload::new(
                 NotifyType::NAT_DETECTION_SOURCE_IP,
-                nat_detection_hash(header.spi_i, spi_r, local),
+                nat_detection_hash(spi_i, spi_r, local),
             )));
             out_payloads.push(Payload::Notify(NotifyPayload::new(
                 NotifyType::NAT_DETECTION_DESTINATION_IP,
-                nat_detection_hash(header.spi_i, spi_r, remote),
+                nat_detection_hash(spi_i, spi_r, remote),
             )));
         }
         let response = wire::emit_plain_message(
             Header {
-                spi_i: header.spi_i,
+                spi_i,
                 spi_r,
                 next_payload: PayloadType::NONE,
                 major_version: IKE_MAJOR_VERSION,
@@ -231,7 +403,7 @@ impl Endpoint {
             format: SNAPSHOT_FORMAT,
             local,
             peer: remote,
-            nat,
+            nat: self.nat,
             local_id: self.config.local_identity.clone(),
             peer_id: Identity {
                 kind: IdType(0),
@@ -239,7 +411,7 @@ impl Endpoint {
             },
             current: IkeGeneration {
                 role: Role::Responder,
-                spi_i: header.spi_i,
+                spi_i,
                 spi_r,
                 suite,
                 keys,
@@ -264,16 +436,16 @@ impl Endpoint {
             ike_rekey_at_ms: None,
         };
         let handshake = Handshake {
-            ni: ni.to_vec(),
+            ni: self.ni,
             nr,
-            init_request: datagram.to_vec(),
+            init_request: self.init_request,
             init_response: response.clone(),
-            deadline_ms: Some(now + self.config.lifetimes.half_open_timeout_ms),
+            deadline_ms: Some(now.saturating_add(self.config.lifetimes.half_open_timeout_ms)),
             initiator: None,
             awaiting_address: None,
         };
         let mut sa = IkeSa {
-            config: self.config.clone(),
+            config: self.config,
             state: State::Keyed(Box::new(snapshot)),
             handshake: Some(Box::new(handshake)),
             out: OutBuf::default(),
@@ -314,10 +486,10 @@ fn detect_nat(
 }
 
 /// An unprotected reply to an IKE_SA_INIT request: HDR(SPIi, 0), N(...).
-fn plain_reply(req: &Header, n: NotifyPayload, local: SocketAddr, remote: SocketAddr) -> Datagram {
+fn plain_reply(spi_i: u64, n: NotifyPayload, local: SocketAddr, remote: SocketAddr) -> Datagram {
     let payload = wire::emit_plain_message(
         Header {
-            spi_i: req.spi_i,
+            spi_i,
             spi_r: 0,
             next_payload: PayloadType::NONE,
             major_version: IKE_MAJOR_VERSION,

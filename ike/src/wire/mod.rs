@@ -356,6 +356,7 @@ pub enum Route {
     /// A request opening a new IKE SA (IKE_SA_INIT with a zero responder SPI).
     /// Hand it to the half-open SA for `(peer address, initiator_spi)` if one
     /// exists (a retransmission), otherwise to [`crate::Endpoint::accept`].
+    /// [`crate::Router::route`] keeps that table and the admission limits.
     NewSa { initiator_spi: u64 },
     /// Any other message: look up the IKE SA whose local SPI is `local_spi`.
     Existing { local_spi: u64 },

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use evpc_ike::snapshot::IkeSaSnapshot;
 use evpc_ike::{
-    Accepted, Config, ConnectOptions, Datagram, Endpoint, Event, Identity, IkeSa, InnerAddress,
-    Outcome, Route, Secret, StateChange, TrafficSelector, wire,
+    Accepted, Config, ConnectOptions, Datagram, Dispatch, Endpoint, Event, Identity, IkeSa,
+    InnerAddress, Outcome, Router, RouterLimits, Screened, Secret, StateChange, TrafficSelector,
+    wire,
 };
 
 /// SplitMix64: small, seedable, good enough for simulations.
@@ -138,12 +139,11 @@ struct InFlight {
     d: Datagram,
 }
 
-/// The gateway: an `Endpoint` plus SAs, routed like the real node would.
+/// The gateway: a `Router` (around the `Endpoint`) plus SAs, routed like the
+/// real node would. SA handles are slot indices into `sas`.
 pub struct Gateway {
-    pub endpoint: Endpoint,
+    pub router: Router<usize>,
     pub sas: Vec<Option<IkeSa>>,
-    by_spi: HashMap<u64, usize>,
-    half_open: HashMap<(SocketAddr, u64), usize>,
     /// The durable log: one sealed (here: just serialized) snapshot per SA slot.
     pub log: HashMap<usize, Vec<u8>>,
     pub events: Vec<Event>,
@@ -192,10 +192,13 @@ impl Sim {
             in_flight: Vec::new(),
             seq: 0,
             gw: Gateway {
-                endpoint: Endpoint::new(Arc::new(gw_config), Secret::from_slice(&cookie)),
+                router: Router::new(
+                    Endpoint::new(Arc::new(gw_config), Secret::from_slice(&cookie)),
+                    RouterLimits::default(),
+                    START_MS,
+                )
+                .expect("router limits fit the gateway config"),
                 sas: Vec::new(),
-                by_spi: HashMap::new(),
-                half_open: HashMap::new(),
                 log: HashMap::new(),
                 events: Vec::new(),
                 commits: 0,
@@ -312,14 +315,12 @@ impl Sim {
         }
         let mut follow_ups = Vec::new();
         for e in o.events {
+            self.gw
+                .router
+                .on_event(slot, &e)
+                .expect("the router knows every live SA");
             match &e {
                 Event::InnerAddressNeeded { .. } if self.gw.assign_addresses => follow_ups.push(()),
-                Event::IkeSaRekeyed { new_local_spi, .. } => {
-                    self.gw.by_spi.insert(*new_local_spi, slot);
-                }
-                Event::LocalSpiReleased { local_spi } => {
-                    self.gw.by_spi.remove(local_spi);
-                }
                 Event::Closed { .. } => {
                     self.gw.sas[slot] = None;
                 }
@@ -354,17 +355,20 @@ impl Sim {
         if std::env::var_os("IKE_SIM_TRACE").is_some() {
             eprintln!("{:>8} CRASH", self.now - START_MS);
         }
-        self.gw.sas.iter_mut().for_each(|s| *s = None);
-        self.gw.by_spi.clear();
-        self.gw.half_open.clear();
-        let config = self.gw.endpoint.config().clone();
+        for slot in 0..self.gw.sas.len() {
+            self.gw.sas[slot] = None;
+            self.gw.router.remove(slot);
+        }
+        assert!(self.gw.router.is_empty(), "every SA was forgotten");
+        let config = self.gw.router.endpoint().config().clone();
         let log: Vec<(usize, Vec<u8>)> = self.gw.log.iter().map(|(k, v)| (*k, v.clone())).collect();
         for (slot, bytes) in log {
             let snap: IkeSaSnapshot = postcard::from_bytes(&bytes).expect("snapshot deserializes");
             let sa = IkeSa::restore(config.clone(), snap).expect("restore");
-            for spi in sa.local_spis() {
-                self.gw.by_spi.insert(spi, slot);
-            }
+            self.gw
+                .router
+                .insert(slot, sa.local_spis())
+                .expect("restored SPIs are unique");
             self.gw.sas[slot] = Some(sa);
         }
     }
@@ -401,55 +405,52 @@ impl Sim {
         if d.remote.ip() == gw_addr().ip() {
             // To the gateway; d.local is the sender.
             let (local, remote) = (d.remote, d.local);
-            match wire::route(&d.payload) {
-                Route::NewSa { initiator_spi } => {
-                    if let Some(&slot) = self.gw.half_open.get(&(remote, initiator_spi))
-                        && let Some(sa) = self.gw.sas[slot].as_mut()
-                    {
-                        let o = sa.handle_datagram(self.now, src, local, remote, &d.payload);
-
-                        self.gw_outcome(slot, o);
-                        return;
-                    }
-                    let half_open = self
-                        .gw
-                        .sas
-                        .iter()
-                        .flatten()
-                        .filter(|s| !s.is_established())
-                        .count();
-                    match self
-                        .gw
-                        .endpoint
-                        .accept(self.now, src, local, remote, &d.payload, half_open)
-                    {
-                        Accepted::NewSa(sa, o) => {
-                            let slot = self.gw.sas.len();
-                            for spi in sa.local_spis() {
-                                self.gw.by_spi.insert(spi, slot);
-                            }
-                            self.gw.half_open.insert((remote, initiator_spi), slot);
-                            self.gw.sas.push(Some(*sa));
-                            self.gw_outcome(slot, o);
-                        }
-                        Accepted::Reply(r, _) => {
-                            self.transmit(r);
-                        }
-                        Accepted::Dropped(_) => {}
-                    }
-                }
-                Route::Existing { local_spi } => {
-                    let Some(&slot) = self.gw.by_spi.get(&local_spi) else {
-                        return;
-                    };
+            match self.gw.router.route(remote, &d.payload) {
+                Dispatch::Sa(slot) => {
                     let Some(sa) = self.gw.sas[slot].as_mut() else {
                         return;
                     };
                     let o = sa.handle_datagram(self.now, src, local, remote, &d.payload);
-
                     self.gw_outcome(slot, o);
                 }
-                Route::Drop => {}
+                Dispatch::NewSa { .. } => {
+                    match self.gw.router.screen(src, local, remote, &d.payload) {
+                        Screened::Admit(pending) => {
+                            let slot = self.gw.sas.len();
+                            if self
+                                .gw
+                                .router
+                                .insert_half_open(
+                                    slot,
+                                    pending.key(),
+                                    [pending.local_spi()],
+                                    self.now,
+                                )
+                                .is_err()
+                            {
+                                return;
+                            }
+                            match pending.complete(self.now, src) {
+                                Accepted::NewSa(sa, o) => {
+                                    self.gw.sas.push(Some(*sa));
+                                    self.gw_outcome(slot, o);
+                                }
+                                Accepted::Reply(r, _) => {
+                                    self.gw.router.remove(slot);
+                                    self.transmit(r);
+                                }
+                                Accepted::Dropped(_) => {
+                                    self.gw.router.remove(slot);
+                                }
+                            }
+                        }
+                        Screened::Reply(r, _) => self.transmit(r),
+                        Screened::Dropped(_) => {}
+                    }
+                }
+                // A single gateway restores nothing on demand: every
+                // committed SA is already in the router.
+                Dispatch::Unknown { .. } | Dispatch::Drop(_) => {}
             }
         } else if let Some(i) = self
             .clients
@@ -479,6 +480,7 @@ impl Sim {
         for s in self.gw.sas.iter().flatten() {
             at(s.next_timeout());
         }
+        at(Some(self.gw.router.poll_timeout()));
         t
     }
 
@@ -543,6 +545,13 @@ impl Sim {
                 if let Some(o) = o {
                     self.gw_outcome(slot, o);
                 }
+            }
+        }
+        // After the SAs' own timers: a half-open SA closes itself at the same
+        // deadline, so this only catches one that did not.
+        if self.gw.router.poll_timeout() <= now {
+            for slot in self.gw.router.handle_timeout(now, &mut self.rng) {
+                self.gw.sas[slot] = None;
             }
         }
     }

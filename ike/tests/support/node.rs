@@ -8,15 +8,15 @@
 //!           --psk s3cret-psk-value --pool 10.10.0.2 [--local-ts 10.10.0.0/24]
 //! ```
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use evpc_ike::{
-    Accepted, Config, ConnectOptions, Datagram, Endpoint, Event, Identity, IkeSa, InnerAddress,
-    Outcome, Random, Route, Secret, StateChange, TrafficSelector, wire,
+    Accepted, Config, ConnectOptions, Datagram, Dispatch, Endpoint, Event, Identity, IkeSa,
+    InnerAddress, Outcome, Random, Router, RouterLimits, Screened, Secret, StateChange,
+    TrafficSelector, wire,
 };
 use tokio::net::UdpSocket;
 
@@ -49,10 +49,9 @@ fn parse_prefix(s: &str) -> TrafficSelector {
 }
 
 struct Node {
-    endpoint: Endpoint,
+    /// SA handles are indices into `sas`.
+    router: Router<usize>,
     sas: Vec<Option<IkeSa>>,
-    by_spi: HashMap<u64, usize>,
-    half_open: HashMap<(SocketAddr, u64), usize>,
     next_address: Ipv4Addr,
     rng: UrandomRng,
     sock500: Arc<UdpSocket>,
@@ -101,6 +100,9 @@ impl Node {
         }
         let mut need_address = false;
         for e in o.events {
+            if let Err(why) = self.router.on_event(slot, &e) {
+                println!("router: {why}");
+            }
             match &e {
                 Event::InnerAddressNeeded { peer_identity, .. } => {
                     println!("event InnerAddressNeeded {peer_identity}");
@@ -135,11 +137,9 @@ impl Node {
                     println!(
                         "event IkeSaRekeyed old={old_local_spi:016x} new={new_local_spi:016x}"
                     );
-                    self.by_spi.insert(*new_local_spi, slot);
                 }
                 Event::LocalSpiReleased { local_spi } => {
                     println!("event LocalSpiReleased {local_spi:016x}");
-                    self.by_spi.remove(local_spi);
                 }
                 Event::Closed { reason } => {
                     println!("event Closed {reason:?}");
@@ -174,52 +174,50 @@ impl Node {
             );
         }
         let now = now_ms();
-        match wire::route(bytes) {
-            Route::NewSa { initiator_spi } => {
-                if let Some(&slot) = self.half_open.get(&(remote, initiator_spi))
-                    && let Some(sa) = self.sas[slot].as_mut()
-                {
-                    let o = sa.handle_datagram(now, &mut self.rng, local, remote, bytes);
-                    self.apply(slot, o).await;
-                    return;
-                }
-                let half_open = self
-                    .sas
-                    .iter()
-                    .flatten()
-                    .filter(|s| !s.is_established())
-                    .count();
-                match self
-                    .endpoint
-                    .accept(now, &mut self.rng, local, remote, bytes, half_open)
-                {
-                    Accepted::NewSa(sa, o) => {
-                        let slot = self.sas.len();
-                        for spi in sa.local_spis() {
-                            self.by_spi.insert(spi, slot);
-                        }
-                        self.half_open.insert((remote, initiator_spi), slot);
-                        self.sas.push(Some(*sa));
-                        self.apply(slot, o).await;
-                    }
-                    Accepted::Reply(d, why) => {
-                        println!("stateless reply: {why}");
-                        self.send(&d).await;
-                    }
-                    Accepted::Dropped(why) => println!("dropped: {why}"),
-                }
-            }
-            Route::Existing { local_spi } => {
-                let Some(&slot) = self.by_spi.get(&local_spi) else {
-                    println!("unknown SPI {local_spi:016x}");
-                    return;
-                };
+        match self.router.route(remote, bytes) {
+            Dispatch::Sa(slot) => {
                 if let Some(sa) = self.sas[slot].as_mut() {
                     let o = sa.handle_datagram(now, &mut self.rng, local, remote, bytes);
                     self.apply(slot, o).await;
                 }
             }
-            Route::Drop => println!("dropped unroutable datagram"),
+            Dispatch::NewSa { .. } => {
+                match self.router.screen(&mut self.rng, local, remote, bytes) {
+                    Screened::Admit(pending) => {
+                        let slot = self.sas.len();
+                        let key = pending.key();
+                        if let Err(why) =
+                            self.router
+                                .insert_half_open(slot, key, [pending.local_spi()], now)
+                        {
+                            println!("dropped: {why}");
+                            return;
+                        }
+                        match pending.complete(now, &mut self.rng) {
+                            Accepted::NewSa(sa, o) => {
+                                self.sas.push(Some(*sa));
+                                self.apply(slot, o).await;
+                            }
+                            Accepted::Reply(d, why) => {
+                                self.router.remove(slot);
+                                println!("stateless reply: {why}");
+                                self.send(&d).await;
+                            }
+                            Accepted::Dropped(why) => {
+                                self.router.remove(slot);
+                                println!("dropped: {why}");
+                            }
+                        }
+                    }
+                    Screened::Reply(d, why) => {
+                        println!("stateless reply: {why}");
+                        self.send(&d).await;
+                    }
+                    Screened::Dropped(why) => println!("dropped: {why}"),
+                }
+            }
+            Dispatch::Unknown { local_spi } => println!("unknown SPI {local_spi:016x}"),
+            Dispatch::Drop(why) => println!("dropped: {why}"),
         }
     }
 
@@ -262,6 +260,12 @@ impl Node {
 
     async fn timers(&mut self) {
         let now = now_ms();
+        if self.router.poll_timeout() <= now {
+            for slot in self.router.handle_timeout(now, &mut self.rng) {
+                println!("half-open SA expired");
+                self.sas[slot] = None;
+            }
+        }
         for slot in 0..self.sas.len() {
             let due = self.sas[slot]
                 .as_ref()
@@ -315,11 +319,10 @@ async fn run(args: Vec<String>) {
 
     let sock500 = Arc::new(UdpSocket::bind((listen, 500)).await.expect("bind 500"));
     let sock4500 = Arc::new(UdpSocket::bind((listen, 4500)).await.expect("bind 4500"));
+    let endpoint = Endpoint::new(Arc::new(config), Secret::from_slice(&cookie));
     let mut node = Node {
-        endpoint: Endpoint::new(Arc::new(config), Secret::from_slice(&cookie)),
+        router: Router::new(endpoint, RouterLimits::default(), now_ms()).expect("router limits"),
         sas: Vec::new(),
-        by_spi: HashMap::new(),
-        half_open: HashMap::new(),
         next_address: pool,
         rng,
         sock500: sock500.clone(),
@@ -339,10 +342,10 @@ async fn run(args: Vec<String>) {
         let peer: Ipv4Addr = peer.parse().expect("--connect IPv4");
         let mut options = ConnectOptions::road_warrior(
             Identity::fqdn(&peer_id),
-            node.endpoint.config().remote_ts.clone(),
+            node.router.endpoint().config().remote_ts.clone(),
         );
         options.force_udp_encap = args.iter().any(|a| a == "--encap");
-        let config = node.endpoint.config().clone();
+        let config = node.router.endpoint().config().clone();
         let (sa, o) = IkeSa::connect(
             config,
             SocketAddr::from((listen, 500)),
@@ -351,9 +354,10 @@ async fn run(args: Vec<String>) {
             now_ms(),
             &mut node.rng,
         );
-        for spi in sa.local_spis() {
-            node.by_spi.insert(spi, 0);
-        }
+        // Our own SA: routed by its initiator SPI, never half-open here.
+        node.router
+            .insert(0, sa.local_spis())
+            .expect("the first SA's SPI is free");
         node.sas.push(Some(sa));
         node.apply(0, o).await;
     }
