@@ -155,6 +155,19 @@ struct SetupResult {
     /// namespace and in the nodes' (summed).
     client_rcvbuf_drops: u64,
     nodes_rcvbuf_drops: u64,
+    /// Each node process's resident memory after the setups (VmRSS), in bytes.
+    rss_bytes: BTreeMap<String, u64>,
+    /// The largest node's resident memory divided by the SAs in the cluster: what one more SA
+    /// costs a node (every node holds every SA's record; the owner also runs it).
+    bytes_per_sa_per_node: u64,
+}
+
+/// A process's resident set (VmRSS of /proc/<pid>/status), in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn now_ms() -> u64 {
@@ -774,6 +787,13 @@ async fn measure_cluster(
                 .map(|(_, pid)| rcvbuf_errors(Some(*pid)))
                 .sum::<u64>()
                 - node_drops;
+            setup.rss_bytes = pids
+                .iter()
+                .filter_map(|(id, pid)| Some((format!("node{id}"), rss_bytes(*pid)?)))
+                .collect();
+            let in_state = over as u64 + setup.established;
+            setup.bytes_per_sa_per_node =
+                setup.rss_bytes.values().max().copied().unwrap_or(0) / in_state.max(1);
             // 3. DPDs again, with all those SAs in the replicated state, once the burst's
             // aftermath (data planes starting the new children, followers catching up) is over.
             tokio::time::sleep(Duration::from_secs(2)).await;

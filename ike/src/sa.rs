@@ -114,6 +114,8 @@ pub(crate) struct Request {
     pub payloads: Vec<Payload>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// SHA-256 of the datagram, kept with the response to recognise a retransmission.
+    pub sha256: [u8; 32],
 }
 
 /// One IKE SA. See the crate docs for the call order.
@@ -564,6 +566,7 @@ impl IkeSa {
             message_id: id,
             datagrams: vec![bytes.clone()],
         });
+        g.last_request_sha256 = Some(req.sha256);
         g.next_peer_request_id = id.wrapping_add(1);
         self.out.dirty = true;
         self.out.gated.push(Datagram {
@@ -770,7 +773,16 @@ impl IkeSa {
             && last.message_id == header.message_id
             && g.next_peer_request_id == header.message_id.wrapping_add(1)
         {
-            // §2.1: a retransmitted request gets the stored response, byte for byte.
+            // §2.1: a retransmitted request gets the stored response, byte for byte — if it
+            // is the request we answered, byte for byte, from the peer's address. Anything
+            // else with that message ID (forged, or from an address the SA is not at) is
+            // dropped at the cost of one hash: no answer is sent where a forger chooses.
+            let same_request = g
+                .last_request_sha256
+                .is_none_or(|digest| digest == datagram_sha256(datagram));
+            if !same_request || remote != s.peer {
+                return;
+            }
             for d in &last.datagrams {
                 self.out.send.push(Datagram {
                     local,
@@ -807,11 +819,13 @@ impl IkeSa {
         };
         let req_header = header;
         let inner = sk::open_message(datagram, part, g.suite.encr, g.recv_key().expose());
+        let sha256 = datagram_sha256(datagram);
         let req = |payloads| Request {
             header: req_header,
             payloads,
             local,
             remote,
+            sha256,
         };
         let payloads = match inner {
             Ok(c) => c.payloads,
@@ -1155,4 +1169,10 @@ fn find_gen(s: &IkeSaSnapshot, h: &Header) -> Option<GenRef> {
     std::iter::once(&s.current)
         .chain(&s.retiring)
         .position(|g| g.spi_i == h.spi_i && g.spi_r == h.spi_r)
+}
+
+/// SHA-256 of a received datagram (what a retransmission is recognised by).
+fn datagram_sha256(datagram: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(datagram).into()
 }

@@ -108,6 +108,12 @@ pub struct IkeGeneration {
     pub next_request_id: u32,
     /// Our response to the peer's last request, resent verbatim on a retransmission.
     pub last_response: Option<StoredMessage>,
+    /// SHA-256 of the request `last_response` answers: a retransmission is answered only if
+    /// it is that request byte for byte (and from the peer's address), so a forged datagram
+    /// with a known SPI and message ID gets nothing sent anywhere. `None` in snapshots from
+    /// before this field: such an SA answers by message ID, as it did.
+    #[serde(default)]
+    pub last_request_sha256: Option<[u8; 32]>,
     /// Our outstanding request, resent verbatim until answered.
     pub pending: Option<PendingRequest>,
     pub created_at_ms: u64,

@@ -496,6 +496,28 @@ fn restored_gateway_answers_retransmission_with_identical_bytes() {
     assert!(o.commit.is_none(), "a retransmission changes nothing");
     assert_eq!(o.send.len(), 1);
     assert_eq!(o.send[0].payload, first_answer.payload);
+    // The same bytes from another address, or other bytes with the same SPIs and message ID
+    // (a forger's), get nothing: the stored response never goes where a forger chooses.
+    let elsewhere: std::net::SocketAddr = "203.0.113.99:4500".parse().unwrap();
+    let o = restored.handle_datagram(
+        sim.now + 1001,
+        &mut rng,
+        request.remote,
+        elsewhere,
+        &request.payload,
+    );
+    assert!(o.send.is_empty() && o.commit.is_none(), "{:?}", o.send);
+    let mut forged = request.payload.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let o = restored.handle_datagram(
+        sim.now + 1002,
+        &mut rng,
+        request.remote,
+        request.local,
+        &forged,
+    );
+    assert!(o.send.is_empty() && o.commit.is_none(), "{:?}", o.send);
     // And the next request is processed normally with the right message ID.
     let o = sim.clients[0].sa.handle_datagram(
         sim.now,

@@ -88,6 +88,8 @@ pub async fn run(
     // the number of SAs, nor does the time `apply` may wait for the state's read lock.
     let mut cursor = 0;
     let mut changed = Vec::new();
+    // The first look is at the whole state: it decides which ranges this process saw granted.
+    let mut looked = false;
     loop {
         if state_changed {
             changed.clear();
@@ -98,19 +100,20 @@ pub async fn run(
                 let state = node.state.read();
                 let now = node.gate.now_ms();
                 let opener = Opener(node.keyring.as_ref());
-                let actions = match feed {
-                    Feed::Resync { .. } => runtime.on_state(&state, now, &opener),
-                    Feed::Changes { .. } => {
-                        let mut ids: Vec<SaId> = changed.iter().map(|c| c.sa).collect();
-                        ids.sort_unstable();
-                        ids.dedup();
-                        runtime.on_changes(&state, &ids, now, &opener)
-                    }
+                let full = !looked || matches!(feed, Feed::Resync { .. });
+                looked = true;
+                let actions = if full {
+                    runtime.on_state(&state, now, &opener)
+                } else {
+                    let mut ids: Vec<SaId> = changed.iter().map(|c| c.sa).collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    runtime.on_changes(&state, &ids, now, &opener)
                 };
                 // A full look saw the state as read; the changes only go as far as the feed.
                 let seen = match feed {
-                    Feed::Resync { .. } => state.applied_index(),
-                    Feed::Changes { upto } => upto,
+                    _ if full => state.applied_index(),
+                    Feed::Resync { upto } | Feed::Changes { upto } => upto,
                 };
                 (actions, seen)
             };

@@ -62,6 +62,33 @@ async fn housekeeping(node: &Node) {
     }
 }
 
+/// Exports, about once a second, how long the state's lock was held at most since the last
+/// export (a long read hold is time `apply` waited) and how far `apply` lags behind the
+/// committed index: the two figures that show a walk over every SA creeping onto a hot path.
+fn export_state_metrics(node: &Node) {
+    use openraft::rt::WatchReceiver;
+    let (read_us, write_us) = node.state.take_longest_holds();
+    metrics::gauge!("evpc_state_lock_longest_read_hold_seconds").set(read_us as f64 / 1e6);
+    metrics::gauge!("evpc_state_lock_longest_write_hold_seconds").set(write_us as f64 / 1e6);
+    let committed = node
+        .raft
+        .metrics()
+        .borrow_watched()
+        .local_committed
+        .as_ref()
+        .map_or(0, |l| l.index);
+    let applied = node.state.read().applied_index();
+    metrics::gauge!("evpc_apply_lag_entries").set(committed.saturating_sub(applied) as f64);
+    metrics::gauge!("evpc_state_sas").set(node.state.read().sa_count() as f64);
+    if read_us > 100_000 || write_us > 100_000 {
+        tracing::warn!(
+            read_ms = read_us / 1000,
+            write_ms = write_us / 1000,
+            "the state's lock was held for more than 100 ms: apply waited"
+        );
+    }
+}
+
 /// Runs until `shutdown` turns true.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let period = Duration::from_millis(node.config.timeouts.heartbeat_ms);
@@ -74,6 +101,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_housekeeping = tokio::time::Instant::now();
+    let mut last_metrics = tokio::time::Instant::now();
     let reseals_per_round =
         ((o.reseals_per_second * period.as_millis() as u64) / 1000).max(1) as usize;
     let mut resealer = crate::resealer::Resealer::default();
@@ -83,6 +111,10 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
             _ = tick.tick() => {}
         }
         record_cluster_id(&node);
+        if last_metrics.elapsed() >= HOUSEKEEPING_PERIOD {
+            last_metrics = tokio::time::Instant::now();
+            export_state_metrics(&node);
+        }
         crate::resealer::drop_obsolete_keys(&node).await;
         if !node.is_leader() {
             // A later leader starts its own cursors; nothing in them must survive.

@@ -109,12 +109,12 @@ impl RunningNode {
         if node.config.ike.is_some()
             && let Some((socket, datagrams)) = ike_io
         {
-            tasks.push(tokio::spawn(ike_gateway::run(
+            tasks.push(spawn_gateway(
                 node.clone(),
                 socket,
                 datagrams,
                 shutdown.subscribe(),
-            )));
+            )?);
         }
         tasks.push(tokio::spawn(log_leader_changes(
             node.clone(),
@@ -267,6 +267,62 @@ where
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the {service} thread died")))
     }))
+}
+
+/// How much lower than the rest of the node the IKE gateway's threads run (nice(2) steps).
+const GATEWAY_NICENESS: i32 = 10;
+
+/// Runs the IKE gateway on a runtime of its own, whose threads the kernel schedules after the
+/// node's others: a flood of IKE work (Diffie-Hellman, setups by the thousand) then slows IKE
+/// setups down, never the Raft heartbeats, the liveness pings and the commits that keep the
+/// cluster together. On one shared runtime, a busy but healthy cluster missed heartbeats
+/// and fenced itself (measured: `evpc-chaos ike-bench --sas 100000`).
+fn spawn_gateway(
+    node: Arc<Node>,
+    socket: Arc<dyn evpc_dataplane::ike::IkeSocket>,
+    datagrams: evpc_dataplane::ike::IkeReceiver,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("evpc-ike".into())
+        .spawn(move || {
+            let result = (|| {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .thread_name("evpc-ike-worker")
+                    .on_thread_start(lower_this_threads_priority)
+                    .enable_all()
+                    .build()?;
+                lower_this_threads_priority();
+                runtime.block_on(ike_gateway::run(node, socket, datagrams, shutdown))
+            })();
+            let _ = done.send(result);
+        })?;
+    Ok(tokio::spawn(async move {
+        finished
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the IKE gateway thread died")))
+    }))
+}
+
+/// Lowers the calling thread's scheduling priority by [`GATEWAY_NICENESS`] (on Linux the nice
+/// value is per thread). A failure only costs the priority: it is logged, not fatal.
+#[allow(unsafe_code)]
+fn lower_this_threads_priority() {
+    // SAFETY: gettid(2) and setpriority(2) take no pointers and touch no memory of ours;
+    // PRIO_PROCESS with a thread id changes that one thread's nice value.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, GATEWAY_NICENESS)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower the IKE gateway's thread priority"
+        );
+    }
 }
 
 /// Waits until the Raft core stops by itself and says why.

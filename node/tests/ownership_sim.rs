@@ -34,9 +34,21 @@ use evpc_node::ownership::liveness::{Liveness, PeerView};
 use evpc_node::ownership::planner::{PlanInput, PlannerConfig, plan};
 use evpc_node::ownership::runtime::{Action, KeyOpener, OwnerConfig, OwnerRuntime};
 use evpc_raft_store::{
-    Applied, ChildSa, Command, Epoch, IkeSa, NodeId, Response, SaId, SaUpdate, State, apply,
-    fixture, slot_for_initiator_spi,
+    Applied, ChangeKinds, ChildSa, Command, Epoch, IkeSa, NodeId, Response, SaId, SaUpdate, State,
+    apply, changes, fixture, slot_for_initiator_spi,
 };
+
+/// What the real node's change feed would list for the owner runtime after `command`.
+fn note_changes(into: &mut Vec<SaId>, command: &Command, response: &Response) {
+    let mut listed = Vec::new();
+    changes(command, response, &mut listed);
+    into.extend(
+        listed
+            .into_iter()
+            .filter(|(_, kinds)| kinds.intersects(ChangeKinds::DATA_PLANE))
+            .map(|(sa, _)| sa),
+    );
+}
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -130,6 +142,11 @@ struct SimNode {
     last_leader_contact: u64,
     election_timeout: u64,
     view_changed: bool,
+    /// The SAs the change feed listed since the runtime last looked (what the real owner task
+    /// reads from `StateReader::changes_since`), and whether it has had its first full look:
+    /// after that it reconciles only the listed SAs, as the real one does.
+    changed: Vec<SaId>,
+    looked: bool,
     /// Coming back from a fence: the log length the view must reach (and the runtime act on)
     /// before the data plane resumes, as the real node's pinger does.
     barrier: Option<usize>,
@@ -158,6 +175,8 @@ impl SimNode {
             last_leader_contact: now,
             election_timeout: rng.random_range(200..400),
             view_changed: true,
+            changed: Vec::new(),
+            looked: false,
             barrier: None,
             scanning: true,
             start_barrier: None,
@@ -384,7 +403,8 @@ impl Sim {
                 if self.round_trip(l, id) && self.nodes[i].applied < self.log.len() {
                     let node = &mut self.nodes[i];
                     for command in &self.log[node.applied..] {
-                        let _ = apply(&mut node.view, command);
+                        let response = apply(&mut node.view, command);
+                        note_changes(&mut node.changed, command, &response);
                     }
                     node.applied = self.log.len();
                     node.view_changed = true;
@@ -502,7 +522,20 @@ impl Sim {
             let node = &mut self.nodes[i];
             let mut actions = Vec::new();
             if node.view_changed && node.scanning {
-                actions.extend(node.runtime.on_state(&node.view, now, &NoKeys));
+                if node.looked {
+                    node.changed.sort_unstable();
+                    node.changed.dedup();
+                    actions.extend(node.runtime.on_changes(
+                        &node.view,
+                        &node.changed,
+                        now,
+                        &NoKeys,
+                    ));
+                } else {
+                    actions.extend(node.runtime.on_state(&node.view, now, &NoKeys));
+                    node.looked = true;
+                }
+                node.changed.clear();
                 node.view_changed = false;
             }
             if now.is_multiple_of(TICK_MS) {
@@ -803,6 +836,8 @@ impl Sim {
         for command in &self.log[..n.persisted] {
             let _ = apply(&mut n.view, command);
         }
+        n.changed.clear();
+        n.looked = false;
         n.applied = n.persisted;
         n.liveness = Liveness::new(id, now);
         n.runtime = OwnerRuntime::new(id, OwnerConfig::default());

@@ -165,9 +165,9 @@ fn update_kinds(update: &SaUpdate) -> ChangeKinds {
         | SaUpdate::LocalRequestCompleted { .. }
         | SaUpdate::Times(_)
         | SaUpdate::PeerSeen { .. } => ChangeKinds::EXCHANGE,
-        SaUpdate::ChildCreated(_) | SaUpdate::ChildRekeyed { .. } | SaUpdate::ChildDeleted { .. } => {
-            ChangeKinds::CHILDREN
-        }
+        SaUpdate::ChildCreated(_)
+        | SaUpdate::ChildRekeyed { .. }
+        | SaUpdate::ChildDeleted { .. } => ChangeKinds::CHILDREN,
         SaUpdate::IkeRekeyedInPlace { .. } => ChangeKinds::IKE_SPIS | ChangeKinds::EXCHANGE,
         SaUpdate::Keys(_) => ChangeKinds::KEYS,
         SaUpdate::Peer(_) => ChangeKinds::PEER,

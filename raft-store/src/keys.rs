@@ -107,7 +107,7 @@ pub struct KeyRegistry {
     live: BTreeMap<KeyId, Option<Fingerprint>>,
     retired: BTreeSet<KeyId>,
     blobs: BTreeMap<KeyId, u64>,
-    users: BTreeSet<(KeyId, SaId)>,
+    users: imbl::OrdSet<(KeyId, SaId)>,
     sas: BTreeMap<KeyId, u64>,
     opaque: u64,
 }
@@ -120,7 +120,7 @@ impl Default for KeyRegistry {
             live: BTreeMap::from([(KeyId::INITIAL, None)]),
             retired: BTreeSet::new(),
             blobs: BTreeMap::new(),
-            users: BTreeSet::new(),
+            users: imbl::OrdSet::new(),
             sas: BTreeMap::new(),
             opaque: 0,
         }
@@ -218,7 +218,7 @@ impl KeyRegistry {
             match blob.key_id() {
                 Some(key) => {
                     *self.blobs.entry(key).or_default() += 1;
-                    if self.users.insert((key, sa.id)) {
+                    if self.users.insert((key, sa.id)).is_none() {
                         *self.sas.entry(key).or_default() += 1;
                     }
                 }
@@ -238,7 +238,7 @@ impl KeyRegistry {
                             self.blobs.remove(&key);
                         }
                     }
-                    if self.users.remove(&(key, sa.id))
+                    if self.users.remove(&(key, sa.id)).is_some()
                         && let Some(n) = self.sas.get_mut(&key)
                     {
                         *n -= 1;
@@ -340,7 +340,7 @@ impl KeyRegistry {
             live: self.live.clone(),
             retired: self.retired.clone(),
             blobs: BTreeMap::new(),
-            users: BTreeSet::new(),
+            users: imbl::OrdSet::new(),
             sas: BTreeMap::new(),
             opaque: 0,
         }

@@ -71,6 +71,9 @@ pub use state_machine::{StateGuard, StateMachineStore, StateReader};
 pub use tombstones::{NEVER, SaTombstone, SpiTombstone, Tombstones};
 pub use types::{Member, TypeConfig, raft};
 
+/// Bytes of the Raft log sled keeps in memory.
+const LOG_CACHE_BYTES: u64 = 64 << 20;
+
 /// Opens a node's storage in `dir`: a sled database (`dir/log`) holding the Raft log, the vote
 /// and the committed index, and the state machine's snapshot file (`dir/state.snapshot`).
 /// Must be called inside a tokio runtime.
@@ -80,6 +83,9 @@ pub fn open(dir: &std::path::Path) -> std::io::Result<(LogStore, StateMachineSto
     let db = sled::Config::new()
         .path(dir.join("log"))
         .mode(sled::Mode::HighThroughput)
+        // sled caches 1 GiB by default, all of it log entries no one reads again once applied
+        // and replicated: per node that was most of the memory 100,000 SAs took.
+        .cache_capacity(LOG_CACHE_BYTES)
         .open()
         .map_err(|e| {
             std::io::Error::other(format!("opening {}: {e}", dir.join("log").display()))

@@ -16,7 +16,6 @@
 //! covering it and how many selectors do; finding a conflict is O(log n) plus the segments of
 //! the asking identity itself, so it never walks other peers' records.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -85,7 +84,7 @@ struct Segment {
 /// disjoint by construction, so this is: no range was admitted over another holder's).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelectorIndex {
-    segments: BTreeMap<Point, Segment>,
+    segments: imbl::OrdMap<Point, Segment>,
 }
 
 impl SelectorIndex {

@@ -22,7 +22,7 @@ use crate::command::{
 use crate::ids::{ClusterId, Epoch, NodeId, SLOT_COUNT, SaId};
 use crate::keys::KeyRegistry;
 use crate::limits::{self, max_seq};
-use crate::sa::{ChildSa, IkeSa, Identity, MessageIds, Role, StoredMessage};
+use crate::sa::{ChildSa, Identity, IkeSa, MessageIds, Role, StoredMessage};
 use crate::selectors::{AddrRange, SelectorIndex};
 use crate::tombstones::Tombstones;
 
@@ -450,9 +450,17 @@ fn validate_child(sa: &IkeSa, child: &ChildSa) -> Result<(), Rejection> {
 
 /// Our own IKE SPI of the SA (the one this cluster chose).
 fn local_spi(sa: &IkeSa) -> u64 {
-    match sa.role {
-        Role::Responder => sa.spi_r,
-        Role::Initiator => sa.spi_i,
+    sa.local_spi()
+}
+
+impl IkeSa {
+    /// Our own IKE SPI of the SA's current generation (the one this cluster chose): the SA id
+    /// until the first IKE rekey, the new IKE SA's after each.
+    pub fn local_spi(&self) -> u64 {
+        match self.role {
+            Role::Responder => self.spi_r,
+            Role::Initiator => self.spi_i,
+        }
     }
 }
 

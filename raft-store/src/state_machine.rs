@@ -29,6 +29,8 @@ use crate::types::TypeConfig;
 use crate::types::raft::{LogId, Snapshot, SnapshotMeta, StoredMembership};
 
 const SNAPSHOT_FILE: &str = "state.snapshot";
+/// Bytes of a snapshot written between two flushes to disk.
+const SNAPSHOT_FLUSH_CHUNK: usize = 4 << 20;
 
 /// The state with the Raft bookkeeping that travels with it.
 #[derive(Debug, Default)]
@@ -240,7 +242,12 @@ fn write_snapshot(path: &Path, stored: &StoredSnapshot) -> io::Result<()> {
     let temporary = path.with_extension("tmp");
     {
         let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&encode(stored)?)?;
+        // Flushed a chunk at a time: one fsync of 100+ MB at the end held the Raft log's own
+        // fsyncs (every commit waits for one) behind it for seconds.
+        for chunk in encode(stored)?.chunks(SNAPSHOT_FLUSH_CHUNK) {
+            file.write_all(chunk)?;
+            file.sync_data()?;
+        }
         file.sync_all()?;
     }
     std::fs::rename(&temporary, path)?;
@@ -271,7 +278,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let started = std::time::Instant::now();
-        // Copy under the lock, encode outside it, so `apply` is held up only for the copy.
+        // Copy under the lock (O(1) for the per-SA maps, which are persistent), then encode and
+        // write on a blocking thread: encoding 100,000 SAs takes a few hundred milliseconds of
+        // CPU, which on a runtime worker held up Raft heartbeats on every node at once (they
+        // all snapshot at the same index) until the cluster declared itself down.
         let (state, meta) = {
             let applied = self.read();
             let meta = SnapshotMeta {
@@ -280,18 +290,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             (applied.state.clone(), meta)
         };
-        let data = state.canonical_bytes();
-        self.save_snapshot(&meta, data.clone()).await?;
+        let copied_ms = started.elapsed().as_millis() as u64;
+        let path = self.snapshot_path.clone();
+        let sas = state.sa_count();
+        let stored = tokio::task::spawn_blocking(move || {
+            let stored = StoredSnapshot {
+                meta,
+                data: state.canonical_bytes(),
+            };
+            drop(state);
+            write_snapshot(&path, &stored).map(|()| stored)
+        })
+        .await
+        .map_err(io_err)??;
         tracing::info!(
-            last_log_id = ?meta.last_log_id,
-            bytes = data.len(),
-            sas = state.sa_count(),
+            last_log_id = ?stored.meta.last_log_id,
+            bytes = stored.data.len(),
+            sas,
+            copied_ms,
             ms = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
         Ok(Snapshot {
-            meta,
-            snapshot: Cursor::new(data),
+            meta: stored.meta,
+            snapshot: Cursor::new(stored.data),
         })
     }
 }
@@ -365,21 +387,39 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Cursor<Vec<u8>>,
     ) -> Result<(), io::Error> {
+        let started = std::time::Instant::now();
         let data = snapshot.into_inner();
-        let restored = restore(meta, &data)?;
+        // Decoding and checking 100,000 SAs is CPU work: off the runtime's workers.
+        let (restored, data) = {
+            let meta = meta.clone();
+            tokio::task::spawn_blocking(move || restore(&meta, &data).map(|r| (r, data)))
+                .await
+                .map_err(io_err)??
+        };
         let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
-        {
+        let sas = restored.state.sa_count();
+        let replaced = {
             let mut applied = self.write();
-            *applied = restored;
+            let replaced = std::mem::replace(&mut *applied, restored);
             self.feed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .reset(index);
-        }
+            replaced
+        };
+        // Freeing the old state's records is not free either: not under the lock.
+        tokio::task::spawn_blocking(move || drop(replaced));
         self.data_plane.store(index, Ordering::Release);
-        self.save_snapshot(meta, data).await?;
         self.applied_tx.send_replace(index);
-        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        let applied_ms = started.elapsed().as_millis() as u64;
+        self.save_snapshot(meta, data).await?;
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            sas,
+            applied_ms,
+            ms = started.elapsed().as_millis() as u64,
+            "installed snapshot"
+        );
         Ok(())
     }
 

@@ -18,7 +18,7 @@
 //! expired tombstones with [`crate::Command::PruneTombstones`], whose time it chooses; finding
 //! the next expiry is O(log n), so nobody walks the tombstones per tick.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,9 +59,10 @@ enum Buried {
 /// Invariant: `by_expiry` lists exactly the tombstones in `sas` and `spis`, with their expiry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstones {
-    sas: BTreeMap<SaId, SaTombstone>,
-    spis: BTreeMap<u32, SpiTombstone>,
-    by_expiry: BTreeSet<(u64, Buried)>,
+    // Persistent maps, like the state's own: a snapshot's copy of them is O(1).
+    sas: imbl::OrdMap<SaId, SaTombstone>,
+    spis: imbl::OrdMap<u32, SpiTombstone>,
+    by_expiry: imbl::OrdSet<(u64, Buried)>,
 }
 
 /// When keys with this lifetime expire: `expire_at_ms`, or never when there is none (0).
@@ -105,7 +106,7 @@ impl Tombstones {
     /// The earliest expiry of any tombstone: O(log n), for the leader's pruning decision.
     pub fn next_expiry(&self) -> Option<u64> {
         self.by_expiry
-            .first()
+            .get_min()
             .map(|(at, _)| *at)
             .filter(|at| *at != NEVER)
     }
@@ -172,13 +173,13 @@ impl Tombstones {
     pub(crate) fn prune(&mut self, now_ms: u64, max: usize) -> usize {
         let mut pruned = 0;
         while pruned < max {
-            let Some(&(at, buried)) = self.by_expiry.first() else {
+            let Some(&(at, buried)) = self.by_expiry.get_min() else {
                 break;
             };
             if at >= now_ms || at == NEVER {
                 break;
             }
-            self.by_expiry.pop_first();
+            self.by_expiry.remove_min();
             match buried {
                 Buried::Sa(id) => {
                     self.sas.remove(&id);
@@ -214,7 +215,7 @@ impl Tombstones {
                     .map(|(spi, t)| (t.expires_ms, Buried::Spi(*spi))),
             )
             .collect();
-        if expected != self.by_expiry {
+        if !expected.iter().eq(self.by_expiry.iter()) {
             return Err("tombstone expiry index out of sync".into());
         }
         Ok(())

@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 
+use crate::Random;
 use crate::crypto::keys::psk_auth;
 use crate::crypto::secret::ct_eq;
 use crate::crypto::{ChildKeymat, Secret};
@@ -22,7 +23,6 @@ use crate::wire::{
     Identity, NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt, SaPayload,
     TrafficSelector,
 };
-use crate::{Random, random_nonzero_u32};
 
 /// An authenticated IKE_AUTH request whose answer waits for an inner address.
 #[derive(Clone, Debug)]
@@ -227,6 +227,7 @@ impl IkeSa {
                 payloads: Vec::new(),
                 local: req.local,
                 remote: req.remote,
+                sha256: req.sha256,
             },
             child,
             dns_requested: cp_request.is_some_and(|c| c.has(CfgAttributeType::INTERNAL_IP4_DNS)),
@@ -328,7 +329,7 @@ impl IkeSa {
             })();
             match outcome {
                 Ok((sel, inner, ts_i, ts_r)) => {
-                    let inbound_spi = random_nonzero_u32(rng);
+                    let inbound_spi = config.fresh_child_spi(rng);
                     let km = ChildKeymat::derive(
                         prf,
                         &s.current.keys.sk_d,

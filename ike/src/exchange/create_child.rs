@@ -21,7 +21,7 @@ use crate::wire::{
     ExchangeType, KePayload, NotifyPayload, NotifyType, Payload, PayloadType, PayloadsExt,
     ProtocolId, SaPayload, TrafficSelector,
 };
-use crate::{Random, random_bytes, random_nonzero_u32, random_nonzero_u64};
+use crate::{Random, random_bytes, random_nonzero_u64};
 
 struct Parts<'a> {
     sa: &'a SaPayload,
@@ -128,7 +128,7 @@ impl IkeSa {
             (None, Some((i, r))) => (i, r, None),
             (None, None) => return,
         };
-        let inbound_spi = random_nonzero_u32(rng);
+        let inbound_spi = config.fresh_child_spi(rng);
         let nonce = random_bytes(rng, config.nonce_len);
         let dh = pfs.map(|g| DhPrivate::generate(g, rng));
         let mut payloads = Vec::new();
@@ -325,7 +325,7 @@ impl IkeSa {
             _ => (None, None),
         };
         let nr = random_bytes(rng, config.nonce_len);
-        let inbound_spi = random_nonzero_u32(rng);
+        let inbound_spi = config.fresh_child_spi(rng);
         let Some(s) = keyed(&mut self.state) else {
             return Ok(());
         };
@@ -461,6 +461,7 @@ impl IkeSa {
             keys,
             next_peer_request_id: 0,
             next_request_id: 0,
+            last_request_sha256: None,
             last_response: None,
             pending: None,
             created_at_ms: now,
@@ -732,6 +733,7 @@ impl IkeSa {
                     keys,
                     next_peer_request_id: 0,
                     next_request_id: 0,
+                    last_request_sha256: None,
                     last_response: None,
                     pending: None,
                     created_at_ms: now,

@@ -417,6 +417,7 @@ impl PendingInit {
                 keys,
                 next_peer_request_id: 1,
                 next_request_id: 0,
+                last_request_sha256: None,
                 last_response: Some(StoredMessage {
                     message_id: 0,
                     datagrams: vec![response.clone()],
@@ -823,6 +824,7 @@ impl IkeSa {
                 keys,
                 next_peer_request_id: 0,
                 next_request_id: 1,
+                last_request_sha256: None,
                 last_response: None,
                 pending: None,
                 created_at_ms: now,

@@ -13,12 +13,14 @@
 //!    │                       no ─► silence (another node answers)
 //!    │                       yes ─► Endpoint::accept ─► new task (half-open, node-local)
 //!    ├─ Existing{spi}: a task routes this SPI here? ─► its task
-//!    │                 else: does this node own the SA in the committed state? ─► answer a
-//!    │                       retransmission from the committed response at once
-//!    │                       (exchange::retransmission), start a task that restores it
-//!    │                 else silence (another node's SA)
-//!    └─ state changed (applied index): reconcile, at most every 50 ms ─► restore the SAs this
-//!       node now owns (eagerly), tell tasks whose SA moved, was deleted or changed epoch
+//!    │                 else: does this node own the SA in the committed state, and is the
+//!    │                       SPI its current generation's? ─► start a task that restores it
+//!    │                       (the engine answers a byte-identical retransmission from the
+//!    │                       peer's address with the committed response)
+//!    │                 else silence (another node's SA, or nobody's: no task, no answer)
+//!    └─ state changed (applied index): reconcile, at most every 50 ms, the SAs the change
+//!       feed lists ─► restore the SAs this node now owns (eagerly), tell tasks whose SA
+//!       moved, was deleted or changed epoch
 //!
 //!  one task per IKE SA (actor.rs), one call into the engine at a time:
 //!    engine.handle_datagram / handle_timeout / assign_inner_address ─► Outcome
@@ -73,7 +75,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use evpc_dataplane::ike::{IkeDatagram, IkePort, IkeReceiver, IkeSocket};
-use evpc_ike::wire::{self, Header, Route};
+use evpc_ike::wire::{self, Route};
 use evpc_ike::{Accepted, Config, Datagram, Endpoint, Random, Secret};
 use evpc_raft_store::{ChangeKinds, Feed, SaChange, SaId, slot_for_initiator_spi};
 use rand::RngCore;
@@ -82,7 +84,6 @@ use tokio::sync::{mpsc, watch};
 use self::actor::{Actor, Start};
 use self::pool::Pool;
 pub use self::settings::{IkeSettings, PskSecret, PskSetting};
-use crate::exchange;
 use crate::node::{Node, now_ms};
 use crate::sealing::{ClusterKey, Keyring, SealError};
 
@@ -298,38 +299,35 @@ impl Gateway {
             return;
         }
         // Not running here: an SA this node owns in the committed state but has not restored
-        // yet (it just took it over)? Answer a retransmission from the committed response at
-        // once, and restore the SA.
-        let id = SaId(local_spi);
-        let (owned, answer) = {
+        // yet (it just took it over)? Only for the current generation's SPI: a datagram with
+        // any other SPI — an unknown one, or a replaced generation's — costs a table lookup
+        // and nothing else, never a task.
+        let me = self.me();
+        let id = {
             let state = self.shared.node.state.read();
-            match state.sa(id) {
-                Some(sa) if sa.owner == self.me() => {
-                    let answer = Header::peek(&d.message)
-                        .filter(|h| !h.response)
-                        .and_then(|h| exchange::retransmission(&state, id, h.message_id));
-                    (true, answer)
-                }
-                _ => (false, None),
+            match state
+                .sa_by_ike_spi(local_spi)
+                .and_then(|id| state.sa(id))
+                .filter(|sa| sa.owner == me && sa.local_spi() == local_spi)
+            {
+                Some(sa) => sa.id,
+                None => return,
             }
         };
-        if !owned || self.shared.node.fence_reason().is_some() {
+        if self.shared.node.fence_reason().is_some() {
             return;
         }
-        let first = match answer {
-            Some(datagrams) => {
-                for payload in datagrams {
-                    self.shared.send(&Datagram {
-                        local: d.local,
-                        remote: d.remote,
-                        payload,
-                    });
-                }
-                None
-            }
-            None => Some(d),
-        };
-        self.spawn(id, BTreeSet::new(), None, Start::Restore { first });
+        // A restore already under way (its task has no SPIs routed yet): queue it there.
+        let restoring = self.shared.registry().by_id.get(&id).cloned();
+        if let Some(handle) = restoring {
+            Self::deliver(&handle, d);
+            return;
+        }
+        // The restored engine answers a retransmission from its committed response — only a
+        // byte-identical request from the peer's address (`evpc_ike`), so nothing is sent
+        // where a forger chooses. (Answering from the replicated record here, before the
+        // restore, saved a millisecond and trusted the message ID alone.)
+        self.spawn(id, BTreeSet::new(), None, Start::Restore { first: Some(d) });
     }
 
     /// Restores SAs this node owns but does not run; tells tasks whose SA changed hands. Looks
@@ -339,11 +337,11 @@ impl Gateway {
     fn reconcile(&mut self, full: bool) {
         let mut changed = std::mem::take(&mut self.changed);
         changed.clear();
-        let feed = self.shared.node.state.changes_since(
-            self.cursor,
-            ChangeKinds::PLACEMENT,
-            &mut changed,
-        );
+        let feed =
+            self.shared
+                .node
+                .state
+                .changes_since(self.cursor, ChangeKinds::PLACEMENT, &mut changed);
         let (upto, walk) = match feed {
             Feed::Changes { upto } => (upto, full),
             Feed::Resync { upto } => (upto, true),

@@ -30,6 +30,13 @@ impl ChildPolicy for SelectorGuard {
     fn admit(&self, child: ChildContext<'_>) -> bool {
         admit(&self.state.read(), child)
     }
+
+    /// Taken by a child anywhere in the cluster, or by a deleted child's tombstone: `apply`
+    /// would refuse either. O(log n).
+    fn child_spi_in_use(&self, spi: u32) -> bool {
+        let state = self.state.read();
+        state.child(spi).is_some() || state.tombstones().spi(spi).is_some()
+    }
 }
 
 /// Whether `state` lets `child`'s peer hold its remote selectors.

@@ -131,10 +131,8 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .collect();
     // The state's owner index: every step below costs O(nodes) plus the SAs it moves, not
     // O(SAs) — this runs on every heartbeat while the state's read lock is held.
-    let mut load: BTreeMap<NodeId, usize> = active
-        .iter()
-        .map(|n| (*n, state.owned_count(*n)))
-        .collect();
+    let mut load: BTreeMap<NodeId, usize> =
+        active.iter().map(|n| (*n, state.owned_count(*n))).collect();
 
     let mut moves = Vec::new();
     let mut take = |sa: SaId, from_epoch, load: &mut BTreeMap<NodeId, usize>| -> bool {
