@@ -150,6 +150,13 @@ pub trait SaDriver: Send + Sync + 'static {
     fn stop(&self, in_spi: u32) -> Option<ChildCounters>;
     /// A running child's counters.
     fn counters(&self, in_spi: u32) -> Option<ChildCounters>;
+    /// Appends the children that sent, received or waited for a lease since the last call, and
+    /// returns `true`; `false` if this backend cannot tell (the caller then looks at every
+    /// child). Lets the owner runtime look only at children with traffic on each tick, not at
+    /// all of them.
+    fn take_active(&self, _out: &mut Vec<u32>) -> bool {
+        false
+    }
     /// Stops (`true`) or resumes (`false`) all processing without forgetting any child: the
     /// node lost (or regained) contact with the cluster.
     fn set_fenced(&self, fenced: bool);

@@ -90,6 +90,7 @@ pub async fn run(
     let mut changed = Vec::new();
     // The first look is at the whole state: it decides which ranges this process saw granted.
     let mut looked = false;
+    let mut active = Vec::new();
     loop {
         if state_changed {
             changed.clear();
@@ -147,7 +148,13 @@ pub async fn run(
                     driver.set_fenced(now_fenced);
                     fenced = Some(now_fenced);
                 }
-                let actions = runtime.on_tick(node.gate.now_ms(), &|spi| driver.counters(spi));
+                active.clear();
+                let known = driver.take_active(&mut active);
+                let actions = runtime.on_tick(
+                    node.gate.now_ms(),
+                    &|spi| driver.counters(spi),
+                    known.then_some(active.as_slice()),
+                );
                 execute(&node, &*driver, actions, &failed_tx);
             }
             Some(()) = failed_rx.recv() => runtime.on_proposal_failed(),

@@ -115,6 +115,9 @@ enum Health {
 #[derive(Debug, Default)]
 struct FakeDriver {
     children: BTreeMap<u32, FakeChild>,
+    /// Children that sent or waited for a lease since the runtime last asked (what
+    /// `SaDriver::take_active` reports), so the simulation checks the watch-list tick.
+    active: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -508,6 +511,9 @@ impl Sim {
                     let room = (child.limit + 1).saturating_sub(child.next);
                     let n = wanted.min(room);
                     child.counters.lease_waits += wanted - n;
+                    if wanted > 0 {
+                        node.driver.active.push(*spi);
+                    }
                     if n > 0 {
                         sent.push((*spi, child.epoch.0, child.next, child.next + n - 1, id));
                         child.next += n;
@@ -539,11 +545,13 @@ impl Sim {
                 node.view_changed = false;
             }
             if now.is_multiple_of(TICK_MS) {
+                let active = std::mem::take(&mut node.driver.active);
                 let driver = &node.driver;
-                actions.extend(
-                    node.runtime
-                        .on_tick(now, &|spi| driver.children.get(&spi).map(|c| c.counters)),
-                );
+                actions.extend(node.runtime.on_tick(
+                    now,
+                    &|spi| driver.children.get(&spi).map(|c| c.counters),
+                    Some(&active),
+                ));
             }
             for action in actions {
                 self.run_action(i, action, id);

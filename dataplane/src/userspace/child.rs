@@ -33,7 +33,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::PoisonError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use evpc_esp::{
     InboundConfig, InboundSa, Keymat, NextHeader, OpenError, Opened, OutboundConfig, OutboundSa,
@@ -144,10 +145,32 @@ pub(crate) struct Child {
     /// The highest limit the node has granted (`start`'s `limit`, then `extend`s).
     pub granted: AtomicU64,
     pub stats: ChildStats,
+    /// Whether this child is on `activity`'s list (set by the workers, cleared when taken).
+    pub active: AtomicBool,
+    activity: Arc<Activity>,
+}
+
+/// The children that had traffic since the owner runtime last asked: a worker adds a child the
+/// first time it touches it after the runtime took the list, so a packet costs one relaxed
+/// load, and the runtime's tick costs O(active children), not O(children).
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    list: Mutex<Vec<u32>>,
+}
+
+impl Activity {
+    /// Moves the active children's SPIs to `out`.
+    pub(crate) fn take(&self, out: &mut Vec<u32>) {
+        out.append(&mut self.list.lock().unwrap_or_else(PoisonError::into_inner));
+    }
 }
 
 impl Child {
-    pub(crate) fn new(start: &ChildStart, window_size: u32) -> Result<Child, DriverError> {
+    pub(crate) fn new(
+        start: &ChildStart,
+        window_size: u32,
+        activity: Arc<Activity>,
+    ) -> Result<Child, DriverError> {
         let (outbound, inbound) = build_sas(start, window_size)?;
         Ok(Child {
             in_spi: start.in_spi,
@@ -158,7 +181,20 @@ impl Child {
             inbound: Mutex::new(inbound),
             granted: AtomicU64::new(start.limit),
             stats: ChildStats::default(),
+            active: AtomicBool::new(false),
+            activity,
         })
+    }
+
+    /// Puts this child on the activity list, once until it is taken.
+    fn touched(&self) {
+        if !self.active.load(Ordering::Relaxed) && !self.active.swap(true, Ordering::AcqRel) {
+            self.activity
+                .list
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(self.in_spi);
+        }
     }
 
     /// Raises the granted limit; lower values are ignored.
@@ -174,6 +210,7 @@ impl Child {
         len: usize,
         next_header: NextHeader,
     ) -> Sealed {
+        self.touched();
         let result = match sa.seal_in_place(buffer, len, next_header) {
             Err(SealError::LeaseExhausted { .. }) => {
                 // The node may have extended the lease since the last packet.
@@ -206,6 +243,7 @@ impl Child {
 
     /// Opens an ESP packet in place and checks the inner packet against the selectors.
     pub(crate) fn open<'p>(&self, sa: &mut InboundSa, esp: &'p mut [u8]) -> OpenedPacket<'p> {
+        self.touched();
         match sa.open(esp) {
             Ok(Opened::Packet {
                 next_header,
@@ -507,12 +545,12 @@ pub(crate) mod tests {
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.udp_encap = false;
         assert!(matches!(
-            Child::new(&start, 64),
+            Child::new(&start, 64, Arc::default()),
             Err(DriverError::Unsupported { in_spi: 0x1000, reason })
                 if reason.contains("plain ESP") && reason.contains("ESP in UDP")
         ));
         start.udp_encap = true;
-        assert!(Child::new(&start, 64).is_ok());
+        assert!(Child::new(&start, 64, Arc::default()).is_ok());
     }
 
     #[test]
@@ -520,13 +558,13 @@ pub(crate) mod tests {
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.keys = None;
         assert!(matches!(
-            Child::new(&start, 64),
+            Child::new(&start, 64, Arc::default()),
             Err(DriverError::Unsupported { in_spi: 0x1000, reason }) if reason.contains("no keys")
         ));
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.suite.encryption = 12;
         assert!(matches!(
-            Child::new(&start, 64),
+            Child::new(&start, 64, Arc::default()),
             Err(DriverError::Unsupported { .. })
         ));
         start.suite = ChildSuite {
@@ -535,24 +573,26 @@ pub(crate) mod tests {
             esn: false,
         };
         assert!(matches!(
-            Child::new(&start, 64),
+            Child::new(&start, 64, Arc::default()),
             Err(DriverError::Unsupported { .. })
         ));
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.suite.key_bits = 256; // 20-byte keymat is too short for AES-256
-        let err = Child::new(&start, 64).unwrap_err().to_string();
+        let err = Child::new(&start, 64, Arc::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("keys"), "{err}");
         start.keys = Some(ChildKeymat {
             inbound: Zeroizing::new(vec![1; 36]),
             outbound: Zeroizing::new(vec![2; 36]),
         });
-        Child::new(&start, 64).expect("AES-256 with 36-byte keymat");
+        Child::new(&start, 64, Arc::default()).expect("AES-256 with 36-byte keymat");
     }
 
     #[test]
     fn sealing_stops_at_the_lease_and_resumes_after_extend() {
         let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
-        let child = Child::new(&start, 64).unwrap();
+        let child = Child::new(&start, 64, Arc::default()).unwrap();
         let inner = udp_packet([10, 0, 0, 1], [10, 9, 0, 5]);
         let mut buffer = vec![0u8; 256];
         let mut seal_one = |child: &Child| {
@@ -585,7 +625,7 @@ pub(crate) mod tests {
     #[test]
     fn open_checks_replay_icv_and_selectors() {
         let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
-        let child = Child::new(&start, 64).unwrap();
+        let child = Child::new(&start, 64, Arc::default()).unwrap();
         // the peer: seals with our inbound keys under our in_spi
         let mut peer = OutboundSa::new(OutboundConfig {
             spi: 0x1000,
@@ -635,7 +675,7 @@ pub(crate) mod tests {
         // a floor refuses what the previous owner saw
         let mut start = start.clone();
         start.replay_floor = 10;
-        let resumed = Child::new(&start, 64).unwrap();
+        let resumed = Child::new(&start, 64, Arc::default()).unwrap();
         let mut sa = resumed.inbound.lock().unwrap();
         assert_eq!(
             resumed.open(&mut sa, &mut packet.clone()),
@@ -644,7 +684,7 @@ pub(crate) mod tests {
     }
 
     fn child(in_spi: u32, local: &str, remote: &str) -> Arc<Child> {
-        Arc::new(Child::new(&sample_start(in_spi, local, remote), 64).unwrap())
+        Arc::new(Child::new(&sample_start(in_spi, local, remote), 64, Arc::default()).unwrap())
     }
 
     fn flow_to(dst: [u8; 4]) -> Flow {
@@ -715,7 +755,7 @@ pub(crate) mod tests {
         start.ts_remote[0].protocol = 17;
         start.ts_remote[0].start_port = 8001;
         start.ts_remote[0].end_port = 8001;
-        let one_port = Arc::new(Child::new(&start, 64).unwrap());
+        let one_port = Arc::new(Child::new(&start, 64, Arc::default()).unwrap());
         let table = Table::build(vec![any, one_port]);
         assert_eq!(table.route_order(&flow_to([10, 9, 0, 3])), Some(1));
         let other_port = {
@@ -788,7 +828,7 @@ pub(crate) mod tests {
                         prefix_selector(addr.parse().unwrap(), len.parse().unwrap())
                     })
                     .collect();
-                Arc::new(Child::new(&start, 64).unwrap())
+                Arc::new(Child::new(&start, 64, Arc::default()).unwrap())
             })
             .collect();
         let table = Table::build(children.clone());

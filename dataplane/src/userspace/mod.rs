@@ -83,7 +83,7 @@ use std::thread::JoinHandle;
 
 use metrics::Counter;
 
-use self::child::{Child, Table};
+use self::child::{Activity, Child, Table};
 pub use self::child::{ENCR_AES_GCM_16, esp_suite};
 pub use self::tun::{DEFAULT_MTU, TunConfig};
 use crate::ike::{self, IkePort, IkeReceiver, IkeSender};
@@ -160,6 +160,7 @@ struct Shared {
     ike_out: Counter,
     window_size: u32,
     offload: bool,
+    activity: Arc<Activity>,
 }
 
 impl Shared {
@@ -248,6 +249,7 @@ impl UserspaceDriver {
             ike_out: metrics::counter!(names::IKE_DATAGRAMS, "backend" => "userspace", "direction" => "out"),
             window_size: config.replay_window,
             offload: config.offload,
+            activity: Arc::default(),
         });
         let driver = UserspaceDriver {
             shared,
@@ -359,7 +361,11 @@ impl SaDriver for UserspaceDriver {
                 ),
             });
         }
-        let new = Arc::new(Child::new(&child, self.shared.window_size)?);
+        let new = Arc::new(Child::new(
+            &child,
+            self.shared.window_size,
+            self.shared.activity.clone(),
+        )?);
         let mut table = self
             .shared
             .table
@@ -405,6 +411,19 @@ impl SaDriver for UserspaceDriver {
             .snapshot()
             .get(in_spi)
             .map(|child| child.stats.snapshot())
+    }
+
+    fn take_active(&self, out: &mut Vec<u32>) -> bool {
+        let from = out.len();
+        self.shared.activity.take(out);
+        // Cleared after taking: a packet from here on puts the child on the list again.
+        let table = self.shared.snapshot();
+        for spi in &out[from..] {
+            if let Some(child) = table.get(*spi) {
+                child.active.store(false, Ordering::Release);
+            }
+        }
+        true
     }
 
     fn set_fenced(&self, fenced: bool) {

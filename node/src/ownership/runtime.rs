@@ -123,6 +123,10 @@ pub struct OwnerRuntime {
     running: BTreeMap<u32, Running>,
     /// The running children of each SA (an index of `running`).
     by_sa: BTreeMap<SaId, BTreeSet<u32>>,
+    /// The running children `on_tick` looks at: those started or extended since, those with
+    /// traffic (the data plane's activity list), and those with a lease or checkpoint still
+    /// to commit. An idle child leaves it, so a tick costs O(busy children), not O(children).
+    watch: BTreeSet<u32>,
     /// The epoch of every SA this node owned at the last look; `None` before the first full
     /// [`OwnerRuntime::on_state`]. An owned SA absent here (or in another epoch) had its range
     /// granted while this process watched.
@@ -137,6 +141,7 @@ impl OwnerRuntime {
             config,
             running: BTreeMap::new(),
             by_sa: BTreeMap::new(),
+            watch: BTreeSet::new(),
             known: None,
         }
     }
@@ -245,6 +250,7 @@ impl OwnerRuntime {
                             in_spi: child.in_spi,
                             limit: child.out_hwm,
                         });
+                        self.watch.insert(child.in_spi);
                     }
                     continue;
                 }
@@ -258,6 +264,7 @@ impl OwnerRuntime {
 
     fn stop(&mut self, in_spi: u32, actions: &mut Vec<Action>) {
         if let Some(run) = self.running.remove(&in_spi) {
+            self.watch.remove(&in_spi);
             if let Some(spis) = self.by_sa.get_mut(&run.ike) {
                 spis.remove(&in_spi);
                 if spis.is_empty() {
@@ -312,6 +319,9 @@ impl OwnerRuntime {
             },
         );
         self.by_sa.entry(sa.id).or_default().insert(child.in_spi);
+        // A child started at `out_hwm + 1` (after a restart) needs a lease before its first
+        // packet: the first tick looks at every new child.
+        self.watch.insert(child.in_spi);
         actions.push(Action::Start(Box::new(ChildStart {
             ike: sa.id,
             epoch: sa.epoch,
@@ -337,19 +347,42 @@ impl OwnerRuntime {
         (wanted as u64).clamp(self.config.lease_min, self.config.lease_max)
     }
 
-    /// Looks at each running child's counters and proposes what is due, in one command.
+    /// Looks at the counters of the children that need it and proposes what is due, in one
+    /// command. `active` lists the children the data plane saw traffic on since the last tick
+    /// (`SaDriver::take_active`); `None` if it cannot tell, and then every running child is
+    /// looked at.
     pub fn on_tick(
         &mut self,
         now_ms: u64,
         counters: &dyn Fn(u32) -> Option<ChildCounters>,
+        active: Option<&[u32]>,
     ) -> Vec<Action> {
         let mut by_sa: BTreeMap<(SaId, Epoch), Vec<SaUpdate>> = BTreeMap::new();
         let retry_ms = self.config.retry_ms;
-        let spis: Vec<u32> = self.running.keys().copied().collect();
+        let spis: Vec<u32> = match active {
+            None => self.running.keys().copied().collect(),
+            Some(active) => {
+                self.watch.extend(
+                    active
+                        .iter()
+                        .copied()
+                        .filter(|spi| self.running.contains_key(spi)),
+                );
+                self.watch.iter().copied().collect()
+            }
+        };
         for in_spi in spis {
             let Some(c) = counters(in_spi) else {
+                self.watch.remove(&in_spi);
                 continue;
             };
+            // Traffic since the last look (a first look has nothing to compare with: a child
+            // that keeps sending is brought back by the activity list anyway).
+            let moved = self.running.get(&in_spi).is_some_and(|run| {
+                run.sample
+                    .is_some_and(|(_, used)| c.highest_out.max(run.first.saturating_sub(1)) != used)
+                    || c.in_packets != run.last_in_packets
+            });
             let lease_size = {
                 let run = self.running.get_mut(&in_spi).expect("listed above");
                 let used = c.highest_out.max(run.first.saturating_sub(1));
@@ -394,8 +427,15 @@ impl OwnerRuntime {
             } else {
                 checkpoint.map(|in_seq| SaUpdate::ReplayCheckpoint { in_spi, in_seq })
             };
+            // Still something to watch for: a lease or checkpoint not committed yet, or traffic
+            // since the last look (the rate estimate follows it). Otherwise the activity list
+            // brings the child back when it next sends or receives.
+            let keep = run.pending.is_some() || c.highest_in > run.last_checkpoint || moved;
             if let Some(update) = update {
                 by_sa.entry((run.ike, run.epoch)).or_default().push(update);
+            }
+            if !keep {
+                self.watch.remove(&in_spi);
             }
         }
         let commands: Vec<Command> = by_sa
@@ -411,8 +451,11 @@ impl OwnerRuntime {
 
     /// A proposal failed: clear pending leases so the next tick asks again.
     pub fn on_proposal_failed(&mut self) {
-        for run in self.running.values_mut() {
-            run.pending = None;
+        // Only watched children can have a pending lease (they stay watched while it is).
+        for spi in &self.watch {
+            if let Some(run) = self.running.get_mut(spi) {
+                run.pending = None;
+            }
         }
     }
 }
@@ -470,6 +513,49 @@ mod tests {
     }
 
     #[test]
+    fn a_tick_looks_only_at_new_busy_or_unsettled_children() {
+        use std::cell::Cell;
+        let state = state_with_sa(1, 100_000);
+        let mut rt = OwnerRuntime::new(1, OwnerConfig::default());
+        rt.known = Some(BTreeMap::new()); // the SA appeared after start: a fresh range
+        assert_eq!(started(&rt.on_state(&state, 0, &NoKeys)).len(), 1);
+        let looked = Cell::new(0);
+        let used = Cell::new(0u64);
+        let counters = |_: u32| {
+            looked.set(looked.get() + 1);
+            Some(ChildCounters {
+                highest_out: used.get(),
+                // checkpointed already (`in_checkpoint` 50): nothing inbound to commit
+                highest_in: 50,
+                ..ChildCounters::default()
+            })
+        };
+        // A new child is looked at once; idle and with its lease, it then drops out.
+        assert!(rt.on_tick(10, &counters, Some(&[])).is_empty());
+        assert_eq!(looked.get(), 1);
+        assert!(rt.on_tick(20, &counters, Some(&[])).is_empty());
+        assert_eq!(looked.get(), 1, "an idle child costs a tick nothing");
+        // Traffic brings it back, and keeps it while it moves.
+        used.set(10);
+        rt.on_tick(30, &counters, Some(&[0x1000]));
+        assert_eq!(looked.get(), 2);
+        used.set(20);
+        rt.on_tick(40, &counters, Some(&[]));
+        assert_eq!(looked.get(), 3, "still moving: still watched");
+        rt.on_tick(50, &counters, Some(&[]));
+        rt.on_tick(60, &counters, Some(&[]));
+        assert_eq!(
+            looked.get(),
+            4,
+            "settled again: dropped after one quiet look"
+        );
+        // Without an activity list every child is looked at, every tick.
+        rt.on_tick(70, &counters, None);
+        rt.on_tick(80, &counters, None);
+        assert_eq!(looked.get(), 6);
+    }
+
+    #[test]
     fn after_a_restart_the_owner_starts_above_its_whole_lease() {
         let state = state_with_sa(1, 1_000);
         let mut rt = OwnerRuntime::new(1, OwnerConfig::default());
@@ -479,7 +565,7 @@ mod tests {
             vec![(1_001, 1_000, 50)]
         );
         // With no room, the first tick asks for a lease at once.
-        let actions = rt.on_tick(10, &|_| Some(ChildCounters::default()));
+        let actions = rt.on_tick(10, &|_| Some(ChildCounters::default()), None);
         let [Action::Propose(Command::Update { updates, .. })] = &actions[..] else {
             panic!("expected one lease proposal, got {actions:?}");
         };
@@ -543,7 +629,7 @@ mod tests {
                 })
             }
         };
-        let mark = match &rt.on_tick(10, &counters(0))[..] {
+        let mark = match &rt.on_tick(10, &counters(0), None)[..] {
             [Action::Propose(Command::Update { updates, .. })] => match updates[0] {
                 SaUpdate::SeqLease { out_hwm, .. } => out_hwm,
                 _ => panic!(),
@@ -551,7 +637,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         // Not again while pending.
-        assert!(rt.on_tick(20, &counters(0)).is_empty());
+        assert!(rt.on_tick(20, &counters(0), None).is_empty());
         // Commit it: the runtime raises the limit.
         apply(
             &mut state,
@@ -571,8 +657,11 @@ mod tests {
         );
         // At a low rate the lease stays at its minimum. Less than half used: nothing; more
         // than half: the next lease.
-        assert!(rt.on_tick(40_000, &counters(mark / 4)).is_empty());
-        assert!(!rt.on_tick(80_000, &counters(mark - mark / 4)).is_empty());
+        assert!(rt.on_tick(40_000, &counters(mark / 4), None).is_empty());
+        assert!(
+            !rt.on_tick(80_000, &counters(mark - mark / 4), None)
+                .is_empty()
+        );
     }
 
     #[test]
