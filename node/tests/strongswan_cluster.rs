@@ -231,12 +231,21 @@ async fn strongswan_keeps_its_ike_sa_when_the_owning_node_dies() {
         "IKE rekey: {out}"
     );
     let t_ike = Instant::now();
-    let list = charon.list_sas();
-    let (new_i, new_r) = ike_spis(&list).expect("IKE SPIs");
-    assert_ne!(
-        (new_i.clone(), new_r.clone()),
-        (spi_i.clone(), spi_r.clone())
-    );
+    // swanctl returns once charon took the rekey on; the exchange (a commit on the gateway
+    // first) may still be under way, and the old IKE SA is listed until it is deleted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (new_i, new_r) = loop {
+        let list = charon.list_sas();
+        let spis = ike_spis(&list).expect("IKE SPIs");
+        if spis != (spi_i.clone(), spi_r.clone()) {
+            break spis;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strongSwan still lists only the old IKE SA 10 s after the rekey:\n{list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let sa = loop {
         let sa = the_sa(&mut admin).await;
