@@ -20,6 +20,10 @@
 //!    client, answered by the owner after committing the message-ID advance and the exact
 //!    response) one at a time over `--dpd-sas` SAs → round-trip percentiles.
 //! 2. The same against a 1-node cluster (commits are local: no replication round trip).
+//! 1b. On the main cluster, with all those SAs established: the same DPDs while an
+//!    IKE_SA_INIT flood hits the cluster address from another namespace (`ike_flood`): first
+//!    from `--flood-rate` spoofed sources a second, then from cookie-answering ones
+//!    (`--flood-answering-rate`) → DPD percentiles under flood beside the idle ones.
 //! 3. The same DPDs against the bare engine in a namespace on the same bridge, answering
 //!    without committing anything: the baseline. "Added by commit" is each cluster's
 //!    percentiles minus the baseline's.
@@ -44,6 +48,7 @@ use rand::RngCore;
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
+use crate::ike_flood::{self, FloodKind, FloodStats};
 use crate::stats::Percentiles;
 
 const GW_ID: &str = "gw.example";
@@ -94,6 +99,16 @@ pub struct Args {
     /// Run the nodes without TLS (insecure_plaintext), to see what TLS costs.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// IKE_SA_INITs per second of the spoofed-source flood on the main cluster (0: no flood
+    /// phase).
+    #[arg(long, default_value_t = 2_000)]
+    flood_rate: u64,
+    /// IKE_SA_INITs per second of the cookie-answering flood (0: none).
+    #[arg(long, default_value_t = 300)]
+    flood_answering_rate: u64,
+    /// Fail if a flood raises the DPD p99 above this multiple of the same lab's idle p99.
+    #[arg(long, default_value_t = 2.0)]
+    max_flood_dpd_ratio: f64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -134,8 +149,21 @@ struct ClusterResult {
     /// The same after the setups, with `--sas` more SAs in the replicated state.
     dpd_rtt_ms_after_setups: Percentiles,
     dpd_failed: usize,
+    /// DPDs while an IKE_SA_INIT flood hits the cluster (main cluster only).
+    flood: Vec<FloodResult>,
     /// SAs in the replicated state at the end, by owner.
     sas_by_owner: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct FloodResult {
+    kind: FloodKind,
+    rate: u64,
+    attacker: FloodStats,
+    dpd_rtt_ms: Percentiles,
+    dpd_failed: usize,
+    /// This DPD p99 over the idle one after the setups (`dpd_rtt_ms_after_setups`).
+    p99_ratio_to_idle: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -170,13 +198,13 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn random() -> impl FnMut(&mut [u8]) {
+pub(crate) fn random() -> impl FnMut(&mut [u8]) {
     |buf: &mut [u8]| rand::rng().fill_bytes(buf)
 }
 
@@ -734,11 +762,41 @@ fn utc_now() -> String {
         .unwrap_or_else(|| format!("unix {}", now_ms() / 1000))
 }
 
+/// The attacker's namespace on `lab`'s segment, with the nodes routing its source block back
+/// to it.
+fn flood_namespace(lab: &Lab) -> anyhow::Result<NetNs> {
+    let ns = lab.attach("flood", ike_flood::FLOODER)?;
+    ns.ip(&["route", "add", "local", ike_flood::SOURCES, "dev", "lo"])?;
+    // As the client does: every node sees every datagram for the cluster address.
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &CLUSTER.to_string(),
+        "lladdr",
+        evpc_node::ike_gateway::lab::CLUSTER_MAC,
+        "dev",
+        "e0",
+        "nud",
+        "permanent",
+    ])?;
+    for id in lab.alive_ids() {
+        lab.node_ns(id).ip(&[
+            "route",
+            "add",
+            ike_flood::SOURCES,
+            "via",
+            &ike_flood::FLOODER.to_string(),
+        ])?;
+    }
+    Ok(ns)
+}
+
 async fn measure_cluster(
     args: &Args,
     node_bin: &std::path::Path,
     nodes: u64,
     baseline: bool,
+    flood: bool,
 ) -> anyhow::Result<(ClusterResult, Option<Percentiles>)> {
     let mut spec = LabSpec::new(
         nodes,
@@ -760,7 +818,20 @@ async fn measure_cluster(
     let (sas, concurrency, samples, over) =
         (args.sas, args.concurrency, args.dpd_samples, args.dpd_sas);
     let deadline = Duration::from_secs(60 + args.sas / 50);
-    let (setup, dpd_idle, dpd_loaded, dpd_failed) =
+    let floods: Vec<(FloodKind, u64)> = [
+        (FloodKind::Spoofed, args.flood_rate),
+        (FloodKind::Answering, args.flood_answering_rate),
+    ]
+    .into_iter()
+    .filter(|(_, rate)| flood && *rate > 0)
+    .collect();
+    let flood_ns = if floods.is_empty() {
+        None
+    } else {
+        Some(Arc::new(flood_namespace(&lab)?))
+    };
+    let flood_in = flood_ns.clone();
+    let (setup, dpd_idle, dpd_loaded, dpd_failed, flood_results) =
         in_namespace(lab.client_ns(), move || async move {
             let mut initiators = Initiators::new(CLUSTER).await?;
             // 1. A few SAs, and DPDs on them while the replicated state is small.
@@ -798,9 +869,49 @@ async fn measure_cluster(
             // aftermath (data planes starting the new children, followers catching up) is over.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let (dpd_loaded, failed_loaded) = initiators.dpd(samples, over).await;
-            Ok((setup, dpd_idle, dpd_loaded, failed_idle + failed_loaded))
+            // 4. DPDs under each flood, the attacker in its own namespace and thread.
+            let mut flood_results = Vec::new();
+            for (kind, rate) in floods {
+                let Some(ns) = &flood_in else { break };
+                let stop = Arc::new(AtomicBool::new(false));
+                let s = stop.clone();
+                let attacker = ns.spawn("ike-flood", move || {
+                    ike_flood::run(kind, rate, client_config(), GW_ID, CLUSTER, &s)
+                })?;
+                // Let the half-open tables fill and the cookies start first.
+                let warm_until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < warm_until {
+                    initiators.pump(Duration::from_millis(10)).await;
+                }
+                let (dpd, failed) = initiators.dpd(samples, over).await;
+                stop.store(true, Ordering::Release);
+                let attacker = tokio::task::spawn_blocking(move || attacker.join())
+                    .await?
+                    .map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+                let ratio = if dpd_loaded.p99 > 0.0 {
+                    (dpd.p99 / dpd_loaded.p99 * 100.0).round() / 100.0
+                } else {
+                    0.0
+                };
+                flood_results.push(FloodResult {
+                    kind,
+                    rate,
+                    attacker,
+                    dpd_rtt_ms: dpd,
+                    dpd_failed: failed,
+                    p99_ratio_to_idle: ratio,
+                });
+            }
+            Ok((
+                setup,
+                dpd_idle,
+                dpd_loaded,
+                failed_idle + failed_loaded,
+                flood_results,
+            ))
         })
         .await?;
+    drop(flood_ns);
     let mut sas_by_owner = BTreeMap::new();
     for sa in lab.admin()?.all_sas(None).await? {
         *sas_by_owner.entry(sa.owner).or_default() += 1;
@@ -819,6 +930,7 @@ async fn measure_cluster(
         dpd_rtt_ms: dpd_idle,
         dpd_rtt_ms_after_setups: dpd_loaded,
         dpd_failed,
+        flood: flood_results,
         sas_by_owner,
     };
     Ok((result, baseline))
@@ -877,7 +989,7 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
                 args.sas, args.dpd_samples
             );
         }
-        let (result, bare) = measure_cluster(&args, &node_bin, nodes, i == last).await?;
+        let (result, bare) = measure_cluster(&args, &node_bin, nodes, i == last, i == 0).await?;
         clusters.push(result);
         if let Some(bare) = bare {
             baseline = bare;
@@ -917,6 +1029,25 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
             failures.push(format!(
                 "{} DPDs unanswered on {} nodes",
                 c.dpd_failed, c.nodes
+            ));
+        }
+    }
+    for f in &main.flood {
+        if f.dpd_failed > 0 {
+            failures.push(format!(
+                "{} DPDs unanswered under the {:?} flood",
+                f.dpd_failed, f.kind
+            ));
+        }
+        if f.p99_ratio_to_idle > args.max_flood_dpd_ratio {
+            failures.push(format!(
+                "the {:?} flood ({} IKE_SA_INIT/s) raised the DPD p99 to {} ms, {}x the idle {} ms (limit {}x)",
+                f.kind,
+                f.attacker.inits_per_sec,
+                f.dpd_rtt_ms.p99,
+                f.p99_ratio_to_idle,
+                main.dpd_rtt_ms_after_setups.p99,
+                args.max_flood_dpd_ratio
             ));
         }
     }
@@ -972,6 +1103,19 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
             report.baseline_dpd_rtt_ms.p99,
             report.added_by_commit_ms
         );
+        for f in report.clusters.iter().flat_map(|c| &c.flood) {
+            println!(
+                "{:?} flood: {} IKE_SA_INIT/s ({} stateless replies, {} half-open SAs made): DPD RTT p50 {:.3} ms p99 {:.3} ms ({}x idle p99), {} failed",
+                f.kind,
+                f.attacker.inits_per_sec,
+                f.attacker.stateless_replies,
+                f.attacker.half_open_made,
+                f.dpd_rtt_ms.p50,
+                f.dpd_rtt_ms.p99,
+                f.p99_ratio_to_idle,
+                f.dpd_failed
+            );
+        }
         for f in &report.failures {
             println!("FAILED: {f}");
         }

@@ -15,6 +15,7 @@ mod cluster;
 mod esp_bench;
 mod failover;
 mod ike_bench;
+mod ike_flood;
 mod stats;
 mod store_bench;
 mod workload;

@@ -450,6 +450,17 @@ impl<H: Copy + Eq + Hash + core::fmt::Debug> Router<H> {
         Ok(out)
     }
 
+    /// `spi` no longer reaches `h` (the generation it named was deleted); other
+    /// SPIs of `h` stay. `UnknownHandle` if `h` was removed or expired.
+    pub fn release(&mut self, h: H, spi: u64) -> Result<(), RouterError> {
+        let entry = self.entries.get_mut(&h).ok_or(RouterError::UnknownHandle)?;
+        entry.spis.retain(|s| *s != spi);
+        if self.by_spi.get(&spi) == Some(&h) {
+            self.by_spi.remove(&spi);
+        }
+        Ok(())
+    }
+
     /// `h` is no longer half-open (IKE_AUTH succeeded): its IKE_SA_INIT key,
     /// deadline and budget are freed; its SPIs stay. Returns whether it was
     /// half-open.
@@ -507,14 +518,7 @@ impl<H: Copy + Eq + Hash + core::fmt::Debug> Router<H> {
                 }
                 self.insert(h, [*new_local_spi])
             }
-            Event::LocalSpiReleased { local_spi } => {
-                let entry = self.entries.get_mut(&h).ok_or(RouterError::UnknownHandle)?;
-                entry.spis.retain(|s| s != local_spi);
-                if self.by_spi.get(local_spi) == Some(&h) {
-                    self.by_spi.remove(local_spi);
-                }
-                Ok(())
-            }
+            Event::LocalSpiReleased { local_spi } => self.release(h, *local_spi),
             Event::IkeSaEstablished { .. } => {
                 if !self.entries.contains_key(&h) {
                     return Err(RouterError::UnknownHandle);

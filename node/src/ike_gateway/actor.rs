@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use evpc_dataplane::ike::IkeDatagram;
 use evpc_ike::wire::Header;
-use evpc_ike::{Datagram, Event, IkeSa, InnerAddress, Outcome, StateChange};
+use evpc_ike::{Accepted, Datagram, Event, IkeSa, InnerAddress, Outcome, PendingInit, StateChange};
 use evpc_raft_store::{Command, Epoch, IkeSa as Record, Rejection};
 use rand::RngCore;
 use tokio::sync::mpsc;
@@ -35,6 +35,13 @@ pub(crate) enum Start {
     HalfOpen {
         sa: Box<IkeSa>,
         outcome: Outcome,
+        key: (SocketAddr, u64),
+    },
+    /// An IKE_SA_INIT the router screened and admitted (already routed to this task): the
+    /// task computes the Diffie-Hellman (`PendingInit::complete`) and answers, off the
+    /// dispatcher.
+    Pending {
+        pending: Box<PendingInit>,
         key: (SocketAddr, u64),
     },
     /// An SA this node owns in the committed state: restore it, then handle `first`.
@@ -115,7 +122,25 @@ impl Actor {
 
     /// Runs until the SA closes, moves to another node, or the node shuts down.
     pub(crate) async fn run(mut self, start: Start) {
+        let start = match start {
+            Start::Pending { pending, key } => match pending.complete(now_ms(), &mut rng()) {
+                Accepted::NewSa(sa, outcome) => Start::HalfOpen { sa, outcome, key },
+                Accepted::Reply(reply, why) => {
+                    tracing::debug!(from = %key.0, %why, "IKE_SA_INIT refused");
+                    self.send(&reply);
+                    self.unregister();
+                    return;
+                }
+                Accepted::Dropped(why) => {
+                    tracing::debug!(from = %key.0, %why, "IKE_SA_INIT dropped");
+                    self.unregister();
+                    return;
+                }
+            },
+            start => start,
+        };
         match start {
+            Start::Pending { .. } => unreachable!("completed above"),
             Start::HalfOpen { sa, outcome, key } => {
                 self.engine = Some(*sa);
                 self.half_open = Some(key);
@@ -572,41 +597,38 @@ impl Actor {
         self.shared.send(d);
     }
 
+    /// Routes exactly `spis` to this task.
     fn set_routes(&mut self, spis: BTreeSet<u64>) {
+        let task = self.handle.task;
         let mut registry = self.shared.registry();
         for spi in self.spis.difference(&spis) {
-            if registry
-                .by_spi
-                .get(spi)
-                .is_some_and(|h| Arc::ptr_eq(h, &self.handle))
-            {
-                registry.by_spi.remove(spi);
-            }
+            let _ = registry.router.release(task, *spi);
         }
-        for spi in &spis {
-            registry.by_spi.insert(*spi, self.handle.clone());
+        let added: Vec<u64> = spis.difference(&self.spis).copied().collect();
+        if !added.is_empty()
+            && let Err(error) = registry.router.insert(task, added)
+        {
+            // A 64-bit SPI another SA holds: that SA keeps it; this one is not reachable
+            // under it (its peer's next exchange fails and it starts again).
+            tracing::warn!(sa = %self.handle.id, %error, "IKE SPI not routed");
         }
         drop(registry);
         self.spis = spis;
     }
 
+    /// IKE_AUTH is committed: the SA no longer counts as half-open (cap, source budget).
     fn forget_half_open(&mut self) {
-        if let Some(key) = self.half_open.take() {
-            let mut registry = self.shared.registry();
-            if registry
-                .half_open
-                .get(&key)
-                .is_some_and(|h| Arc::ptr_eq(h, &self.handle))
-            {
-                registry.half_open.remove(&key);
-            }
+        if self.half_open.take().is_some() {
+            self.shared.registry().router.established(self.handle.task);
         }
     }
 
     fn unregister(&mut self) {
-        self.forget_half_open();
-        self.set_routes(BTreeSet::new());
+        self.half_open = None;
+        self.spis.clear();
         let mut registry = self.shared.registry();
+        registry.router.remove(self.handle.task);
+        registry.tasks.remove(&self.handle.task);
         if registry
             .by_id
             .get(&self.handle.id)

@@ -7,17 +7,22 @@
 //!  UDP 500 / 4500 on the cluster address (the data plane's sockets; every node sees every packet)
 //!        │ IkeReceiver (IkeDatagram: port, local, remote, message without the non-ESP marker)
 //!        ▼
-//!  dispatcher (one task)        wire::route(message)
-//!    ├─ NewSa{spi_i}:  half-open SA for (remote, spi_i) here? ─► its task
-//!    │                 else: does this node own slot_for_initiator_spi(spi_i), unfenced?
+//!  dispatcher (one task)        evpc_ike::Router::route(remote, message)
+//!    ├─ Sa(task):      an SPI routed here, or a retransmitted IKE_SA_INIT ─► its task, at once
+//!    ├─ NewSa{spi_i}:  (within the half-open cap and the source's budget) ─► the INIT queue
+//!    │                 (bounded); screened in batches when the datagrams waiting are routed:
+//!    │                 does this node own slot_for_initiator_spi(spi_i), unfenced?
 //!    │                       no ─► silence (another node answers)
-//!    │                       yes ─► Endpoint::accept ─► new task (half-open, node-local)
-//!    ├─ Existing{spi}: a task routes this SPI here? ─► its task
-//!    │                 else: does this node own the SA in the committed state, and is the
-//!    │                       SPI its current generation's? ─► start a task that restores it
-//!    │                       (the engine answers a byte-identical retransmission from the
-//!    │                       peer's address with the committed response)
+//!    │                       yes ─► Router::screen (cookie, proposal, KE group; no DH)
+//!    │                              ─► stateless reply (COOKIE, ...) or insert_half_open
+//!    │                              ─► new task: PendingInit::complete (the DH) and answer
+//!    ├─ Unknown{spi}:  does this node own the SA in the committed state, and is the
+//!    │                 SPI its current generation's? ─► start a task that restores it
+//!    │                 (the engine answers a byte-identical retransmission from the
+//!    │                 peer's address with the committed response)
 //!    │                 else silence (another node's SA, or nobody's: no task, no answer)
+//!    ├─ Drop:          unroutable, half-open cap or source budget reached ─► counted, silence
+//!    ├─ tick (50 ms):  Router::handle_timeout (cookie secret rotation, half-open expiry)
 //!    └─ state changed (applied index): reconcile, at most every 50 ms, the SAs the change
 //!       feed lists ─► restore the SAs this node now owns (eagerly), tell tasks whose SA
 //!       moved, was deleted or changed epoch
@@ -67,16 +72,17 @@ pub mod pool;
 pub mod selector_guard;
 pub mod settings;
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
 use evpc_dataplane::ike::{IkeDatagram, IkePort, IkeReceiver, IkeSocket};
-use evpc_ike::wire::{self, Route};
-use evpc_ike::{Accepted, Config, Datagram, Endpoint, Random, Secret};
+use evpc_ike::{
+    Config, Datagram, Dispatch, DropReason, Endpoint, Random, Router, Screened, Secret,
+};
 use evpc_raft_store::{ChangeKinds, Feed, SaChange, SaId, slot_for_initiator_spi};
 use rand::RngCore;
 use tokio::sync::{mpsc, watch};
@@ -93,6 +99,14 @@ const SA_QUEUE: usize = 64;
 const RECONCILE_EVERY: Duration = Duration::from_millis(50);
 /// SAs looked at under one hold of the state's read lock while reconciling.
 const RECONCILE_PAGE: usize = 1024;
+/// Datagrams taken off the data plane's queue at once, before any waiting IKE_SA_INIT is
+/// screened: established SAs are served first.
+const DISPATCH_BATCH: usize = 256;
+/// IKE_SA_INITs waiting to be screened; beyond, the newest are dropped (the peer retransmits,
+/// RFC 7296 §2.1). Bounds what a flood can queue.
+const INIT_QUEUE: usize = 1024;
+/// IKE_SA_INITs screened before the dispatcher looks at its queue again.
+const INIT_BATCH: usize = 32;
 
 /// What an SA task is told.
 #[derive(Debug)]
@@ -106,19 +120,29 @@ enum Input {
 /// How the dispatcher reaches one SA task.
 #[derive(Debug)]
 struct Handle {
+    /// The router's handle for this task: unique per task, so that a task that ends never
+    /// unroutes the task that replaced it for the same SA.
+    task: u64,
     id: SaId,
     tx: mpsc::Sender<Input>,
     /// The epoch the task acts in; 0 while the SA is half-open (not committed).
     epoch: AtomicU64,
 }
 
-/// Which task handles which SPI.
-#[derive(Debug, Default)]
+/// Which task handles which datagram: `evpc_ike::Router` (SPIs, half-open SAs with their cap
+/// and per-source budget, cookie rotation) plus the tasks behind its handles.
+#[derive(Debug)]
 struct Registry {
-    by_spi: HashMap<u64, Arc<Handle>>,
+    router: Router<u64>,
+    tasks: HashMap<u64, Arc<Handle>>,
     by_id: HashMap<SaId, Arc<Handle>>,
-    /// Half-open SAs by (peer address, initiator SPI), for retransmitted IKE_SA_INITs.
-    half_open: HashMap<(SocketAddr, u64), Arc<Handle>>,
+    next_task: u64,
+}
+
+impl Registry {
+    fn handle(&self, task: u64) -> Option<Arc<Handle>> {
+        self.tasks.get(&task).cloned()
+    }
 }
 
 /// What every task of the gateway shares.
@@ -177,7 +201,10 @@ impl Shared {
                 IkePort::Ike
             });
         if let Err(error) = self.socket.send_ike(port, d.remote, &d.payload) {
-            tracing::warn!(to = %d.remote, %error, "sending an IKE message");
+            // Per datagram and caused by the peer's address (a spoofed source is often
+            // unreachable): counted, not logged above debug.
+            metrics::counter!("evpc_ike_send_errors_total").increment(1);
+            tracing::debug!(to = %d.remote, %error, "sending an IKE message");
         }
     }
 }
@@ -189,7 +216,8 @@ fn random() -> impl Random {
 /// The dispatcher's side.
 struct Gateway {
     shared: Arc<Shared>,
-    endpoint: Endpoint,
+    /// IKE_SA_INITs waiting to be screened, after every datagram for an established SA.
+    inits: VecDeque<(u64, IkeDatagram)>,
     /// The change feed's cursor: placement changes up to here were reconciled.
     cursor: u64,
     /// Scratch space for the feed's changes.
@@ -201,31 +229,32 @@ impl Gateway {
         self.shared.node.id
     }
 
+    /// Starts the task for SA `id` under router handle `task` (already routed, for a half-open
+    /// SA; routed by the task itself once restored).
     fn spawn(
         &self,
+        registry: &mut Registry,
+        task: u64,
         id: SaId,
         spis: BTreeSet<u64>,
-        half_open: Option<(SocketAddr, u64)>,
         start: Start,
     ) {
         let (tx, rx) = mpsc::channel(SA_QUEUE);
         let handle = Arc::new(Handle {
+            task,
             id,
             tx,
             epoch: AtomicU64::new(0),
         });
-        {
-            let mut registry = self.shared.registry();
-            registry.by_id.insert(id, handle.clone());
-            for spi in &spis {
-                registry.by_spi.insert(*spi, handle.clone());
-            }
-            if let Some(key) = half_open {
-                registry.half_open.insert(key, handle.clone());
-            }
-        }
+        registry.by_id.insert(id, handle.clone());
+        registry.tasks.insert(task, handle.clone());
         let actor = Actor::new(self.shared.clone(), handle, rx, spis);
         tokio::spawn(actor.run(start));
+    }
+
+    fn new_task(registry: &mut Registry) -> u64 {
+        registry.next_task += 1;
+        registry.next_task
     }
 
     fn deliver(handle: &Handle, d: IkeDatagram) {
@@ -234,70 +263,130 @@ impl Gateway {
         }
     }
 
+    /// Routes one datagram: to its SA's task at once, or — a new IKE_SA_INIT — into the queue
+    /// [`Gateway::screen_inits`] works through once no other datagram waits.
     fn dispatch(&mut self, d: IkeDatagram) {
-        self.shared
-            .ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(d.local.port(), d.port);
-        match wire::route(&d.message) {
-            Route::NewSa { initiator_spi } => self.new_sa(initiator_spi, d),
-            Route::Existing { local_spi } => self.existing(local_spi, d),
-            Route::Drop => {}
+        {
+            let mut ports = self.shared.ports.lock().unwrap_or_else(|e| e.into_inner());
+            if ports.get(&d.local.port()) != Some(&d.port) {
+                ports.insert(d.local.port(), d.port);
+            }
+        }
+        let route = {
+            let registry = self.shared.registry();
+            match registry.router.route(d.remote, &d.message) {
+                Dispatch::Sa(task) => Ok(registry.handle(task)),
+                other => Err(other),
+            }
+        };
+        match route {
+            Ok(Some(handle)) => Self::deliver(&handle, d),
+            Ok(None) => {}
+            Err(Dispatch::NewSa { initiator_spi }) => {
+                if self.inits.len() >= INIT_QUEUE {
+                    metrics::counter!("evpc_ike_init_dropped_total", "reason" => "queue_full")
+                        .increment(1);
+                    return;
+                }
+                self.inits.push_back((initiator_spi, d));
+            }
+            Err(Dispatch::Unknown { local_spi }) => self.existing(local_spi, d),
+            Err(Dispatch::Drop(reason)) => {
+                let reason = match reason {
+                    DropReason::Unroutable => "unroutable",
+                    DropReason::HalfOpenCap => "half_open_cap",
+                    DropReason::SourceBudget => "source_budget",
+                };
+                metrics::counter!("evpc_ike_init_dropped_total", "reason" => reason).increment(1);
+            }
+            Err(Dispatch::Sa(_)) => unreachable!("matched above"),
         }
     }
 
-    fn new_sa(&mut self, initiator_spi: u64, d: IkeDatagram) {
-        let (known, half_open) = {
-            let registry = self.shared.registry();
-            (
-                registry.half_open.get(&(d.remote, initiator_spi)).cloned(),
-                registry.half_open.len(),
-            )
-        };
-        if let Some(handle) = known {
-            Self::deliver(&handle, d);
-            return;
+    /// Screens up to [`INIT_BATCH`] queued IKE_SA_INITs. Returns whether more wait.
+    fn screen_inits(&mut self) -> bool {
+        for _ in 0..INIT_BATCH {
+            let Some((initiator_spi, d)) = self.inits.pop_front() else {
+                break;
+            };
+            self.new_sa(initiator_spi, d);
         }
+        metrics::gauge!("evpc_ike_half_open")
+            .set(self.shared.registry().router.half_open_len() as f64);
+        !self.inits.is_empty()
+    }
+
+    /// An IKE_SA_INIT no half-open SA holds: screened (cookie, proposal, KE group; no
+    /// Diffie-Hellman) by the node that owns its slot, then a task of its own computes the
+    /// Diffie-Hellman and answers.
+    fn new_sa(&mut self, initiator_spi: u64, d: IkeDatagram) {
         let slot = slot_for_initiator_spi(initiator_spi);
         let owner = self.shared.node.state.read().slots().owner(slot);
         if owner != Some(self.me()) || self.shared.node.fence_reason().is_some() {
             return;
         }
         let mut rng = random();
-        match self
-            .endpoint
-            .accept(now_ms(), &mut rng, d.local, d.remote, &d.message, half_open)
+        let mut registry = self.shared.registry();
+        // A retransmission that was queued behind its original: the original's task has it.
+        if let Dispatch::Sa(task) = registry.router.route(d.remote, &d.message) {
+            if let Some(handle) = registry.handle(task) {
+                Self::deliver(&handle, d);
+            }
+            return;
+        }
+        match registry
+            .router
+            .screen(&mut rng, d.local, d.remote, &d.message)
         {
-            Accepted::NewSa(sa, outcome) => {
-                let Some(local_spi) = sa.local_spi() else {
+            Screened::Admit(pending) => {
+                let task = Self::new_task(&mut registry);
+                let local_spi = pending.local_spi();
+                if let Err(error) =
+                    registry
+                        .router
+                        .insert_half_open(task, pending.key(), [local_spi], now_ms())
+                {
+                    tracing::debug!(from = %d.remote, %error, "IKE_SA_INIT not admitted");
                     return;
-                };
-                let spis = sa.local_spis().into_iter().collect();
-                let key = (d.remote, initiator_spi);
+                }
+                let spis = BTreeSet::from([local_spi]);
                 self.spawn(
+                    &mut registry,
+                    task,
                     SaId(local_spi),
                     spis,
-                    Some(key),
-                    Start::HalfOpen { sa, outcome, key },
+                    Start::Pending {
+                        pending,
+                        key: (d.remote, initiator_spi),
+                    },
                 );
             }
-            Accepted::Reply(reply, why) => {
+            Screened::Reply(reply, why) => {
+                drop(registry);
                 tracing::debug!(from = %d.remote, %why, "IKE_SA_INIT answered statelessly");
+                metrics::counter!("evpc_ike_init_stateless_replies_total").increment(1);
                 self.shared.send(&reply);
             }
-            Accepted::Dropped(why) => {
+            Screened::Dropped(why) => {
                 tracing::debug!(from = %d.remote, %why, "IKE_SA_INIT dropped");
             }
         }
     }
 
-    fn existing(&mut self, local_spi: u64, d: IkeDatagram) {
-        let handle = self.shared.registry().by_spi.get(&local_spi).cloned();
-        if let Some(handle) = handle {
-            Self::deliver(&handle, d);
-            return;
+    /// Rotates the cookie secret and forgets expired half-open SAs when due (their engines
+    /// close themselves at the same deadline).
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let mut registry = self.shared.registry();
+        if now >= registry.router.poll_timeout() {
+            let expired = registry.router.handle_timeout(now, &mut random());
+            if !expired.is_empty() {
+                tracing::debug!(expired = expired.len(), "half-open IKE SAs expired");
+            }
         }
+    }
+
+    fn existing(&mut self, local_spi: u64, d: IkeDatagram) {
         // Not running here: an SA this node owns in the committed state but has not restored
         // yet (it just took it over)? Only for the current generation's SPI: a datagram with
         // any other SPI — an unknown one, or a replaced generation's — costs a table lookup
@@ -318,8 +407,9 @@ impl Gateway {
             return;
         }
         // A restore already under way (its task has no SPIs routed yet): queue it there.
-        let restoring = self.shared.registry().by_id.get(&id).cloned();
-        if let Some(handle) = restoring {
+        let mut registry = self.shared.registry();
+        if let Some(handle) = registry.by_id.get(&id).cloned() {
+            drop(registry);
             Self::deliver(&handle, d);
             return;
         }
@@ -327,7 +417,14 @@ impl Gateway {
         // byte-identical request from the peer's address (`evpc_ike`), so nothing is sent
         // where a forger chooses. (Answering from the replicated record here, before the
         // restore, saved a millisecond and trusted the message ID alone.)
-        self.spawn(id, BTreeSet::new(), None, Start::Restore { first: Some(d) });
+        let task = Self::new_task(&mut registry);
+        self.spawn(
+            &mut registry,
+            task,
+            id,
+            BTreeSet::new(),
+            Start::Restore { first: Some(d) },
+        );
     }
 
     /// Restores SAs this node owns but does not run; tells tasks whose SA changed hands. Looks
@@ -387,8 +484,21 @@ impl Gateway {
         for h in nudge {
             let _ = h.tx.try_send(Input::Reconcile);
         }
-        for id in restore {
-            self.spawn(id, BTreeSet::new(), None, Start::Restore { first: None });
+        if !restore.is_empty() {
+            let mut registry = self.shared.registry();
+            for id in restore {
+                if registry.by_id.contains_key(&id) {
+                    continue;
+                }
+                let task = Self::new_task(&mut registry);
+                self.spawn(
+                    &mut registry,
+                    task,
+                    id,
+                    BTreeSet::new(),
+                    Start::Restore { first: None },
+                );
+            }
         }
     }
 
@@ -469,16 +579,27 @@ async fn serve(
         .map_err(anyhow::Error::msg)?
         .map(|prefix| Pool::new(prefix, settings.excluded_addresses(&tun_addresses)));
     // Node-local: a cookie retry carries the same initiator SPI, so it reaches the same slot
-    // owner that issued the cookie.
+    // owner that issued the cookie. The router rotates it (RFC 7296 §2.6).
     let mut cookie = zeroize::Zeroizing::new([0u8; 32]);
     rand::rng().fill_bytes(cookie.as_mut());
+    let router = Router::new(
+        Endpoint::new(config.clone(), Secret::from_slice(cookie.as_ref())),
+        settings.router_limits(),
+        now_ms(),
+    )
+    .map_err(|e| anyhow::anyhow!("[ike] limits: {e}"))?;
     let shared = Arc::new(Shared {
         socket,
         config: config.clone(),
         pool,
         dns: settings.dns.clone(),
         initial_lease: node.config.ownership.move_lease,
-        registry: Mutex::new(Registry::default()),
+        registry: Mutex::new(Registry {
+            router,
+            tasks: HashMap::new(),
+            by_id: HashMap::new(),
+            next_task: 0,
+        }),
         ports: Mutex::new(HashMap::new()),
         natt_port: node.config.dataplane.natt_port.unwrap_or(4500),
         shutdown: shutdown.clone(),
@@ -486,7 +607,7 @@ async fn serve(
     });
     let mut gateway = Gateway {
         shared,
-        endpoint: Endpoint::new(config, Secret::from_slice(cookie.as_ref())),
+        inits: VecDeque::new(),
         cursor: 0,
         changed: Vec::new(),
     };
@@ -504,7 +625,18 @@ async fn serve(
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             d = datagrams.recv() => match d {
-                Some(d) => gateway.dispatch(d),
+                // A datagram for an established SA goes to its task here, at once; an
+                // IKE_SA_INIT only joins the queue, screened a batch at a time below, so a
+                // flood of them delays the others by one batch at most.
+                Some(d) => {
+                    gateway.dispatch(d);
+                    for _ in 1..DISPATCH_BATCH {
+                        match datagrams.try_recv() {
+                            Ok(d) => gateway.dispatch(d),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 None => break,
             },
             changed = applied.changed() => {
@@ -513,7 +645,11 @@ async fn serve(
                 }
                 dirty = true;
             }
+            _ = std::future::ready(()), if !gateway.inits.is_empty() => {
+                gateway.screen_inits();
+            }
             _ = tick.tick() => {
+                gateway.on_tick();
                 // Coming back from a fence does not move the applied index: look again then.
                 let fenced = gateway.shared.node.fence_reason().is_some();
                 if dirty || (was_fenced && !fenced) {

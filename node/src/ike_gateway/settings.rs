@@ -45,8 +45,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use evpc_ike::{
-    Config, DhGroup, EncrAlg, EspPolicy, IkePolicy, Lifetimes, PrfAlg, PskEntry, Secret,
-    TrafficSelector, wire::Identity,
+    Config, DhGroup, EncrAlg, EspPolicy, IkePolicy, Lifetimes, PrfAlg, PskEntry, RouterLimits,
+    Secret, TrafficSelector, wire::Identity,
 };
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
@@ -143,6 +143,13 @@ pub struct IkeSettings {
     pub dpd_s: u64,
     /// Half-open SAs on this node at which IKE_SA_INIT must carry a cookie (RFC 7296 §2.6).
     pub cookie_threshold: usize,
+    /// Hard cap on half-open SAs on this node: beyond it every IKE_SA_INIT is dropped, cookie
+    /// or not (see `evpc_ike::RouterLimits`). At least `cookie_threshold`.
+    pub max_half_open: usize,
+    /// Half-open SAs one source (an IPv4 address, an IPv6 /64) may hold on this node.
+    pub max_half_open_per_source: usize,
+    /// Seconds between changes of the cookie secret (a cookie stays valid 1–2 periods).
+    pub cookie_rotation_s: u64,
 }
 
 impl Default for IkeSettings {
@@ -166,6 +173,9 @@ impl Default for IkeSettings {
             child_lifetime_s: 3_960,
             dpd_s: 30,
             cookie_threshold: 1_000,
+            max_half_open: 10_000,
+            max_half_open_per_source: 16,
+            cookie_rotation_s: 60,
         }
     }
 }
@@ -478,6 +488,9 @@ impl IkeSettings {
             return Err("ike.cookie_threshold must be positive".into());
         }
         config.cookie_threshold = self.cookie_threshold;
+        self.router_limits()
+            .validate(&config)
+            .map_err(|e| format!("ike: {e} (max_half_open, max_half_open_per_source, cookie_rotation_s, cookie_threshold)"))?;
         if pool.is_none() && !self.dns.is_empty() {
             return Err(
                 "ike.dns is set but ike.pool is not: DNS servers go out with an inner address"
@@ -488,6 +501,16 @@ impl IkeSettings {
         // the gateway, which holds the shared state it reads.
         config.child_policy = None;
         Ok(config)
+    }
+
+    /// The IKE_SA_INIT admission limits (checked by `engine_config`).
+    pub fn router_limits(&self) -> RouterLimits {
+        RouterLimits {
+            max_half_open: self.max_half_open,
+            max_half_open_per_source: self.max_half_open_per_source,
+            cookie_rotation_ms: self.cookie_rotation_s.saturating_mul(1000),
+            ..RouterLimits::default()
+        }
     }
 
     /// Addresses of the pool that are never handed out besides network and broadcast: the DNS
@@ -587,6 +610,20 @@ mod tests {
                 ..good()
             })
             .contains("must exceed child_rekey_s")
+        );
+        assert!(
+            err(IkeSettings {
+                cookie_threshold: 20_000,
+                ..good()
+            })
+            .contains("cookies would never be demanded")
+        );
+        assert!(
+            err(IkeSettings {
+                max_half_open_per_source: 0,
+                ..good()
+            })
+            .contains("max_half_open_per_source must be positive")
         );
         let mut twice = good();
         twice.psk.push(twice.psk[0].clone());
