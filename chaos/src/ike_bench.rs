@@ -221,6 +221,10 @@ fn ike_settings(prefix: &str) -> IkeSettings {
         pool: Some(POOL.into()),
         local_ts: vec![format!("{prefix}/16")],
         dpd_s: 0,
+        // Every initiator of the bench shares one address (as clients behind one NAT would),
+        // with `--concurrency` of them half-open at once: the default budget of 16 per source
+        // would hold them back (they would get in on their retransmissions, seconds later).
+        max_half_open_per_source: 4_096,
         ..IkeSettings::default()
     }
 }
