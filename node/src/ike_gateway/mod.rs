@@ -62,6 +62,8 @@
 
 mod actor;
 pub mod lab;
+#[doc(hidden)]
+pub mod machine;
 pub mod mapping;
 pub mod pool;
 pub mod selector_guard;
