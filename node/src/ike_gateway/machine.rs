@@ -1182,3 +1182,329 @@ impl SaMachine {
         (address, closed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    use evpc_ike::{Accepted, ConnectOptions, Endpoint, Secret, TrafficSelector as Ts};
+    use evpc_raft_store::KeyId;
+
+    use crate::node::ProposeError;
+    use crate::sealing::Keyring;
+
+    fn rng(seed: u8) -> impl FnMut(&mut [u8]) {
+        let mut counter = u64::from(seed) << 56;
+        move |buf: &mut [u8]| {
+            for chunk in buf.chunks_mut(8) {
+                counter = counter
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                chunk.copy_from_slice(&counter.to_be_bytes()[..chunk.len()]);
+            }
+        }
+    }
+
+    struct TestKeys(Keyring);
+    impl SaKeys for TestKeys {
+        fn sealer(&self) -> Result<Arc<ClusterKey>, SealError> {
+            Ok(self.0.get(KeyId(1)).expect("key 1"))
+        }
+        fn open(&self, record: &Record) -> Result<IkeSaSnapshot, MappingError> {
+            super::super::mapping::open_snapshot(&self.0, record)
+        }
+    }
+
+    const GW: &str = "192.0.2.1:500";
+    const RW: &str = "192.0.2.2:500";
+
+    fn params(me: NodeId) -> Params {
+        let gw_id = evpc_ike::Identity::fqdn("gw.example");
+        let rw_id = evpc_ike::Identity::fqdn("client.example");
+        let mut gw = Config::new(gw_id).with_psk(rw_id, b"psk");
+        gw.local_ts = vec![Ts::v4_prefix(Ipv4Addr::new(10, 10, 0, 0), 24)];
+        Params {
+            me,
+            config: Arc::new(gw),
+            initial_lease: 4096,
+            dns: Vec::new(),
+            keys: Arc::new(TestKeys(Keyring::in_memory([ClusterKey::from_bytes(
+                KeyId(1),
+                &[5; 32],
+            )]))),
+        }
+    }
+
+    fn client_config() -> Arc<Config> {
+        Arc::new(
+            Config::new(evpc_ike::Identity::fqdn("client.example"))
+                .with_psk(evpc_ike::Identity::fqdn("gw.example"), b"psk"),
+        )
+    }
+
+    fn sends(actions: &[Action]) -> Vec<Vec<u8>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(d) => Some(d.payload.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn commit_of(actions: &[Action]) -> Option<(&Proposal, &Vec<Datagram>)> {
+        actions.iter().find_map(|a| match a {
+            Action::Commit { proposal, gated } => Some((proposal, gated)),
+            _ => None,
+        })
+    }
+
+    fn dgram(payload: Vec<u8>) -> Datagram {
+        Datagram {
+            local: GW.parse().unwrap(),
+            remote: RW.parse().unwrap(),
+            payload,
+        }
+    }
+
+    /// A client, and a machine that answered its IKE_SA_INIT and got its IKE_AUTH: it asks
+    /// for an address.
+    fn awaiting_address() -> (IkeSa, SaMachine, impl FnMut(&mut [u8])) {
+        let (gw, rw): (SocketAddr, SocketAddr) = (GW.parse().unwrap(), RW.parse().unwrap());
+        let mut rw_rng = rng(2);
+        let mut gw_rng = rng(1);
+        let (mut client, o) = IkeSa::connect(
+            client_config(),
+            rw,
+            gw,
+            ConnectOptions::road_warrior(
+                evpc_ike::Identity::fqdn("gw.example"),
+                vec![Ts::v4_prefix(Ipv4Addr::new(10, 10, 0, 0), 24)],
+            ),
+            1_000,
+            &mut rw_rng,
+        );
+        let init = o.send[0].payload.clone();
+        let p = params(1);
+        let endpoint = Endpoint::new(p.config.clone(), Secret::from_slice(&[9; 32]));
+        let Accepted::NewSa(engine, outcome) =
+            endpoint.accept(1_000, &mut gw_rng, gw, rw, &init, 0)
+        else {
+            panic!("IKE_SA_INIT refused");
+        };
+        let id = SaId(engine.local_spi().unwrap());
+        let mut m = SaMachine::new(id, p, engine.local_spis().into_iter().collect());
+        let actions = m.start(1_000, &mut gw_rng, Start::HalfOpen { engine, outcome });
+        assert_eq!(m.phase(), "half-open");
+        let mut auth = Vec::new();
+        for d in sends(&actions) {
+            let o = client.handle_datagram(1_000, &mut rw_rng, rw, gw, &d);
+            auth.extend(o.send.into_iter().map(|d| d.payload));
+        }
+        let actions = m.on_datagram(1_000, &mut gw_rng, dgram(auth.remove(0)));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::NeedAddress(_))),
+            "{actions:?}"
+        );
+        assert_eq!(m.phase(), "awaiting-address");
+        (client, m, gw_rng)
+    }
+
+    fn not_committed() -> CommitError {
+        CommitError::NotCommitted(ProposeError::NoLeader(std::time::Duration::from_secs(1)))
+    }
+
+    /// Half-open, address, commit in flight (nothing gated sent), committed: running.
+    fn established() -> (IkeSa, SaMachine, impl FnMut(&mut [u8]), Record) {
+        let (mut client, mut m, mut r) = awaiting_address();
+        let a = m.on_address(1_000, &mut r, Some(Ipv4Addr::new(10, 10, 0, 7)));
+        assert_eq!(m.phase(), "committing");
+        assert!(sends(&a).is_empty(), "the IKE_AUTH answer is gated");
+        let (proposal, gated) = commit_of(&a).expect("a commit");
+        let Proposal::New(record) = proposal.clone() else {
+            panic!("a new SA");
+        };
+        assert_eq!(
+            record.virtual_ip,
+            Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 10, 0, 7)))
+        );
+        for d in gated.clone() {
+            let _ = client.handle_datagram(
+                1_000,
+                &mut rng(3),
+                RW.parse().unwrap(),
+                GW.parse().unwrap(),
+                &d.payload,
+            );
+        }
+        assert!(client.is_established());
+        let a = m.on_committed(1_000, &mut r, Ok(Committed { log_index: 7 }));
+        assert!(a.iter().any(|a| matches!(a, Action::HalfOpenDone)));
+        assert!(
+            a.iter().any(
+                |a| matches!(a, Action::ReleaseAddress(x) if *x == Ipv4Addr::new(10, 10, 0, 7))
+            )
+        );
+        assert_eq!(m.phase(), "running");
+        assert_eq!(m.epoch(), Epoch::FIRST);
+        (client, m, r, *record)
+    }
+
+    #[test]
+    fn a_new_sa_is_committed_before_its_answer_leaves() {
+        let (_, m, _, record) = established();
+        assert_eq!(m.committed(), Some(&record));
+    }
+
+    #[test]
+    fn an_address_in_use_is_picked_again_from_the_engine_before() {
+        let (_, mut m, mut r) = awaiting_address();
+        let _ = m.on_address(1_000, &mut r, Some(Ipv4Addr::new(10, 10, 0, 7)));
+        let a = m.on_committed(
+            1_000,
+            &mut r,
+            Err(CommitError::Refused(Rejection::AddressInUse {
+                addr: std::net::IpAddr::V4(Ipv4Addr::new(10, 10, 0, 7)),
+                holder: SaId(1),
+            })),
+        );
+        assert!(matches!(a[0], Action::ReleaseAddress(_)), "{a:?}");
+        assert!(matches!(a[1], Action::NeedAddress(_)), "{a:?}");
+        let a = m.on_address(1_000, &mut r, Some(Ipv4Addr::new(10, 10, 0, 8)));
+        let Some((Proposal::New(record), _)) = commit_of(&a) else {
+            panic!("{a:?}");
+        };
+        assert_eq!(
+            record.virtual_ip,
+            Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 10, 0, 8)))
+        );
+    }
+
+    #[test]
+    fn an_unknown_creation_outcome_looks_at_the_state_first() {
+        let (_, mut m, mut r) = awaiting_address();
+        let a = m.on_address(1_000, &mut r, Some(Ipv4Addr::new(10, 10, 0, 7)));
+        let Some((Proposal::New(record), _)) = commit_of(&a) else {
+            panic!("{a:?}");
+        };
+        let record = (**record).clone();
+        let _ = m.on_committed(1_000, &mut r, Err(not_committed()));
+        assert_eq!(m.phase(), "create-unknown");
+        assert_eq!(m.next_timeout(), Some(1_100));
+        assert!(m.on_timeout(1_050, &mut r).is_empty(), "not yet");
+        let a = m.on_timeout(1_100, &mut r);
+        assert!(matches!(a[..], [Action::ReadState]), "{a:?}");
+        // Not in the state: answer again with a fresh pick.
+        let a = m.on_state(1_100, &mut r, None);
+        assert!(matches!(a[..], [Action::NeedAddress(_)]), "{a:?}");
+        let _ = m.on_address(1_100, &mut r, Some(Ipv4Addr::new(10, 10, 0, 9)));
+        let _ = m.on_committed(1_100, &mut r, Err(not_committed()));
+        let _ = m.on_timeout(1_300, &mut r);
+        // Committed after all: the record is the truth.
+        let a = m.on_state(1_300, &mut r, Some(&record));
+        assert!(a.iter().any(|a| matches!(a, Action::Routes(_))), "{a:?}");
+        assert_eq!(m.phase(), "running");
+        assert_eq!(m.committed(), Some(&record));
+    }
+
+    #[test]
+    fn a_half_open_sa_whose_commit_is_refused_stops() {
+        let (_, mut m, mut r) = awaiting_address();
+        let _ = m.on_address(1_000, &mut r, Some(Ipv4Addr::new(10, 10, 0, 7)));
+        let a = m.on_committed(
+            1_000,
+            &mut r,
+            Err(CommitError::Refused(Rejection::UnknownSa(SaId(1)))),
+        );
+        assert!(a.iter().any(|a| matches!(a, Action::Stop)), "{a:?}");
+        assert!(m.is_done());
+    }
+
+    /// A DPD of ours: committed first, sent after.
+    fn dpd(m: &mut SaMachine, r: &mut dyn evpc_ike::Random, now: u64) -> Vec<Action> {
+        let Phase::Running(engine) = &mut m.phase else {
+            panic!("running");
+        };
+        let outcome = engine.send_dpd(now, r).unwrap();
+        let Phase::Running(engine) = std::mem::replace(&mut m.phase, Phase::Done) else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        m.process(now, r, engine, outcome, None, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_fenced_owner_stops_at_its_first_refused_commit() {
+        let (_, mut m, mut r, _) = established();
+        let a = dpd(&mut m, &mut r, 2_000);
+        assert!(sends(&a).is_empty());
+        assert!(matches!(commit_of(&a), Some((Proposal::Changes { .. }, g)) if g.len() == 1));
+        let a = m.on_committed(
+            2_000,
+            &mut r,
+            Err(CommitError::Fenced {
+                sa: m.id(),
+                current: Epoch(2),
+                given: Epoch(1),
+            }),
+        );
+        assert!(matches!(a[..], [Action::Stop]), "{a:?}");
+        assert!(m.is_done());
+        assert!(m.on_timeout(10_000, &mut r).is_empty());
+    }
+
+    #[test]
+    fn a_failed_commit_restores_from_the_record_and_resends_nothing_uncommitted() {
+        let (_, mut m, mut r, record) = established();
+        let _ = dpd(&mut m, &mut r, 2_000);
+        let a = m.on_committed(2_000, &mut r, Err(not_committed()));
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(m.phase(), "retry-after-failure");
+        assert_eq!(m.next_timeout(), Some(2_000 + RESTORE_RETRY_MS));
+        let a = m.on_timeout(2_000 + RESTORE_RETRY_MS, &mut r);
+        assert!(matches!(a[..], [Action::ReadState]));
+        let _ = m.on_state(2_300, &mut r, Some(&record));
+        assert_eq!(m.phase(), "running");
+        assert_eq!(m.committed(), Some(&record));
+    }
+
+    #[test]
+    fn a_takeover_resends_the_committed_request_byte_for_byte() {
+        let (_, mut m, mut r, record) = established();
+        let a = dpd(&mut m, &mut r, 2_000);
+        let Some((Proposal::Changes { updates, .. }, gated)) = commit_of(&a) else {
+            panic!("{a:?}");
+        };
+        let sent = gated[0].payload.clone();
+        let mut moved = record.with_updates(updates).unwrap();
+        let _ = m.on_committed(2_000, &mut r, Ok(Committed { log_index: 8 }));
+        moved.owner = 2;
+        moved.epoch = Epoch(2);
+        // The old owner learns it moved.
+        let a = m.on_state(2_010, &mut r, Some(&moved));
+        assert!(matches!(a[..], [Action::Stop]), "{a:?}");
+        // The new one restores and resends at once.
+        let mut other = SaMachine::new(record.id, params(2), BTreeSet::new());
+        let a = other.start(2_010, &mut r, Start::Restore { first: None });
+        assert!(matches!(a[..], [Action::ReadState]));
+        let a = other.on_state(2_020, &mut r, Some(&moved));
+        assert_eq!(sends(&a), vec![sent]);
+        assert_eq!(other.epoch(), Epoch(2));
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_opened_waits_broken() {
+        let (_, _, mut r, mut record) = established();
+        record.keys = Default::default();
+        let mut m = SaMachine::new(record.id, params(1), BTreeSet::new());
+        let _ = m.start(1, &mut r, Start::Restore { first: None });
+        let a = m.on_state(1, &mut r, Some(&record));
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(m.phase(), "broken");
+        assert!(m.on_datagram(2, &mut r, dgram(vec![0; 40])).is_empty());
+        let a = m.on_state(3, &mut r, None);
+        assert!(matches!(a[..], [Action::Stop]), "{a:?}");
+    }
+}
