@@ -492,7 +492,13 @@ impl Sim {
         self.run(f.node, f.sa, actions);
     }
 
-    fn to_gateway(&mut self, d: Datagram) {
+    fn to_gateway(&mut self, sent: Datagram) {
+        // As the gateway sees it: local is its address.
+        let d = Datagram {
+            local: sent.remote,
+            remote: sent.local,
+            payload: sent.payload,
+        };
         for node in 0..self.nodes.len() {
             self.dispatch(node, d.clone());
         }
