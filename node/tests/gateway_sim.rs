@@ -27,7 +27,7 @@ use evpc_ike::wire::{self, ExchangeType, Header, Route};
 use evpc_ike::{Accepted, Config, ConnectOptions, Datagram, Endpoint, IkeSa, Secret};
 use evpc_ike::{IkeSaSnapshot, TrafficSelector as Ts};
 use evpc_node::exchange::{CommitError, Committed};
-use evpc_node::ike_gateway::machine::{Action, Params, Sabotage, SaKeys, SaMachine, Start};
+use evpc_node::ike_gateway::machine::{Action, Params, SaKeys, SaMachine, Sabotage, Start};
 use evpc_node::ike_gateway::mapping::{MappingError, open_snapshot};
 use evpc_node::node::ProposeError;
 use evpc_node::sealing::{ClusterKey, Keyring, SealError};
@@ -109,6 +109,7 @@ struct Client {
     next_op: u64,
 }
 
+#[derive(Copy, Clone)]
 enum To {
     Gateway,
     Client(usize),
@@ -249,10 +250,6 @@ impl Sim {
         let copies = if self.rng.random_bool(0.03) { 2 } else { 1 };
         for _ in 0..copies {
             let at = self.now + self.rng.random_range(1..25);
-            let to = match to {
-                To::Gateway => To::Gateway,
-                To::Client(i) => To::Client(i),
-            };
             self.packets.push(Packet {
                 at,
                 to,
@@ -341,7 +338,8 @@ impl Sim {
                 Action::Commit { proposal, gated } => {
                     let command = proposal.command();
                     if let Command::CreateSa(record) = &command
-                        && let (Some(addr), Some(refused)) = (record.virtual_ip, self.refused.get(&sa))
+                        && let (Some(addr), Some(refused)) =
+                            (record.virtual_ip, self.refused.get(&sa))
                         && addr == *refused
                         && self.state.address_holder(addr).is_some()
                     {
@@ -382,13 +380,10 @@ impl Sim {
                 }
                 Action::NeedAddress(_) => {
                     let n = &mut self.nodes[node];
-                    let pick = POOL
-                        .iter()
-                        .map(|i| Ipv4Addr::new(10, 10, 0, *i))
-                        .find(|a| {
-                            !n.reserved.contains(a)
-                                && self.state.address_holder(IpAddr::V4(*a)).is_none()
-                        });
+                    let pick = POOL.iter().map(|i| Ipv4Addr::new(10, 10, 0, *i)).find(|a| {
+                        !n.reserved.contains(a)
+                            && self.state.address_holder(IpAddr::V4(*a)).is_none()
+                    });
                     if let Some(a) = pick {
                         n.reserved.insert(a);
                     }
@@ -408,7 +403,9 @@ impl Sim {
                         .state
                         .sas_of_peer(&peer)
                         .filter(|s| {
-                            s.id != me && s.local_id == local && s.times.established_ms <= established_ms
+                            s.id != me
+                                && s.local_id == local
+                                && s.times.established_ms <= established_ms
                         })
                         .map(|s| (s.id, s.epoch))
                         .collect();
@@ -492,7 +489,7 @@ impl Sim {
         self.run(f.node, f.sa, actions);
     }
 
-    fn to_gateway(&mut self, sent: Datagram) {
+    fn at_gateway(&mut self, sent: Datagram) {
         // As the gateway sees it: local is its address.
         let d = Datagram {
             local: sent.remote,
@@ -514,15 +511,24 @@ impl Sim {
                     self.deliver(node, id, d);
                     return;
                 }
-                if self.state.slots().owner(slot_for_initiator_spi(initiator_spi)) != Some(me) {
+                if self
+                    .state
+                    .slots()
+                    .owner(slot_for_initiator_spi(initiator_spi))
+                    != Some(me)
+                {
                     return;
                 }
                 let mut r = self.engine_rng();
                 let n = &self.nodes[node];
-                match n
-                    .endpoint
-                    .accept(self.now, &mut r, d.local, d.remote, &d.payload, n.half_open.len())
-                {
+                match n.endpoint.accept(
+                    self.now,
+                    &mut r,
+                    d.local,
+                    d.remote,
+                    &d.payload,
+                    n.half_open.len(),
+                ) {
                     Accepted::NewSa(engine, outcome) => {
                         let Some(spi) = engine.local_spi() else {
                             return;
@@ -679,12 +685,18 @@ impl Sim {
         }
         for p in due {
             match p.to {
-                To::Gateway => self.to_gateway(p.d),
+                To::Gateway => self.at_gateway(p.d),
                 To::Client(c) => {
                     let mut r = self.engine_rng();
                     let client = &mut self.clients[c];
                     if let Some(e) = &mut client.engine {
-                        let o = e.handle_datagram(self.now, &mut r, p.d.remote, p.d.local, &p.d.payload);
+                        let o = e.handle_datagram(
+                            self.now,
+                            &mut r,
+                            p.d.remote,
+                            p.d.local,
+                            &p.d.payload,
+                        );
                         self.client_outcome(c, o);
                     }
                 }
@@ -744,7 +756,8 @@ impl Sim {
                 .values()
                 .filter(|m| {
                     m.epoch().0 != 0
-                        && self.state.sa(m.id()).map(|s| (s.owner, s.epoch)) != Some((me, m.epoch()))
+                        && self.state.sa(m.id()).map(|s| (s.owner, s.epoch))
+                            != Some((me, m.epoch()))
                 })
                 .map(|m| m.id())
                 .collect();
