@@ -639,6 +639,15 @@ impl Sim {
                         },
                         _ => e.rekey_ike(self.now, &mut r),
                     };
+                    if o.is_ok() {
+                        *self
+                            .stats
+                            .entry(
+                                ["client DPDs", "client child rekeys", "client IKE rekeys"]
+                                    [usize::from(op >= 6) + usize::from(op >= 9)],
+                            )
+                            .or_default() += 1;
+                    }
                     o.ok()
                 }
                 Some(_) => None,

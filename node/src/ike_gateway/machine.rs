@@ -268,6 +268,8 @@ enum Phase {
         attempt: u32,
     },
     /// A commit is in flight (the engine is ahead of the cluster until it lands).
+    /// Invariant: at most one; `Action::Commit` is the last action of its batch, and nothing
+    /// it gates is in an `Action::Send`.
     Committing(Box<InFlight>),
     /// The new SA's commit had an unknown outcome: look at the state at `at` (`reading` once
     /// `ReadState` is asked) — maybe it was committed after all.
@@ -347,6 +349,8 @@ pub struct SaMachine {
     reread: bool,
     /// `Stop` was emitted.
     stopped: bool,
+    /// Call the engine's timer as soon as it runs again (after a takeover's restore).
+    kick: bool,
     sabotage: Sabotage,
 }
 
@@ -378,6 +382,7 @@ impl SaMachine {
             queue: VecDeque::new(),
             reread: false,
             stopped: false,
+            kick: false,
             sabotage: Sabotage::Nothing,
         }
     }
@@ -537,9 +542,10 @@ impl SaMachine {
                     if let Some(d) = resume.first {
                         self.datagram(now, rng, d, &mut out);
                     }
-                    // A request of ours that was in flight is due at once: resend it.
+                    // A request of ours that was in flight is due at once: resend it (after the
+                    // first datagram's commit, if it made one).
                     if resume.timeout {
-                        self.timeout_now(now, rng, &mut out);
+                        self.kick = true;
                     }
                 }
             }
@@ -685,10 +691,21 @@ impl SaMachine {
     /// Handles what was queued while the machine waited, as long as it runs.
     fn drain(&mut self, now: u64, rng: Rng<'_>, out: &mut Vec<Action>) {
         while matches!(self.phase, Phase::HalfOpen(_) | Phase::Running(_)) {
+            if std::mem::take(&mut self.kick) {
+                self.timeout_now(now, rng, out);
+                continue;
+            }
             let Some(d) = self.queue.pop_front() else {
                 break;
             };
             self.datagram(now, rng, d, out);
+        }
+        if !matches!(
+            self.phase,
+            Phase::Committing(_) | Phase::AwaitingAddress { .. }
+        ) {
+            // Anything else (stopped, broken, waiting to retry) has no timer to kick.
+            self.kick = false;
         }
         if self.reread
             && matches!(
