@@ -67,6 +67,8 @@
 
 mod actor;
 pub mod lab;
+#[doc(hidden)]
+pub mod machine;
 pub mod mapping;
 pub mod pool;
 pub mod selector_guard;
