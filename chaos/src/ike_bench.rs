@@ -20,9 +20,10 @@
 //!    client, answered by the owner after committing the message-ID advance and the exact
 //!    response) one at a time over `--dpd-sas` SAs → round-trip percentiles.
 //! 2. The same against a 1-node cluster (commits are local: no replication round trip).
-//! 1b. On the main cluster, with all those SAs established: the same DPDs while an
+//!
+//!    On the main cluster, with all those SAs established: the same DPDs while an
 //!    IKE_SA_INIT flood hits the cluster address from another namespace (`ike_flood`): first
-//!    from `--flood-rate` spoofed sources a second, then from cookie-answering ones
+//!    `--flood-rate` a second from spoofed sources, then from cookie-answering ones
 //!    (`--flood-answering-rate`) → DPD percentiles under flood beside the idle ones.
 //! 3. The same DPDs against the bare engine in a namespace on the same bridge, answering
 //!    without committing anything: the baseline. "Added by commit" is each cluster's
