@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use evpc_dataplane::ike::IkeDatagram;
-use evpc_ike::wire::Header;
 use evpc_ike::{Accepted, Datagram, IkeSa, IkeSaSnapshot, Outcome, PendingInit};
 use evpc_raft_store::{Command, Epoch, Identity, IkeSa as Record, SaId};
 use rand::RngCore;
@@ -54,18 +53,6 @@ pub(crate) enum Start {
 
 fn rng() -> impl FnMut(&mut [u8]) {
     |buf: &mut [u8]| rand::rng().fill_bytes(buf)
-}
-
-fn describe(message: &[u8]) -> String {
-    match Header::peek(message) {
-        Some(h) => format!(
-            "{:?} {} {}",
-            h.exchange,
-            if h.response { "response" } else { "request" },
-            h.message_id
-        ),
-        None => "unparsable".into(),
-    }
 }
 
 fn datagram(d: IkeDatagram) -> Datagram {
@@ -299,7 +286,7 @@ impl Actor {
     }
 
     fn send(&self, d: &Datagram) {
-        tracing::debug!(sa = %self.handle.id, to = %d.remote, "tx {}", describe(&d.payload));
+        tracing::debug!(sa = %self.handle.id, to = %d.remote, "tx {}", machine::describe(&d.payload));
         self.shared.send(d);
     }
 

@@ -316,7 +316,8 @@ pub struct EngineIds {
     pub next_local_request: u32,
 }
 
-fn describe(message: &[u8]) -> String {
+/// An IKE message's exchange, direction and message ID, for debug logs.
+pub(crate) fn describe(message: &[u8]) -> String {
     match Header::peek(message) {
         Some(h) => format!(
             "{:?} {} {}",

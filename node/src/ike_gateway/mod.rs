@@ -419,13 +419,18 @@ impl Gateway {
         // byte-identical request from the peer's address (`evpc_ike`), so nothing is sent
         // where a forger chooses. (Answering from the replicated record here, before the
         // restore, saved a millisecond and trusted the message ID alone.)
-        let task = Self::new_task(&mut registry);
+        self.spawn_restore(&mut registry, id, Some(d));
+    }
+
+    /// Starts a task that restores SA `id` from the committed state, then handles `first`.
+    fn spawn_restore(&self, registry: &mut Registry, id: SaId, first: Option<IkeDatagram>) {
+        let task = Self::new_task(registry);
         self.spawn(
-            &mut registry,
+            registry,
             task,
             id,
             BTreeSet::new(),
-            Start::Restore { first: Some(d) },
+            Start::Restore { first },
         );
     }
 
@@ -492,14 +497,7 @@ impl Gateway {
                 if registry.by_id.contains_key(&id) {
                     continue;
                 }
-                let task = Self::new_task(&mut registry);
-                self.spawn(
-                    &mut registry,
-                    task,
-                    id,
-                    BTreeSet::new(),
-                    Start::Restore { first: None },
-                );
+                self.spawn_restore(&mut registry, id, None);
             }
         }
     }
