@@ -1,7 +1,8 @@
 //! The TUN device that carries the inner traffic of the userspace backend.
 //!
 //! ```text
-//!  open /dev/net/tun ─► ioctl(TUNSETIFF, IFF_TUN | IFF_NO_PI) ─► ip link set NAME mtu M up
+//!  open /dev/net/tun ─► ioctl(TUNSETIFF, IFF_TUN | IFF_NO_PI) ─► ip link set NAME addrgenmode none
+//!                                                              ─► ip link set NAME mtu M up
 //!                                                              ─► ip addr replace A/P dev NAME
 //!                                                              ─► ip route replace P dev NAME
 //! ```
@@ -96,6 +97,13 @@ pub(crate) fn open(name: &str) -> io::Result<File> {
 pub(crate) fn configure(config: &TunConfig) -> io::Result<()> {
     let name = config.name.as_str();
     let mtu = config.mtu.to_string();
+    // No IPv6 link-local address: the kernel would otherwise send router solicitations and
+    // MLD reports into the tunnel on its own, which no child carries (each counted as a drop,
+    // and while fenced as a fenced drop). A kernel without IPv6 refuses the setting; that
+    // kernel sends nothing of the kind either.
+    if let Err(error) = ip(&["link", "set", "dev", name, "addrgenmode", "none"]) {
+        tracing::debug!(%error, device = name, "addrgenmode none refused (no IPv6?)");
+    }
     ip(&["link", "set", "dev", name, "mtu", &mtu, "up"])?;
     for (addr, len) in &config.addresses {
         let cidr = format!("{addr}/{len}");
