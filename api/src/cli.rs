@@ -85,6 +85,9 @@ pub enum NodeCommand {
         /// Node id.
         id: u64,
     },
+    /// Each endpoint's node builds a snapshot of its applied state now (and compacts its log
+    /// behind it), e.g. before maintenance; prints what it cost.
+    Snapshot,
 }
 
 #[derive(Debug, Subcommand)]
@@ -581,6 +584,30 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                         ""
                     }
                 )?;
+            }
+        }
+        Command::Node(NodeCommand::Snapshot) => {
+            let mut answers = Vec::new();
+            for endpoint in &cli.endpoints {
+                let mut one = AdminClient::new(
+                    std::slice::from_ref(endpoint),
+                    Duration::from_millis(cli.timeout_ms),
+                    security(&cli)?,
+                )?;
+                answers.push(one.snapshot().await?);
+            }
+            if json {
+                print_json(out, &answers)?;
+            } else {
+                for r in answers {
+                    let s = r.snapshot.unwrap_or_default();
+                    writeln!(
+                        out,
+                        "node {}: snapshot at index {} ({} IKE SAs, {} bytes) built in {} ms, \
+                         the state locked {} ms",
+                        r.node_id, s.index, s.ike_sas, s.bytes, s.ms, s.lock_ms
+                    )?;
+                }
             }
         }
         Command::Cluster(ClusterCommand::Rebalance) => {

@@ -297,6 +297,13 @@ impl AdminClient {
             .await
     }
 
+    /// admin.v1 Snapshot: the node at the current endpoint builds a snapshot now; answers once
+    /// it is on disk.
+    pub async fn snapshot(&mut self) -> Result<pb::SnapshotResponse, ClientError> {
+        self.call(|mut c| async move { c.snapshot(pb::SnapshotRequest {}).await })
+            .await
+    }
+
     /// admin.v1 ListSlots: `owners[slot]`, 0 for none.
     pub async fn list_slots(&mut self) -> Result<pb::ListSlotsResponse, ClientError> {
         self.call(|mut c| async move { c.list_slots(pb::ListSlotsRequest {}).await })

@@ -25,11 +25,21 @@
 //!    IKE_SA_INIT flood hits the cluster address from another namespace (`ike_flood`): first
 //!    `--flood-rate` a second from spoofed sources, then from cookie-answering ones
 //!    (`--flood-answering-rate`) → DPD percentiles under flood beside the idle ones.
+//!    Then, still on the main cluster with those SAs in the state, snapshots: every node
+//!    builds one at once (admin.v1 `Snapshot`) while DPDs go on; a follower is SIGKILLed while
+//!    `--lag-setups` more SAs are set up and the leader snapshots, compacting its log past it,
+//!    then started again: the time it takes to install the leader's snapshot and catch up;
+//!    and the other follower is SIGKILLed and started again: the time until it is ready to
+//!    serve (the commit index of the kill applied, unfenced).
 //! 3. The same DPDs against the bare engine in a namespace on the same bridge, answering
 //!    without committing anything: the baseline. "Added by commit" is each cluster's
 //!    percentiles minus the baseline's.
+//!
+//! Setups/s are also reported per window of established SAs (0–5,000, 5,000–10,000, …):
+//! the rate must not fall as the state fills (`--min-rate-ratio` of the first window's).
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,6 +120,25 @@ pub struct Args {
     /// Fail if a flood raises the DPD p99 above this multiple of the same lab's idle p99.
     #[arg(long, default_value_t = 2.0)]
     max_flood_dpd_ratio: f64,
+    /// Fail if the main cluster's setups/s over the whole run falls below this fraction of
+    /// its rate over the first 5,000 SAs.
+    #[arg(long, default_value_t = 0.7)]
+    min_rate_ratio: f64,
+    /// Skip the snapshot phase (every node snapshots under DPDs, a paused follower installs the
+    /// leader's snapshot, a node restarts).
+    #[arg(long)]
+    no_snapshots: bool,
+    /// Fail if the lagging follower takes longer than this (ms) to install the leader's
+    /// snapshot (receive it whole, decode, check, swap in, write).
+    #[arg(long, default_value_t = 2_000)]
+    max_install_ms: u64,
+    /// Fail if the restarted node takes longer than this (ms) to be ready.
+    #[arg(long, default_value_t = 5_000)]
+    max_restart_ms: u64,
+    /// SAs set up while a follower is down in the snapshot phase (more than the leader keeps
+    /// behind a snapshot, so it must send one).
+    #[arg(long, default_value_t = 8_000)]
+    lag_setups: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -152,8 +181,76 @@ struct ClusterResult {
     dpd_failed: usize,
     /// DPDs while an IKE_SA_INIT flood hits the cluster (main cluster only).
     flood: Vec<FloodResult>,
+    /// Snapshot build, install and restart with the SAs in the state (main cluster only).
+    snapshots: Option<SnapshotPhase>,
     /// SAs in the replicated state at the end, by owner.
     sas_by_owner: BTreeMap<u64, u64>,
+}
+
+/// What a snapshot cost a node (admin.v1 `SnapshotInfo`).
+#[derive(Debug, Default, Serialize)]
+struct SnapshotFigures {
+    index: u64,
+    ike_sas: u64,
+    bytes: u64,
+    /// End to end: built, installed or loaded.
+    ms: u64,
+    /// The state's lock held for it (the copy, the swap): what commits waited.
+    lock_ms: u64,
+}
+
+impl From<evpc_proto::admin::v1::SnapshotInfo> for SnapshotFigures {
+    fn from(s: evpc_proto::admin::v1::SnapshotInfo) -> Self {
+        SnapshotFigures {
+            index: s.index,
+            ike_sas: s.ike_sas,
+            bytes: s.bytes,
+            ms: s.ms,
+            lock_ms: s.lock_ms,
+        }
+    }
+}
+
+/// Snapshots and restarts with every SA of the setups in the state (main cluster).
+#[derive(Debug, Default, Serialize)]
+struct SnapshotPhase {
+    /// Every node builds a snapshot at once (admin.v1 Snapshot), by node.
+    built: BTreeMap<String, SnapshotFigures>,
+    /// DPDs (each a commit) while those snapshots were built, and how many went unanswered.
+    dpd_during_build_ms: Percentiles,
+    dpd_failed_during_build: usize,
+    lagging_follower: Option<LaggingFollower>,
+    restart: Option<Restart>,
+}
+
+/// A follower down (SIGKILLed) while more SAs were set up and the leader snapshotted and
+/// compacted its log past it; then started again: the leader sends it the snapshot.
+#[derive(Debug, Default, Serialize)]
+struct LaggingFollower {
+    node: u64,
+    /// SAs set up while it was down.
+    setups_while_down: u64,
+    /// The leader's snapshot after them, and the log index it compacted up to.
+    leader_snapshot: SnapshotFigures,
+    leader_purged_index: u64,
+    /// What the follower reported installing (none: it caught up from the log after all).
+    installed: Option<SnapshotFigures>,
+    /// From its restart until it had applied the leader's commit index of that moment (its
+    /// own start, the check-in, the transfer and install of the snapshot, the log after it).
+    restart_to_caught_up_ms: u64,
+}
+
+/// A node SIGKILLed and started again on its data directory.
+#[derive(Debug, Default, Serialize)]
+struct Restart {
+    node: u64,
+    /// SAs in the state it restarted with.
+    ike_sas: u64,
+    /// The snapshot it loaded from its data directory (then it replayed the log after it).
+    loaded: Option<SnapshotFigures>,
+    /// From the new process's start until it answered with the cluster's commit index of the
+    /// kill applied and its data plane open (unfenced): ready to serve any SA it owns.
+    restart_to_ready_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -175,6 +272,11 @@ struct SetupResult {
     concurrency: usize,
     seconds: f64,
     setups_per_sec: f64,
+    /// Setups per second while the state grew through each range of established SAs (the
+    /// first from 0 to 5,000): whether the rate falls as the cluster fills.
+    rate_windows: Vec<RateWindow>,
+    /// `setups_per_sec` over the first window's rate (0 to 5,000 SAs) of the same run.
+    rate_ratio_to_first_window: f64,
     /// IKE_SA_INIT sent → IKE_AUTH answer processed.
     latency_ms: Percentiles,
     /// CPU used during the setup phase, in cores (1.0 = one core busy the whole time).
@@ -189,6 +291,45 @@ struct SetupResult {
     /// The largest node's resident memory divided by the SAs in the cluster: what one more SA
     /// costs a node (every node holds every SA's record; the owner also runs it).
     bytes_per_sa_per_node: u64,
+}
+
+/// Setups per second from the `from`-th to the `to`-th established SA of a phase.
+#[derive(Debug, Serialize)]
+struct RateWindow {
+    from: usize,
+    to: usize,
+    setups_per_sec: f64,
+}
+
+/// Where the rate windows end (SAs established in the phase), up to the phase's total.
+const RATE_WINDOW_ENDS: [usize; 7] = [5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000];
+
+/// Rates over [0, 5k), [5k, 10k), … of the completion times `at` (in order) of a phase that
+/// began at `started`; a last partial window only if it holds at least 1,000 setups.
+fn rate_windows(started: Instant, at: &[Instant]) -> Vec<RateWindow> {
+    let mut windows = Vec::new();
+    let mut from = 0;
+    let mut since = started;
+    for end in RATE_WINDOW_ENDS
+        .iter()
+        .copied()
+        .chain(std::iter::once(at.len()))
+    {
+        let to = end.min(at.len());
+        if to <= from || (to < end && to - from < 1_000) {
+            break;
+        }
+        let until = at[to - 1];
+        let seconds = until.duration_since(since).as_secs_f64().max(1e-9);
+        windows.push(RateWindow {
+            from,
+            to,
+            setups_per_sec: ((to - from) as f64 / seconds).round(),
+        });
+        from = to;
+        since = until;
+    }
+    windows
 }
 
 /// A process's resident set (VmRSS of /proc/<pid>/status), in bytes.
@@ -328,6 +469,13 @@ struct Initiators {
     setup_latency: Vec<Duration>,
     dpd_rtts: Vec<Duration>,
     last_timers: Instant,
+    /// When each SA's engine wants `handle_timeout` next, earliest first, with the deadline
+    /// last scheduled per SA (older heap entries are stale): the bench's own cost per tick must
+    /// not grow with the SAs it holds, or it takes the CPU the nodes are measured on.
+    deadlines: BinaryHeap<Reverse<(u64, u64)>>,
+    scheduled: HashMap<u64, u64>,
+    /// When each setup of the current phase completed, in order.
+    established_at: Vec<Instant>,
 }
 
 /// A UDP socket with 4 MiB buffers (hundreds of answers arrive in bursts): the tokio side
@@ -391,7 +539,27 @@ impl Initiators {
             setup_latency: Vec::new(),
             dpd_rtts: Vec::new(),
             last_timers: Instant::now(),
+            deadlines: BinaryHeap::new(),
+            scheduled: HashMap::new(),
+            established_at: Vec::new(),
         })
+    }
+
+    /// Records when SA `spi`'s engine wants its next timeout.
+    fn schedule(&mut self, spi: u64) {
+        let Some(entry) = self.sas.get(&spi) else {
+            return;
+        };
+        match entry.sa.next_timeout() {
+            Some(at) if self.scheduled.get(&spi) != Some(&at) => {
+                self.scheduled.insert(spi, at);
+                self.deadlines.push(Reverse((at, spi)));
+            }
+            Some(_) => {}
+            None => {
+                self.scheduled.remove(&spi);
+            }
+        }
     }
 
     fn send(&self, d: &Datagram) {
@@ -420,6 +588,7 @@ impl Initiators {
             }
         }
         let now = Instant::now();
+        self.schedule(spi);
         for event in outcome.events {
             let Some(entry) = self.sas.get_mut(&spi) else {
                 return;
@@ -430,6 +599,9 @@ impl Initiators {
                 {
                     entry.established = Some(now);
                     self.setup_latency.push(now - entry.started);
+                    if entry.counted {
+                        self.established_at.push(now);
+                    }
                     self.in_flight -= 1;
                 }
                 Event::PeerAlive => {
@@ -513,13 +685,15 @@ impl Initiators {
         }
         self.last_timers = Instant::now();
         let now = now_ms();
-        let due: Vec<u64> = self
-            .sas
-            .iter()
-            .filter(|(_, e)| e.sa.next_timeout().is_some_and(|t| t <= now))
-            .map(|(spi, _)| *spi)
-            .collect();
-        for spi in due {
+        while let Some(Reverse((at, spi))) = self.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            if self.scheduled.get(&spi) != Some(&at) {
+                continue; // rescheduled since
+            }
+            self.scheduled.remove(&spi);
             if let Some(entry) = self.sas.get_mut(&spi) {
                 let outcome = entry.sa.handle_timeout(now, &mut random());
                 self.apply(spi, outcome);
@@ -546,6 +720,7 @@ impl Initiators {
     /// established).
     fn reset_setup_stats(&mut self) {
         self.setup_latency.clear();
+        self.established_at.clear();
         for e in self.sas.values_mut() {
             e.counted = false;
         }
@@ -579,20 +754,30 @@ impl Initiators {
                 _ => {}
             }
         }
+        let setups_per_sec = (established as f64 / seconds).round();
+        let rate_windows = rate_windows(started, &self.established_at);
+        let rate_ratio_to_first_window = rate_windows
+            .first()
+            .filter(|w| w.setups_per_sec > 0.0)
+            .map_or(1.0, |w| {
+                (setups_per_sec / w.setups_per_sec * 100.0).round() / 100.0
+            });
         SetupResult {
             attempted,
             established,
             failed,
             concurrency,
             seconds: (seconds * 1000.0).round() / 1000.0,
-            setups_per_sec: (established as f64 / seconds).round(),
+            setups_per_sec,
+            rate_windows,
+            rate_ratio_to_first_window,
             latency_ms: Percentiles::of(&self.setup_latency),
             ..SetupResult::default()
         }
     }
 
-    /// `samples` DPDs, one at a time, over `over` established SAs.
-    async fn dpd(&mut self, samples: usize, over: usize) -> (Percentiles, usize) {
+    /// The first `over` established SAs, by SPI: the ones DPDs go round.
+    fn dpd_sas(&self, over: usize) -> Vec<u64> {
         let mut ids: Vec<u64> = self
             .sas
             .iter()
@@ -601,36 +786,210 @@ impl Initiators {
             .collect();
         ids.sort_unstable();
         ids.truncate(over.max(1));
+        ids
+    }
+
+    /// One DPD on SA `spi`, waiting up to 5 s for the answer; whether it came.
+    async fn dpd_once(&mut self, spi: u64) -> bool {
+        let before = self.dpd_rtts.len();
+        let Some(entry) = self.sas.get_mut(&spi) else {
+            return false;
+        };
+        entry.dpd_started = Some(Instant::now());
+        let outcome = match entry.sa.send_dpd(now_ms(), &mut random()) {
+            Ok(o) => o,
+            Err(_) => return false,
+        };
+        self.apply(spi, outcome);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.dpd_rtts.len() == before && Instant::now() < deadline {
+            self.pump(Duration::from_millis(5)).await;
+        }
+        self.dpd_rtts.len() > before
+    }
+
+    /// `samples` DPDs, one at a time, over `over` established SAs.
+    async fn dpd(&mut self, samples: usize, over: usize) -> (Percentiles, usize) {
+        let ids = self.dpd_sas(over);
         self.dpd_rtts.clear();
-        let mut failed = 0;
         if ids.is_empty() {
             return (Percentiles::default(), samples);
         }
+        let mut failed = 0;
         for i in 0..samples {
-            let spi = ids[i % ids.len()];
-            let before = self.dpd_rtts.len();
-            let Some(entry) = self.sas.get_mut(&spi) else {
-                continue;
-            };
-            entry.dpd_started = Some(Instant::now());
-            let outcome = match entry.sa.send_dpd(now_ms(), &mut random()) {
-                Ok(o) => o,
-                Err(_) => {
-                    failed += 1;
-                    continue;
-                }
-            };
-            self.apply(spi, outcome);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.dpd_rtts.len() == before && Instant::now() < deadline {
-                self.pump(Duration::from_millis(5)).await;
-            }
-            if self.dpd_rtts.len() == before {
+            if !self.dpd_once(ids[i % ids.len()]).await {
                 failed += 1;
             }
         }
         (Percentiles::of(&self.dpd_rtts), failed)
     }
+
+    /// DPDs one at a time over `over` established SAs until `done` says so (and at least
+    /// `min_samples`).
+    async fn dpd_while(
+        &mut self,
+        over: usize,
+        min_samples: usize,
+        mut done: impl FnMut() -> bool,
+    ) -> (Percentiles, usize) {
+        let ids = self.dpd_sas(over);
+        self.dpd_rtts.clear();
+        let mut failed = 0;
+        let mut i = 0;
+        while !ids.is_empty() && (i < min_samples || !done()) {
+            if !self.dpd_once(ids[i % ids.len()]).await {
+                failed += 1;
+            }
+            i += 1;
+        }
+        (Percentiles::of(&self.dpd_rtts), failed)
+    }
+}
+
+/// What the snapshot builds need from the lab, taken before the client thread starts.
+struct SnapshotInputs {
+    /// An admin client for each node alone.
+    admins: Vec<(u64, evpc_api::AdminClient)>,
+}
+
+/// In the client's namespace, with the SAs of the setups in the state: every node builds a
+/// snapshot at once while DPDs (commits) go on.
+async fn snapshot_builds(
+    initiators: &mut Initiators,
+    input: &SnapshotInputs,
+    over: usize,
+    min_samples: usize,
+) -> anyhow::Result<SnapshotPhase> {
+    let mut phase = SnapshotPhase::default();
+    let mut builds = tokio::task::JoinSet::new();
+    for (id, admin) in &input.admins {
+        let (id, mut admin) = (*id, admin.clone());
+        builds.spawn(async move { (id, admin.snapshot().await) });
+    }
+    let building = builds.len();
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results = {
+        let finished = finished.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            while let Some(joined) = builds.join_next().await {
+                results.push(joined);
+                finished.fetch_add(1, Ordering::AcqRel);
+            }
+            results
+        })
+    };
+    let (dpd, failed) = initiators
+        .dpd_while(over, min_samples, || {
+            finished.load(Ordering::Acquire) >= building
+        })
+        .await;
+    phase.dpd_during_build_ms = dpd;
+    phase.dpd_failed_during_build = failed;
+    for joined in results.await? {
+        let (id, answer) = joined?;
+        let built = answer.with_context(|| format!("snapshot on node {id}"))?;
+        phase.built.insert(
+            format!("node{id}"),
+            built.snapshot.unwrap_or_default().into(),
+        );
+    }
+
+    Ok(phase)
+}
+
+/// SIGKILLs follower `id`, sets up `setups` more SAs (more entries than the leader keeps
+/// behind a snapshot, `raft.keep_behind_snapshot`), has the leader snapshot and compact its log
+/// past the follower, and starts the follower again: the leader must send it the snapshot.
+async fn lagging_follower(
+    lab: &mut Lab,
+    leader: u64,
+    id: u64,
+    setups: u64,
+    concurrency: usize,
+) -> anyhow::Result<LaggingFollower> {
+    let last = lab.admin_of(id)?.status(false).await?.last_log_index;
+    lab.sigkill(id).await?;
+    let lag = in_namespace(lab.client_ns(), move || async move {
+        let mut initiators = Initiators::new(CLUSTER).await?;
+        Ok(initiators
+            .setup(setups, concurrency, Duration::from_secs(60 + setups / 50))
+            .await)
+    })
+    .await?;
+    let mut admin = lab.admin_of(leader)?;
+    let snapshot = admin.snapshot().await?.snapshot.unwrap_or_default();
+    // The leader compacts once no replication reads the entries (a retry towards the dead
+    // follower may, for a moment).
+    let waiting = Instant::now();
+    let purged = loop {
+        let purged = admin.status(false).await?.purged_index;
+        if purged > last {
+            break purged;
+        }
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the leader kept its log up to {purged}, not past node {id}'s last entry {last}: \
+             raise --lag-setups above raft.keep_behind_snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let target = admin.status(false).await?.committed_index;
+    lab.restart(id)?;
+    let started = Instant::now();
+    let mut follower = lab.admin_of(id)?;
+    let caught_up = loop {
+        if let Ok(status) = follower.status(false).await
+            && status.last_applied_index >= target
+        {
+            break status;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "node {id} did not catch up with index {target} within 120 s of its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    Ok(LaggingFollower {
+        node: id,
+        setups_while_down: lag.established,
+        installed: caught_up
+            .snapshot_installed
+            .filter(|s| s.index >= snapshot.index)
+            .map(Into::into),
+        leader_snapshot: snapshot.into(),
+        leader_purged_index: purged,
+        restart_to_caught_up_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// SIGKILLs node `id` of `lab` and starts it again on its data directory: how long until it is
+/// ready to serve (the cluster's commit index of the kill applied, unfenced).
+async fn restart_node(lab: &mut Lab, id: u64) -> anyhow::Result<Restart> {
+    let committed = lab.admin()?.follow_leader().await?.committed_index;
+    lab.sigkill(id).await?;
+    lab.restart(id)?;
+    let started = Instant::now();
+    let mut admin = lab.admin_of(id)?;
+    let status = loop {
+        if let Ok(status) = admin.status(false).await
+            && status.last_applied_index >= committed
+            && !status.fenced
+        {
+            break status;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "node {id} not ready within 120 s of its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    Ok(Restart {
+        node: id,
+        ike_sas: status.ike_sas,
+        loaded: status.snapshot_loaded.map(Into::into),
+        restart_to_ready_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 /// Runs `work` on a thread inside `ns` with its own runtime, and waits for it.
@@ -801,7 +1160,7 @@ async fn measure_cluster(
     node_bin: &std::path::Path,
     nodes: u64,
     baseline: bool,
-    flood: bool,
+    main: bool,
 ) -> anyhow::Result<(ClusterResult, Option<Percentiles>)> {
     let mut spec = LabSpec::new(
         nodes,
@@ -814,7 +1173,7 @@ async fn measure_cluster(
     spec.keep_dir = args.keep_logs;
     spec.base_dir = args.data_dir.clone();
     spec.insecure_plaintext = args.insecure_plaintext;
-    let lab = Lab::start(spec).await?;
+    let mut lab = Lab::start(spec).await?;
     let pids: Vec<(u64, u32)> = lab
         .alive_ids()
         .into_iter()
@@ -828,15 +1187,26 @@ async fn measure_cluster(
         (FloodKind::Answering, args.flood_answering_rate),
     ]
     .into_iter()
-    .filter(|(_, rate)| flood && *rate > 0)
+    .filter(|(_, rate)| main && *rate > 0)
     .collect();
+    let snapshot_inputs = if main && !args.no_snapshots && nodes > 1 {
+        Some(SnapshotInputs {
+            admins: lab
+                .alive_ids()
+                .into_iter()
+                .map(|id| Ok((id, lab.admin_of(id)?)))
+                .collect::<anyhow::Result<_>>()?,
+        })
+    } else {
+        None
+    };
     let flood_ns = if floods.is_empty() {
         None
     } else {
         Some(Arc::new(flood_namespace(&lab)?))
     };
     let flood_in = flood_ns.clone();
-    let (setup, dpd_idle, dpd_loaded, dpd_failed, flood_results) =
+    let (setup, dpd_idle, dpd_loaded, dpd_failed, flood_results, mut snapshots) =
         in_namespace(lab.client_ns(), move || async move {
             let mut initiators = Initiators::new(CLUSTER).await?;
             // 1. A few SAs, and DPDs on them while the replicated state is small.
@@ -907,16 +1277,41 @@ async fn measure_cluster(
                     p99_ratio_to_idle: ratio,
                 });
             }
+            // 5. Snapshots with all those SAs in the state.
+            let snapshots = match &snapshot_inputs {
+                Some(input) => {
+                    Some(snapshot_builds(&mut initiators, input, over, samples / 4).await?)
+                }
+                None => None,
+            };
             Ok((
                 setup,
                 dpd_idle,
                 dpd_loaded,
                 failed_idle + failed_loaded,
                 flood_results,
+                snapshots,
             ))
         })
         .await?;
     drop(flood_ns);
+    // 6. A follower that lags past the leader's log, and a plain restart of the other one.
+    if let Some(phase) = &mut snapshots {
+        let leader = lab.admin()?.follow_leader().await?.leader_id;
+        let followers: Vec<u64> = lab
+            .alive_ids()
+            .into_iter()
+            .filter(|id| Some(*id) != leader)
+            .collect();
+        if let (Some(leader), Some(&lagging)) = (leader, followers.first()) {
+            phase.lagging_follower = Some(
+                lagging_follower(&mut lab, leader, lagging, args.lag_setups, concurrency).await?,
+            );
+        }
+        if let Some(&other) = followers.get(1) {
+            phase.restart = Some(restart_node(&mut lab, other).await?);
+        }
+    }
     let mut sas_by_owner = BTreeMap::new();
     for sa in lab.admin()?.all_sas(None).await? {
         *sas_by_owner.entry(sa.owner).or_default() += 1;
@@ -936,6 +1331,7 @@ async fn measure_cluster(
         dpd_rtt_ms_after_setups: dpd_loaded,
         dpd_failed,
         flood: flood_results,
+        snapshots,
         sas_by_owner,
     };
     Ok((result, baseline))
@@ -1056,6 +1452,45 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
             ));
         }
     }
+    if main.setup.rate_ratio_to_first_window < args.min_rate_ratio {
+        failures.push(format!(
+            "{} setups/s over the run, {}x the rate over its first 5,000 SAs (limit {}x)",
+            main.setup.setups_per_sec, main.setup.rate_ratio_to_first_window, args.min_rate_ratio
+        ));
+    }
+    if let Some(phase) = &main.snapshots {
+        if phase.dpd_failed_during_build > 0 {
+            failures.push(format!(
+                "{} DPDs unanswered while every node built a snapshot",
+                phase.dpd_failed_during_build
+            ));
+        }
+        if let Some(lag) = &phase.lagging_follower {
+            if lag.installed.is_none() {
+                failures.push(format!(
+                    "node {} caught up from the log, not the leader's snapshot: the install was \
+                     not measured",
+                    lag.node
+                ));
+            }
+            if let Some(installed) = &lag.installed
+                && installed.ms > args.max_install_ms
+            {
+                failures.push(format!(
+                    "node {} took {} ms to install the leader's snapshot of {} SAs (limit {} ms)",
+                    lag.node, installed.ms, installed.ike_sas, args.max_install_ms
+                ));
+            }
+        }
+        if let Some(restart) = &phase.restart
+            && restart.restart_to_ready_ms > args.max_restart_ms
+        {
+            failures.push(format!(
+                "node {} took {} ms to serve again after a restart with {} SAs (limit {} ms)",
+                restart.node, restart.restart_to_ready_ms, restart.ike_sas, args.max_restart_ms
+            ));
+        }
+    }
     if let Some(max) = args.max_added_p99_ms
         && let Some(a) = added.get(&format!("{}_nodes", main.nodes))
         && a.p99 > max
@@ -1120,6 +1555,37 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
                 f.p99_ratio_to_idle,
                 f.dpd_failed
             );
+        }
+        for phase in report.clusters.iter().filter_map(|c| c.snapshots.as_ref()) {
+            for (node, b) in &phase.built {
+                println!(
+                    "snapshot built on {node}: index {}, {} SAs, {} bytes in {} ms (lock {} ms)",
+                    b.index, b.ike_sas, b.bytes, b.ms, b.lock_ms
+                );
+            }
+            println!(
+                "DPD RTT while they were built: p50 {:.3} ms p99 {:.3} ms, {} failed",
+                phase.dpd_during_build_ms.p50,
+                phase.dpd_during_build_ms.p99,
+                phase.dpd_failed_during_build
+            );
+            if let Some(lag) = &phase.lagging_follower {
+                println!(
+                    "lagging follower {} ({} setups while it was down): leader's snapshot at {}, log compacted to {}; installed {:?}; restart to caught up {} ms",
+                    lag.node,
+                    lag.setups_while_down,
+                    lag.leader_snapshot.index,
+                    lag.leader_purged_index,
+                    lag.installed,
+                    lag.restart_to_caught_up_ms
+                );
+            }
+            if let Some(r) = &phase.restart {
+                println!(
+                    "node {} restarted with {} SAs: ready in {} ms (loaded {:?})",
+                    r.node, r.ike_sas, r.restart_to_ready_ms, r.loaded
+                );
+            }
         }
         for f in &report.failures {
             println!("FAILED: {f}");

@@ -195,6 +195,7 @@ guarded! {
     drain_node(pb::NodeRequest) -> pb::NodeStateResponse: Operator, "DrainNode", summary;
     activate_node(pb::NodeRequest) -> pb::NodeStateResponse: Operator, "ActivateNode", summary;
     rebalance(pb::RebalanceRequest) -> pb::RebalanceResponse: Operator, "Rebalance", summary;
+    snapshot(pb::SnapshotRequest) -> pb::SnapshotResponse: Operator, "Snapshot", summary;
     delete_sa(pb::DeleteSaRequest) -> pb::DeleteSaResponse: Operator, "DeleteSa", summary;
     export_sa(pb::ExportSaRequest) -> pb::ExportSaResponse: Operator, "ExportSa", summary;
     import_sa(pb::ImportSaRequest) -> pb::ImportSaResponse: Operator, "ImportSa",

@@ -14,7 +14,7 @@ use evpc_proto::admin::v1 as pb;
 use evpc_proto::admin::v1::admin_server::Admin;
 use evpc_raft_store::{
     Applied, ChildSa, Command, IkeSa, Member, NodeId, NodeState, OwnerMove, Rejection, Role,
-    SaContext, SaId, TrafficSelector, slot_for_initiator_spi,
+    SaContext, SaId, SnapshotRecord, TrafficSelector, slot_for_initiator_spi,
 };
 use openraft::ServerState;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
@@ -50,18 +50,28 @@ impl AdminService {
         }
     }
 
-    /// The digest of `state`, from the cache when its applied index has not moved.
-    fn digest_of(&self, state: &evpc_raft_store::StateGuard<'_>) -> String {
+    /// The digest of the state under `state` if the cache has it for its applied index; else a
+    /// copy of the state (O(1): persistent maps) for [`AdminService::digest_of`] to hash once
+    /// the guard is let go — hashing 100,000 SAs takes a few hundred milliseconds, which
+    /// `apply` must not wait for.
+    fn cached_digest(
+        &self,
+        state: &evpc_raft_store::StateGuard<'_>,
+    ) -> Result<String, (u64, evpc_raft_store::State)> {
         let index = state.applied_index();
-        let mut cache = self.digest.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cache {
-            Some((at, digest)) if *at == index => digest.clone(),
-            _ => {
-                let digest = state.digest();
-                *cache = Some((index, digest.clone()));
-                digest
-            }
+        match &*self.digest.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, digest)) if *at == index => Ok(digest.clone()),
+            _ => Err((index, (**state).clone())),
         }
+    }
+
+    /// Hashes a copy from [`AdminService::cached_digest`] off the runtime, and caches it.
+    async fn digest_of(&self, index: u64, copy: evpc_raft_store::State) -> Result<String, Status> {
+        let digest = tokio::task::spawn_blocking(move || copy.digest())
+            .await
+            .map_err(|e| Status::internal(format!("computing the digest: {e}")))?;
+        *self.digest.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, digest.clone()));
+        Ok(digest)
     }
 
     /// The node served.
@@ -119,13 +129,7 @@ impl AdminService {
             })
             .await?;
         tracing::info!(node = id, %state, "gateway state set by an operator");
-        let owned_sas = self
-            .node
-            .state
-            .read()
-            .sas()
-            .filter(|sa| sa.owner == id)
-            .count() as u64;
+        let owned_sas = self.node.state.read().owned_count(id) as u64;
         Ok(Response::new(pb::NodeStateResponse {
             id,
             gateway_state: state.to_string(),
@@ -233,6 +237,19 @@ fn child_info(child: &ChildSa) -> pb::ChildSaInfo {
 }
 
 /// An SA as operators see it: everything but key material.
+/// How long `Snapshot` waits for the build it asked for.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
+
+fn snapshot_info(s: SnapshotRecord) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        index: s.index,
+        ike_sas: s.sas,
+        bytes: s.bytes,
+        ms: s.ms,
+        lock_ms: s.lock_ms,
+    }
+}
+
 pub fn sa_info(sa: &IkeSa) -> pb::SaInfo {
     let response_hash = sa.last_response.as_ref().map(|r| {
         let mut hash = Sha256::new();
@@ -299,102 +316,158 @@ impl Admin for AdminService {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let replication = metrics.replication.clone().unwrap_or_default();
 
-        let state = self.node.state.read();
-        let mut owned: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for sa in state.sas() {
-            *owned.entry(sa.owner).or_default() += 1;
-        }
-        let members = membership
-            .nodes()
-            .map(|(id, member)| {
-                let voter = voters.contains(id);
-                pb::Member {
-                    id: *id,
-                    raft_addr: member.raft_addr.clone(),
-                    admin_addr: member.admin_addr.clone(),
-                    voter,
-                    role: if metrics.current_leader == Some(*id) {
-                        "leader".into()
-                    } else if voter {
-                        "follower".into()
-                    } else {
-                        "learner".into()
-                    },
-                    gateway_state: state_name(state.nodes().get(id).map(|r| r.state)),
-                    matched_index: replication
-                        .get(id)
-                        .map(|m| m.as_ref().map_or(0, |l| l.index)),
-                    owned_sas: owned.get(id).copied().unwrap_or(0),
-                    slots: state.slots().count_for(*id) as u32,
-                    silence_ms: Some(
-                        self.node
-                            .liveness
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .silence_ms(*id, self.node.gate.now_ms()),
-                    ),
-                }
-            })
-            .collect();
-        let leader_admin_addr = metrics
-            .current_leader
-            .and_then(|l| membership.get_node(&l))
-            .map(|m| m.admin_addr.clone())
-            .unwrap_or_default();
-        Ok(Response::new(pb::StatusResponse {
-            node_id: self.node.id,
-            role: role_name(metrics.state, voters.contains(&self.node.id)).into(),
-            leader_id: metrics.current_leader,
-            leader_admin_addr,
-            term: metrics.current_term,
-            members,
-            last_log_index: metrics.last_log_index.unwrap_or(0),
-            committed_index: metrics.local_committed.as_ref().map_or(0, |l| l.index),
-            last_applied_index: state.applied_index(),
-            snapshot_index: metrics.snapshot.as_ref().map_or(0, |l| l.index),
-            ike_sas: state.sa_count() as u64,
-            child_sas: state.child_count() as u64,
-            state_digest: if include_digest {
-                self.digest_of(&state)
-            } else {
-                String::new()
-            },
-            recovered_applied_index: self.node.recovered.applied_index,
-            recovered_digest: if include_digest {
-                self.node.recovered.digest.clone()
-            } else {
-                String::new()
-            },
-            addresses: state.addresses().len() as u64,
-            fenced: fence.is_some(),
-            fence_reason: fence.map(|r| format!("{r:?}")).unwrap_or_default(),
-            dataplane: if self.node.config.dataplane.backend.is_empty() {
-                "none".into()
-            } else {
-                self.node.config.dataplane.backend.clone()
-            },
-            running_children: self.node.running_children.load(Ordering::Relaxed),
-            lease_commits: self.node.lease_commits.load(Ordering::Relaxed),
-            active_key_id: state.keys().active().0,
-            // O(live keys): the per-key counts are kept by `apply`.
-            key_blobs: state
-                .keys()
-                .live()
-                .map(|key| pb::KeyBlobs {
-                    key_id: key.0,
-                    blobs: state.keys().blobs_under(key),
-                    sas: state.keys().sas_with(key),
+        // Everything under one short hold of the state's lock; the digest (if not cached) is
+        // hashed from a copy after it.
+        let (mut response, digest) = {
+            let state = self.node.state.read();
+            let members = membership
+                .nodes()
+                .map(|(id, member)| {
+                    let voter = voters.contains(id);
+                    pb::Member {
+                        id: *id,
+                        raft_addr: member.raft_addr.clone(),
+                        admin_addr: member.admin_addr.clone(),
+                        voter,
+                        role: if metrics.current_leader == Some(*id) {
+                            "leader".into()
+                        } else if voter {
+                            "follower".into()
+                        } else {
+                            "learner".into()
+                        },
+                        gateway_state: state_name(state.nodes().get(id).map(|r| r.state)),
+                        matched_index: replication
+                            .get(id)
+                            .map(|m| m.as_ref().map_or(0, |l| l.index)),
+                        owned_sas: state.owned_count(*id) as u64,
+                        slots: state.slots().count_for(*id) as u32,
+                        silence_ms: Some(
+                            self.node
+                                .liveness
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .silence_ms(*id, self.node.gate.now_ms()),
+                        ),
+                    }
                 })
-                .collect(),
-            unkeyed_blobs: state.keys().opaque_blobs(),
-            retired_key_ids: state.keys().retired().iter().map(|k| k.0).collect(),
-            keyring_key_ids: self
-                .node
-                .keyring
-                .as_ref()
-                .map(|k| k.ids().into_iter().map(|id| id.0).collect())
-                .unwrap_or_default(),
-        }))
+                .collect();
+            let leader_admin_addr = metrics
+                .current_leader
+                .and_then(|l| membership.get_node(&l))
+                .map(|m| m.admin_addr.clone())
+                .unwrap_or_default();
+            let snapshots = self.node.state.snapshot_stats();
+            let response = pb::StatusResponse {
+                node_id: self.node.id,
+                role: role_name(metrics.state, voters.contains(&self.node.id)).into(),
+                leader_id: metrics.current_leader,
+                leader_admin_addr,
+                term: metrics.current_term,
+                members,
+                last_log_index: metrics.last_log_index.unwrap_or(0),
+                committed_index: metrics.local_committed.as_ref().map_or(0, |l| l.index),
+                last_applied_index: state.applied_index(),
+                snapshot_index: metrics.snapshot.as_ref().map_or(0, |l| l.index),
+                purged_index: metrics.purged.as_ref().map_or(0, |l| l.index),
+                ike_sas: state.sa_count() as u64,
+                child_sas: state.child_count() as u64,
+                // filled in below, once the guard is let go
+                state_digest: String::new(),
+                recovered_applied_index: self.node.recovered.applied_index,
+                recovered_digest: if include_digest {
+                    self.node.recovered.digest.clone()
+                } else {
+                    String::new()
+                },
+                addresses: state.addresses().len() as u64,
+                fenced: fence.is_some(),
+                fence_reason: fence.map(|r| format!("{r:?}")).unwrap_or_default(),
+                dataplane: if self.node.config.dataplane.backend.is_empty() {
+                    "none".into()
+                } else {
+                    self.node.config.dataplane.backend.clone()
+                },
+                running_children: self.node.running_children.load(Ordering::Relaxed),
+                lease_commits: self.node.lease_commits.load(Ordering::Relaxed),
+                active_key_id: state.keys().active().0,
+                // O(live keys): the per-key counts are kept by `apply`.
+                key_blobs: state
+                    .keys()
+                    .live()
+                    .map(|key| pb::KeyBlobs {
+                        key_id: key.0,
+                        blobs: state.keys().blobs_under(key),
+                        sas: state.keys().sas_with(key),
+                    })
+                    .collect(),
+                unkeyed_blobs: state.keys().opaque_blobs(),
+                retired_key_ids: state.keys().retired().iter().map(|k| k.0).collect(),
+                keyring_key_ids: self
+                    .node
+                    .keyring
+                    .as_ref()
+                    .map(|k| k.ids().into_iter().map(|id| id.0).collect())
+                    .unwrap_or_default(),
+                snapshot_loaded: snapshots.loaded.map(snapshot_info),
+                snapshot_built: snapshots.built.map(snapshot_info),
+                snapshot_installed: snapshots.installed.map(snapshot_info),
+                uptime_ms: self.node.started.elapsed().as_millis() as u64,
+            };
+            let digest = include_digest.then(|| self.cached_digest(&state));
+            (response, digest)
+        };
+        response.state_digest = match digest {
+            None => String::new(),
+            Some(Ok(cached)) => cached,
+            Some(Err((index, copy))) => self.digest_of(index, copy).await?,
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn snapshot(
+        &self,
+        _request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let before = self.node.state.snapshot_stats().built;
+        let applied = self.node.state.read().applied_index();
+        let done = |built: Option<SnapshotRecord>| {
+            built.filter(|b| b.index >= applied && Some(*b) != before)
+        };
+        if let Some(b) = before.filter(|b| b.index >= applied) {
+            // Nothing applied since the last one.
+            return Ok(Response::new(pb::SnapshotResponse {
+                node_id: self.node.id,
+                snapshot: Some(snapshot_info(b)),
+            }));
+        }
+        self.node
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::internal(format!("Raft refused to build a snapshot: {e}")))?;
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            if let Some(built) = done(self.node.state.snapshot_stats().built) {
+                tracing::info!(
+                    index = built.index,
+                    ms = built.ms,
+                    "snapshot built on request"
+                );
+                return Ok(Response::new(pb::SnapshotResponse {
+                    node_id: self.node.id,
+                    snapshot: Some(snapshot_info(built)),
+                }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "no snapshot at index {applied} or later after {} s (see the node's log)",
+                    SNAPSHOT_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn rotate_key(
@@ -639,13 +712,10 @@ impl Admin for AdminService {
             .filter(|(_, r)| r.state == NodeState::Active)
             .map(|(id, _)| *id)
             .collect();
-        let mut owned_before: std::collections::HashMap<u64, u64> =
-            active.iter().map(|n| (*n, 0)).collect();
-        for sa in state.sas() {
-            if let Some(count) = owned_before.get_mut(&sa.owner) {
-                *count += 1;
-            }
-        }
+        let owned_before: std::collections::HashMap<u64, u64> = active
+            .iter()
+            .map(|n| (*n, state.owned_count(*n) as u64))
+            .collect();
         let total: u64 = owned_before.values().sum();
         let share = total / (active.len().max(1) as u64);
         let moves_planned = owned_before
@@ -688,19 +758,22 @@ impl Admin for AdminService {
         } else {
             parse_sa_id(&request.page_token)?
         };
+        // One page under the lock, whatever the number of SAs: an owner's SAs come from the
+        // owner index, not from a filtered walk over everyone's.
         let state = self.node.state.read();
-        let mut selected = state
-            .sas_from(start)
-            .filter(|sa| request.owner.is_none_or(|o| sa.owner == o));
+        let (mut selected, total): (Box<dyn Iterator<Item = &IkeSa>>, u64) = match request.owner {
+            None => (Box::new(state.sas_from(start)), state.sa_count() as u64),
+            Some(owner) => (
+                Box::new(state.sas_owned_by_from(owner, start)),
+                state.owned_count(owner) as u64,
+            ),
+        };
         let sas: Vec<pb::SaInfo> = selected.by_ref().take(page_size).map(sa_info).collect();
         let next_page_token = selected
             .next()
             .map(|sa| sa.id.to_string())
             .unwrap_or_default();
-        let total = match request.owner {
-            None => state.sa_count() as u64,
-            Some(owner) => state.sas().filter(|sa| sa.owner == owner).count() as u64,
-        };
+        drop(selected);
         Ok(Response::new(pb::ListSasResponse {
             sas,
             next_page_token,

@@ -145,6 +145,9 @@ pub struct Node {
     /// Whether this node checked its data directory in with its peers and takes part in Raft;
     /// until then its Raft RPCs and pings are refused both ways.
     pub joined: Arc<AtomicBool>,
+    /// When this process started opening its data directory: what `Status.uptime_ms` counts
+    /// from (how long a restart took to serve again).
+    pub started: std::time::Instant,
 }
 
 /// What a node found in its data directory at start: a restart after SIGKILL must reproduce the
@@ -189,6 +192,7 @@ pub fn now_ms() -> u64 {
 impl Node {
     /// Opens the data directory and starts the Raft member (not yet serving RPCs).
     pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
+        let started = std::time::Instant::now();
         create_private_dir(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
@@ -304,6 +308,7 @@ impl Node {
             recovered,
             identity: Mutex::new(identity),
             joined,
+            started,
         }))
     }
 

@@ -67,7 +67,9 @@ pub use sa::{
 };
 pub use selectors::SelectorIndex;
 pub use state::{State, apply};
-pub use state_machine::{StateGuard, StateMachineStore, StateReader};
+pub use state_machine::{
+    SnapshotRecord, SnapshotStats, StateGuard, StateMachineStore, StateReader,
+};
 pub use tombstones::{NEVER, SaTombstone, SpiTombstone, Tombstones};
 pub use types::{Member, TypeConfig, raft};
 

@@ -131,6 +131,20 @@ impl State {
             .filter_map(|id| self.sas.get(id))
     }
 
+    /// The SAs `node` owns with an id at or above `start`, in id order: O(log n) plus those
+    /// SAs (an owner's page of an admin listing).
+    pub fn sas_owned_by_from(
+        &self,
+        node: NodeId,
+        start: SaId,
+    ) -> impl DoubleEndedIterator<Item = &IkeSa> {
+        self.owners
+            .get(&node)
+            .into_iter()
+            .flat_map(move |ids| ids.range(start..))
+            .filter_map(|id| self.sas.get(id))
+    }
+
     /// How many SAs `node` owns. O(log nodes).
     pub fn owned_count(&self, node: NodeId) -> usize {
         self.owners.get(&node).map_or(0, OrdSet::len)

@@ -55,6 +55,34 @@ struct LockHolds {
     write_us: AtomicU64,
 }
 
+/// One snapshot this node loaded, built or installed: what an operator (and the scale
+/// benchmark) reads to see what a snapshot costs at the current number of SAs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The log index the snapshot holds the state at.
+    pub index: u64,
+    /// IKE SAs in it.
+    pub sas: u64,
+    /// Its encoded size.
+    pub bytes: u64,
+    /// How long it took, end to end: built (copied, encoded, written, fsynced); installed
+    /// (decoded, checked, swapped in, written); loaded at start (read, decoded, checked).
+    pub ms: u64,
+    /// How long the state's lock was held for it: the copy (built) or the swap (installed).
+    pub lock_ms: u64,
+}
+
+/// The last snapshot of each kind, since this process started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Read from the data directory when the state machine opened.
+    pub loaded: Option<SnapshotRecord>,
+    /// Built by this node (its periodic snapshot, or one an operator asked for).
+    pub built: Option<SnapshotRecord>,
+    /// Received from the leader and installed (this node lagged behind the kept log).
+    pub installed: Option<SnapshotRecord>,
+}
+
 /// Read access to the applied state, for the node's services. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StateReader {
@@ -63,6 +91,7 @@ pub struct StateReader {
     data_plane: Arc<AtomicU64>,
     feed: Arc<Mutex<ChangeFeed>>,
     holds: Arc<LockHolds>,
+    snapshots: Arc<Mutex<SnapshotStats>>,
 }
 
 /// A read guard on the applied state. Dropping it records how long it was held.
@@ -131,6 +160,11 @@ impl StateReader {
             .placement_changed_at()
     }
 
+    /// The snapshots this node loaded, built and installed last.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        *self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The longest read and write holds of the state's lock (µs) since the last call: how long
     /// `apply` (or a reader) may have waited. Resets both.
     pub fn take_longest_holds(&self) -> (u64, u64) {
@@ -163,6 +197,7 @@ pub struct StateMachineStore {
     data_plane: Arc<AtomicU64>,
     feed: Arc<Mutex<ChangeFeed>>,
     holds: Arc<LockHolds>,
+    snapshots: Arc<Mutex<SnapshotStats>>,
     snapshot_path: PathBuf,
 }
 
@@ -177,10 +212,19 @@ impl std::fmt::Debug for StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine kept in `dir`, loading the last snapshot if there is one.
     pub fn open(dir: &Path) -> io::Result<Self> {
+        let started = Instant::now();
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let mut applied = AppliedState::default();
+        let mut stats = SnapshotStats::default();
         if let Some(stored) = read_snapshot(&snapshot_path)? {
             applied = restore(&stored.meta, &stored.data)?;
+            stats.loaded = Some(SnapshotRecord {
+                index: applied.last_applied.as_ref().map_or(0, |id| id.index),
+                sas: applied.state.sa_count() as u64,
+                bytes: stored.data.len() as u64,
+                ms: started.elapsed().as_millis() as u64,
+                lock_ms: 0,
+            });
         }
         let index = applied.last_applied.as_ref().map_or(0, |id| id.index);
         let (applied_tx, applied_rx) = watch::channel(index);
@@ -191,6 +235,7 @@ impl StateMachineStore {
             data_plane: Arc::new(AtomicU64::new(index)),
             feed: Arc::new(Mutex::new(ChangeFeed::new(index, FEED_CAPACITY))),
             holds: Arc::default(),
+            snapshots: Arc::new(Mutex::new(stats)),
             snapshot_path,
         })
     }
@@ -203,7 +248,12 @@ impl StateMachineStore {
             data_plane: self.data_plane.clone(),
             feed: self.feed.clone(),
             holds: self.holds.clone(),
+            snapshots: self.snapshots.clone(),
         }
+    }
+
+    fn record_snapshot(&self, update: impl FnOnce(&mut SnapshotStats)) {
+        update(&mut self.snapshots.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
@@ -293,6 +343,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let copied_ms = started.elapsed().as_millis() as u64;
         let path = self.snapshot_path.clone();
         let sas = state.sa_count();
+        let index = meta.last_log_id.as_ref().map_or(0, |id| id.index);
         let stored = tokio::task::spawn_blocking(move || {
             let stored = StoredSnapshot {
                 meta,
@@ -303,12 +354,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(io_err)??;
+        let record = SnapshotRecord {
+            index,
+            sas: sas as u64,
+            bytes: stored.data.len() as u64,
+            ms: started.elapsed().as_millis() as u64,
+            lock_ms: copied_ms,
+        };
+        self.record_snapshot(|stats| stats.built = Some(record));
         tracing::info!(
             last_log_id = ?stored.meta.last_log_id,
-            bytes = stored.data.len(),
+            bytes = record.bytes,
             sas,
             copied_ms,
-            ms = started.elapsed().as_millis() as u64,
+            ms = record.ms,
             "built snapshot"
         );
         Ok(Snapshot {
@@ -398,6 +457,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
         let sas = restored.state.sa_count();
+        let bytes = data.len() as u64;
+        let swap_started = Instant::now();
         let replaced = {
             let mut applied = self.write();
             let replaced = std::mem::replace(&mut *applied, restored);
@@ -408,16 +469,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             replaced
         };
         // Freeing the old state's records is not free either: not under the lock.
+        let lock_ms = swap_started.elapsed().as_millis() as u64;
         tokio::task::spawn_blocking(move || drop(replaced));
         self.data_plane.store(index, Ordering::Release);
         self.applied_tx.send_replace(index);
         let applied_ms = started.elapsed().as_millis() as u64;
         self.save_snapshot(meta, data).await?;
+        let record = SnapshotRecord {
+            index,
+            sas: sas as u64,
+            bytes,
+            ms: started.elapsed().as_millis() as u64,
+            lock_ms,
+        };
+        self.record_snapshot(|stats| stats.installed = Some(record));
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             sas,
             applied_ms,
-            ms = started.elapsed().as_millis() as u64,
+            ms = record.ms,
             "installed snapshot"
         );
         Ok(())

@@ -166,12 +166,12 @@ impl OwnerRuntime {
     }
 
     /// Reconciles the running children with the whole applied state: at start, and whenever the
-    /// change feed cannot say what changed. O(SAs).
+    /// change feed cannot say what changed. O(SAs this node owns).
     pub fn on_state(&mut self, state: &State, now_ms: u64, keys: &dyn KeyOpener) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut known = BTreeMap::new();
         let me = self.me;
-        for sa in state.sas().filter(|sa| sa.owner == me) {
+        for sa in state.sas_owned_by(me) {
             self.reconcile_sa(sa.id, Some(sa), now_ms, keys, &mut actions);
             known.insert(sa.id, sa.epoch);
         }
