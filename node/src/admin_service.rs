@@ -57,11 +57,11 @@ impl AdminService {
     fn cached_digest(
         &self,
         state: &evpc_raft_store::StateGuard<'_>,
-    ) -> Result<String, (u64, evpc_raft_store::State)> {
+    ) -> Result<String, Box<(u64, evpc_raft_store::State)>> {
         let index = state.applied_index();
         match &*self.digest.lock().unwrap_or_else(|e| e.into_inner()) {
             Some((at, digest)) if *at == index => Ok(digest.clone()),
-            _ => Err((index, (**state).clone())),
+            _ => Err(Box::new((index, (**state).clone()))),
         }
     }
 
@@ -420,7 +420,10 @@ impl Admin for AdminService {
         response.state_digest = match digest {
             None => String::new(),
             Some(Ok(cached)) => cached,
-            Some(Err((index, copy))) => self.digest_of(index, copy).await?,
+            Some(Err(copy)) => {
+                let (index, copy) = *copy;
+                self.digest_of(index, copy).await?
+            }
         };
         Ok(Response::new(response))
     }
