@@ -183,6 +183,11 @@ struct ClusterResult {
     flood: Vec<FloodResult>,
     /// Snapshot build, install and restart with the SAs in the state (main cluster only).
     snapshots: Option<SnapshotPhase>,
+    /// From the first setup until the snapshot phase's kills, as the nodes logged them: times
+    /// the leader declared a node down and took its SAs over, and times a node fenced itself.
+    /// A busy but healthy cluster must do neither.
+    takeovers_logged: usize,
+    fences_logged: usize,
     /// SAs in the replicated state at the end, by owner.
     sas_by_owner: BTreeMap<u64, u64>,
 }
@@ -1206,6 +1211,11 @@ async fn measure_cluster(
         Some(Arc::new(flood_namespace(&lab)?))
     };
     let flood_in = flood_ns.clone();
+    let log_marks: Vec<(u64, usize)> = lab
+        .alive_ids()
+        .into_iter()
+        .map(|id| (id, lab.log(id).len()))
+        .collect();
     let (setup, dpd_idle, dpd_loaded, dpd_failed, flood_results, mut snapshots) =
         in_namespace(lab.client_ns(), move || async move {
             let mut initiators = Initiators::new(CLUSTER).await?;
@@ -1295,6 +1305,13 @@ async fn measure_cluster(
         })
         .await?;
     drop(flood_ns);
+    let (mut takeovers_logged, mut fences_logged) = (0, 0);
+    for (id, mark) in &log_marks {
+        let log = lab.log(*id);
+        let since = log.get(*mark..).unwrap_or("");
+        takeovers_logged += since.matches("taking over the SAs of silent nodes").count();
+        fences_logged += since.matches("data plane fenced").count();
+    }
     // 6. A follower that lags past the leader's log, and a plain restart of the other one.
     if let Some(phase) = &mut snapshots {
         let leader = lab.admin()?.follow_leader().await?.leader_id;
@@ -1332,6 +1349,8 @@ async fn measure_cluster(
         dpd_failed,
         flood: flood_results,
         snapshots,
+        takeovers_logged,
+        fences_logged,
         sas_by_owner,
     };
     Ok((result, baseline))
@@ -1451,6 +1470,13 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
                 args.max_flood_dpd_ratio
             ));
         }
+    }
+    if main.takeovers_logged > 0 || main.fences_logged > 0 {
+        failures.push(format!(
+            "a busy cluster failed itself: {} takeovers of silent nodes and {} fences logged \
+             during the setups, DPDs and floods",
+            main.takeovers_logged, main.fences_logged
+        ));
     }
     if main.setup.rate_ratio_to_first_window < args.min_rate_ratio {
         failures.push(format!(
