@@ -36,7 +36,6 @@ pub mod peers;
 pub mod pinger;
 pub mod pki;
 pub mod placement;
-pub mod probe;
 pub mod raft_network;
 pub mod reconciler;
 pub mod resealer;
