@@ -25,7 +25,6 @@ pub mod backend;
 pub mod cluster_service;
 pub mod config;
 pub mod data_dir;
-pub mod exchange;
 pub mod housekeeping;
 pub mod ike_gateway;
 pub mod local;
