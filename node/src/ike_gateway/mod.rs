@@ -67,7 +67,6 @@
 
 mod actor;
 pub mod commit;
-pub mod lab;
 #[doc(hidden)]
 pub mod machine;
 pub mod mapping;
