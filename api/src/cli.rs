@@ -409,7 +409,7 @@ fn security(cli: &Cli) -> anyhow::Result<crate::Security> {
         (_, _, _, true) => anyhow::bail!("--insecure-plaintext with certificates: choose one"),
         _ => anyhow::bail!(
             "the cluster's admin API runs mutual TLS: give --cacert, --cert and --key (or \
-             EVPC_CACERT, EVPC_CERT, EVPC_KEY), as `evpc-node local` prints them; \
+             EVPC_CACERT, EVPC_CERT, EVPC_KEY), as `evpc-chaos local` prints them; \
              --insecure-plaintext only for a cluster with insecure_plaintext = true"
         ),
     }

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use evpc_api::AdminClient;
-use evpc_node::local::{LocalCluster, ProcessCluster};
 use evpc_node::pki::Role;
 use evpc_raft_store::Command;
+use evpc_testkit::local::{LocalCluster, ProcessCluster};
 use serde::Serialize;
 
 use crate::stats::Percentiles;

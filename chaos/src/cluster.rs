@@ -1,10 +1,10 @@
-//! Where the runner finds the node binary; the cluster itself is `evpc_node::local::ProcessCluster`.
+//! Where the runner finds the node binary; the cluster itself is `evpc_testkit::local::ProcessCluster`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-pub use evpc_node::local::{LocalCluster, ProcessCluster};
+pub use evpc_testkit::local::{LocalCluster, ProcessCluster};
 
 /// Finds the `evpc-node` binary: `--node-bin`, else next to this executable.
 pub fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use evpc_node::probe::{UsedRange, decode};
+use evpc_dataplane::probe::{UsedRange, decode};
 use evpc_raft_store::{Command, Epoch, NodeId, Rejection, SaId, SaUpdate};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;

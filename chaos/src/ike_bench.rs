@@ -1,7 +1,7 @@
 //! `evpc-chaos ike-bench`: IKE SA setups per second against a real evpc cluster, and the latency
 //! commit-before-respond adds to an exchange (needs root).
 //!
-//! Setup: the ClusterIP lab of `evpc_node::ike_gateway::lab` — node processes each in a network
+//! Setup: the ClusterIP lab of `evpc_testkit::lab` — node processes each in a network
 //! namespace on one bridge, every node receiving every packet for the cluster address, only the
 //! owner answering — and, in the client namespace, one thread running many initiators of the
 //! `evpc-ike` crate over two UDP sockets (ports 500 and 4500; NAT-T forced, as a road warrior
@@ -53,8 +53,8 @@ use evpc_ike::{
     Accepted, Config, ConnectOptions, Datagram, Endpoint, Event, IkeSa, InnerAddress, Outcome,
     Secret, TrafficSelector,
 };
-use evpc_node::ike_gateway::lab::{CLIENT, CLUSTER, Lab, LabSpec};
 use evpc_node::ike_gateway::{IkeSettings, PskSecret, PskSetting};
+use evpc_testkit::lab::{CLIENT, CLUSTER, Lab, LabSpec};
 use rand::RngCore;
 use serde::Serialize;
 use tokio::net::UdpSocket;
@@ -1142,7 +1142,7 @@ fn flood_namespace(lab: &Lab) -> anyhow::Result<NetNs> {
         "replace",
         &CLUSTER.to_string(),
         "lladdr",
-        evpc_node::ike_gateway::lab::CLUSTER_MAC,
+        evpc_testkit::lab::CLUSTER_MAC,
         "dev",
         "e0",
         "nud",

@@ -1,4 +1,5 @@
-//! `evpc-chaos`: benchmarks and fault campaigns against real evpc node processes.
+//! `evpc-chaos`: benchmarks and fault campaigns against real evpc node processes, and `local`, a
+//! cluster of them on loopback to try evpc out.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -27,18 +28,35 @@ struct Cli {
     /// The evpc-node binary (default: next to this one).
     #[arg(long, global = true)]
     node_bin: Option<PathBuf>,
-    /// Directory for the nodes' data (default: a temporary directory, removed at the end).
+    /// Directory for the nodes' data (default: a temporary directory, removed at the end; for
+    /// `local`: evpc-local, reused if it exists).
     #[arg(long, global = true)]
     dir: Option<PathBuf>,
-    /// Node i listens on BASE+i (Raft) and BASE+100+i (admin).
-    #[arg(long, global = true, default_value_t = 7400)]
-    base_port: u16,
+    /// Node i listens on BASE+i (Raft) and BASE+100+i (admin) (default: 7400; for `local`: 7100).
+    #[arg(long, global = true, value_name = "BASE_PORT")]
+    base_port: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--base-port` of the benchmarks and campaigns.
+const BASE_PORT: u16 = 7400;
+/// `--base-port` of `local`.
+const LOCAL_BASE_PORT: u16 = 7100;
+/// `--dir` of `local`.
+const LOCAL_DIR: &str = "evpc-local";
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a cluster of N nodes on loopback as child processes, until SIGINT or SIGTERM.
+    Local {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Run the nodes without TLS, authenticating nobody (a lab only; logged).
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
     /// Userspace ESP throughput: TUN → ESP → UDP → ESP → TUN across two network namespaces
     /// (needs root).
     EspBench(esp_bench::Args),
@@ -155,10 +173,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         return esp_bench::run(args).await;
     }
     let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
+    let base_port = cli.base_port.unwrap_or(BASE_PORT);
     match cli.command {
         Command::EspBench(_) => unreachable!("handled above"),
+        Command::Local {
+            nodes,
+            insecure_plaintext,
+        } => {
+            let dir = cli.dir.unwrap_or_else(|| PathBuf::from(LOCAL_DIR));
+            let mut spec =
+                cluster::LocalCluster::new(nodes, dir, cli.base_port.unwrap_or(LOCAL_BASE_PORT));
+            spec.insecure_plaintext = insecure_plaintext;
+            evpc_testkit::local::run(spec, node_bin).await?;
+            Ok(true)
+        }
         Command::IkeBench(args) => ike_bench::run(args, node_bin).await,
-        Command::AdminFlood(args) => admin_flood::run(args, node_bin, cli.dir, cli.base_port).await,
+        Command::AdminFlood(args) => admin_flood::run(args, node_bin, cli.dir, base_port).await,
         Command::Failover {
             nodes,
             sas,
@@ -187,7 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 progress: !json || std::io::stderr().is_terminal(),
                 insecure_plaintext,
             };
-            let report = failover::run(options, node_bin, cli.dir, cli.base_port).await?;
+            let report = failover::run(options, node_bin, cli.dir, base_port).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -242,12 +272,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             if let Some(rounds) = compare_plaintext {
                 let comparison =
-                    store_bench::compare_plaintext(options, rounds, node_bin, cli.base_port)
-                        .await?;
+                    store_bench::compare_plaintext(options, rounds, node_bin, base_port).await?;
                 println!("{}", serde_json::to_string_pretty(&comparison)?);
                 return Ok(comparison.all_passed);
             }
-            let report = store_bench::run(options, node_bin, cli.dir, cli.base_port).await?;
+            let report = store_bench::run(options, node_bin, cli.dir, base_port).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

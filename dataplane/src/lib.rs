@@ -22,6 +22,7 @@
 pub mod ike;
 pub mod metrics;
 pub mod netns;
+pub mod probe;
 pub mod selector;
 pub mod userspace;
 pub mod xfrm;

@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use evpc_dataplane::SaDriver;
 use evpc_dataplane::ike::{IkeReceiver, IkeSocket};
+use evpc_dataplane::probe::{ProbeDriver, Traffic};
 use evpc_dataplane::userspace::{TunConfig, UserspaceConfig, UserspaceDriver};
 use evpc_dataplane::xfrm::{ReqidRange, XfrmConfig, XfrmDriver};
 
 use crate::config::{DataplaneConfig, parse_prefix};
 use crate::node::Node;
-use crate::probe::{ProbeDriver, Traffic};
 
 /// A running data plane.
 pub struct Backend {

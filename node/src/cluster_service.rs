@@ -296,7 +296,7 @@ impl Cluster for ClusterService {
     }
 
     /// Answers a peer's ping. Being pinged is not contact (only a round trip of this node's own
-    /// pings is, see [`crate::pinger`]); the answer lets the peer count the round trip. A node
+    /// pings is, see [`crate::ownership::pinger_task`]); the answer lets the peer count the round trip. A node
     /// that is starting or whose Raft core stopped does not answer, so it is failed over.
     async fn ping(&self, request: Request<PingMessage>) -> Result<Response<PingMessage>, Status> {
         self.require_in_service()?;
@@ -305,7 +305,9 @@ impl Cluster for ClusterService {
             return Err(Status::invalid_argument(format!("ping from node {from}")));
         }
         self.sender(&request, from, "Ping")?;
-        Ok(Response::new(crate::pinger::message(&self.node)))
+        Ok(Response::new(crate::ownership::pinger_task::message(
+            &self.node,
+        )))
     }
 
     async fn read_index(

@@ -16,8 +16,9 @@
 //!  reconciler (leader only): node registry + balanced slot map follow the Raft membership
 //! ```
 //!
-//! `evpc-node run --config node.toml` runs one node; `evpc-node local --nodes N` runs a whole
-//! cluster of child processes on loopback.
+//! `evpc-node run --config node.toml` runs one node; `evpc-node pki ...` issues the cluster's
+//! certificates. A whole cluster of node processes on loopback is the test kit's
+//! (`evpc_testkit::local`, run by `evpc-chaos local --nodes N`), not the daemon's.
 
 pub mod admin_guard;
 pub mod admin_service;
@@ -25,20 +26,13 @@ pub mod backend;
 pub mod cluster_service;
 pub mod config;
 pub mod data_dir;
-pub mod exchange;
 pub mod housekeeping;
 pub mod ike_gateway;
-pub mod local;
 pub mod node;
-pub mod owner;
 pub mod ownership;
 pub mod peers;
-pub mod pinger;
 pub mod pki;
-pub mod placement;
-pub mod probe;
 pub mod raft_network;
-pub mod reconciler;
 pub mod resealer;
 pub mod rotation;
 pub mod sealing;

@@ -1,4 +1,5 @@
-//! `evpc-node`: run one gateway node, or a local cluster of them.
+//! `evpc-node`: run one gateway node, or issue the cluster's certificates. (`evpc-chaos local`
+//! runs a whole cluster of them on loopback.)
 
 use std::path::PathBuf;
 
@@ -9,7 +10,6 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use evpc_node::config::NodeConfig;
-use evpc_node::local::LocalCluster;
 
 /// An evpc gateway node.
 #[derive(Debug, Parser)]
@@ -26,21 +26,6 @@ enum Command {
         /// The node's configuration file.
         #[arg(long, short)]
         config: PathBuf,
-    },
-    /// Run a cluster of N nodes on loopback as child processes, until SIGINT or SIGTERM.
-    Local {
-        /// Number of nodes.
-        #[arg(long, default_value_t = 3)]
-        nodes: u64,
-        /// Directory for the nodes' configs, data and logs (reused if it exists).
-        #[arg(long, default_value = "evpc-local")]
-        dir: PathBuf,
-        /// Node i listens on BASE+i (Raft) and BASE+100+i (admin).
-        #[arg(long, default_value_t = 7100)]
-        base_port: u16,
-        /// Run the nodes without TLS, authenticating nobody (a lab only; logged).
-        #[arg(long)]
-        insecure_plaintext: bool,
     },
     /// The cluster's certificates: a CA, one certificate per node, one per operator.
     #[command(subcommand)]
@@ -137,16 +122,6 @@ fn main() -> std::process::ExitCode {
             Command::Run { config } => {
                 let config = NodeConfig::load(&config)?;
                 evpc_node::server::run(config).await
-            }
-            Command::Local {
-                nodes,
-                dir,
-                base_port,
-                insecure_plaintext,
-            } => {
-                let mut spec = LocalCluster::new(nodes, dir, base_port);
-                spec.insecure_plaintext = insecure_plaintext;
-                evpc_node::local::run(spec).await
             }
             Command::Pki(command) => pki(command),
         }

@@ -349,7 +349,7 @@ impl PkiDir {
     }
 
     /// Creates whatever is missing for a local cluster of `nodes` plus the operator
-    /// `client` with role admin: what `evpc-node local` uses.
+    /// `client` with role admin: what `evpc-chaos local` (`evpc_testkit::local`) uses.
     pub fn ensure_local(&self, nodes: &[NodeId], client: &str) -> Result<(), PkiError> {
         if !self.exists() {
             self.init("local")?;

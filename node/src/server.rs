@@ -11,8 +11,9 @@ use crate::admin_service::AdminService;
 use crate::cluster_service::ClusterService;
 use crate::config::NodeConfig;
 use crate::node::Node;
+use crate::ownership::{owner_task, pinger_task, reconciler_task};
 use crate::peers::MAX_MESSAGE_BYTES;
-use crate::{backend, ike_gateway, owner, pinger, reconciler};
+use crate::{backend, ike_gateway};
 
 /// A node with its servers running.
 pub struct RunningNode {
@@ -81,8 +82,8 @@ impl RunningNode {
                 shutdown.subscribe(),
                 move || admin_server.add_service(admin),
             )?,
-            tokio::spawn(reconciler::run(node.clone(), shutdown.subscribe())),
-            tokio::spawn(pinger::run(node.clone(), shutdown.subscribe())),
+            tokio::spawn(reconciler_task::run(node.clone(), shutdown.subscribe())),
+            tokio::spawn(pinger_task::run(node.clone(), shutdown.subscribe())),
         ];
         if let Some(addr) = node.config.metrics_addr {
             metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -95,7 +96,7 @@ impl RunningNode {
         match backend::start(&node)? {
             Some(backend) => {
                 tracing::info!(backend = backend.driver.name(), "data plane running");
-                tasks.push(tokio::spawn(owner::run(
+                tasks.push(tokio::spawn(owner_task::run(
                     node.clone(),
                     backend.driver.clone(),
                     shutdown.subscribe(),

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use evpc_api::{AdminClient, ClientTls, Security};
-use evpc_node::local::{LOCAL_OPERATOR, LocalCluster, ProcessCluster};
 use evpc_node::pki::{PkiDir, Role};
 use evpc_node::sealing::Keyring;
 use evpc_node::tls::TlsMaterial;
@@ -15,6 +14,7 @@ use evpc_proto::cluster::v1::cluster_client::ClusterClient;
 use evpc_proto::cluster::v1::{InstallKeyRequest, PingMessage, Proposal, RaftMessage};
 use evpc_raft_store::raft::Vote;
 use evpc_raft_store::{Command, SaContext, SaId, TypeConfig};
+use evpc_testkit::local::{LOCAL_OPERATOR, LocalCluster, ProcessCluster};
 use tonic::transport::Channel;
 
 fn exe() -> PathBuf {

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use evpc_api::AdminClient;
 use evpc_node::config::RaftTuning;
-use evpc_node::local::{LocalCluster, ProcessCluster};
 use evpc_node::sealing::{ClusterKey, Keyring};
 use evpc_raft_store::{
     ChildSa, ChildSuite, Epoch, Identity, IkeSa, IkeSuite, KeyId, MessageIds, Role, SaContext,
     SaId, SaTimes, SealedKeys,
 };
+use evpc_testkit::local::{LocalCluster, ProcessCluster};
 
 fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evpc-node"))
@@ -363,13 +363,13 @@ async fn lagging_node_catches_up_by_snapshot_and_membership_changes_online() {
     let config = fourth.node_config(4);
     fourth
         .pki()
-        .ensure_local(&[4], evpc_node::local::LOCAL_OPERATOR)
+        .ensure_local(&[4], evpc_testkit::local::LOCAL_OPERATOR)
         .unwrap();
     let dir = fourth.dir.join("node4");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("node.toml"), toml::to_string(&config).unwrap()).unwrap();
     let mut child =
-        evpc_node::local::spawn_node(&exe(), &dir.join("node.toml"), &dir.join("node.log"))
+        evpc_testkit::local::spawn_node(&exe(), &dir.join("node.toml"), &dir.join("node.log"))
             .unwrap();
     let added = evpcctl(
         &cluster,

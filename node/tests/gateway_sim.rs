@@ -26,7 +26,7 @@ use std::sync::Arc;
 use evpc_ike::wire::{self, ExchangeType, Header, Route};
 use evpc_ike::{Accepted, Config, ConnectOptions, Datagram, Endpoint, IkeSa, Secret};
 use evpc_ike::{IkeSaSnapshot, TrafficSelector as Ts};
-use evpc_node::exchange::{CommitError, Committed};
+use evpc_node::ike_gateway::commit::{CommitError, Committed};
 use evpc_node::ike_gateway::machine::{Action, Params, SaKeys, SaMachine, Sabotage, Start};
 use evpc_node::ike_gateway::mapping::{MappingError, open_snapshot};
 use evpc_node::node::ProposeError;

@@ -463,7 +463,7 @@ impl Sim {
                 .map(|_| self.log.len());
             let node = &mut self.nodes[i];
             // After a restart, the owner runtime waits for a read barrier and for the view to
-            // reach it before it scans anything (see `evpc_node::owner`).
+            // reach it before it scans anything (see `evpc_node::ownership::owner_task`).
             if !node.scanning {
                 if node.start_barrier.is_none() {
                     node.start_barrier = read_index;

@@ -1,7 +1,7 @@
 //! An unmodified strongSwan road warrior against a 3-node evpc cluster, through the owner's
 //! death (needs root and strongSwan; `.ci/run` installs it).
 //!
-//! Topology (`evpc_node::ike_gateway::lab`): a client namespace running charon with
+//! Topology (`evpc_testkit::lab`): a client namespace running charon with
 //! kernel-libipsec (TUN `ipsec0`, ESP in UDP 4500) and three node namespaces on one bridge; the
 //! client maps the cluster address 198.51.100.1 to a multicast MAC, so every node receives
 //! every packet for it and only the SA's owner answers. Each node's TUN `evpc0` holds
@@ -31,7 +31,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use evpc_node::ike_gateway::lab::{Lab, LabSpec};
+use evpc_testkit::lab::{Lab, LabSpec};
 use swan::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,7 +180,7 @@ fn a_node_with_the_userspace_data_plane_carries_udp_both_ways_and_drops_replays(
 
     let dir = tempfile::tempdir().unwrap();
     let pki = evpc_node::pki::PkiDir::new(dir.path().join("pki"));
-    pki.ensure_local(&[1], evpc_node::local::LOCAL_OPERATOR)
+    pki.ensure_local(&[1], evpc_testkit::local::LOCAL_OPERATOR)
         .unwrap();
     let key_file = pki.cluster_key();
     let key = Keyring::load(&key_file)
@@ -188,7 +188,7 @@ fn a_node_with_the_userspace_data_plane_carries_udp_both_ways_and_drops_replays(
         .get(evpc_raft_store::KeyId(1))
         .unwrap();
     let tls = pki.node(1);
-    let operator = pki.client(evpc_node::local::LOCAL_OPERATOR);
+    let operator = pki.client(evpc_testkit::local::LOCAL_OPERATOR);
     let security = evpc_api::Security::Tls(
         evpc_api::ClientTls::load(&operator.ca_file, &operator.cert_file, &operator.key_file)
             .unwrap(),

@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use evpc_node::config::Timeouts;
-use evpc_node::ike_gateway::lab::{CLUSTER, Lab, LabDataplane, LabSpec};
+use evpc_testkit::lab::{CLUSTER, Lab, LabDataplane, LabSpec};
 use evpc_testkit::vm::{self, VmOptions};
 use evpc_testkit::wire::{Capture, EspPacket, format_mac, repeats, wall_now};
 use swan::*;

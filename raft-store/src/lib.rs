@@ -10,6 +10,9 @@
 //! - the **openraft storage**: the log and vote on sled ([`LogStore`]) and the state machine
 //!   with its snapshots ([`StateMachineStore`]), which are files written atomically.
 //!
+//! With the feature `fixture`, `fixture` builds realistic SA records for tests, simulations and
+//! load generators; the daemon does not enable it.
+//!
 //! ```text
 //!  node (proposer)                 openraft                       this crate
 //!  ───────────────                 ────────                       ──────────
@@ -34,6 +37,7 @@
 mod changes;
 mod cluster;
 mod command;
+#[cfg(feature = "fixture")]
 pub mod fixture;
 mod ids;
 mod keys;

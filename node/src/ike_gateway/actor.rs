@@ -1,11 +1,11 @@
 //! One IKE SA on its owner: a thin async task around the pure [`SaMachine`]. It owns the SA's
 //! queue, sleeps until the machine's next deadline, and runs the machine's actions: reads the
-//! state, commits through [`exchange`] (the gated datagrams leave only after the commit
+//! state, commits through [`commit`] (the gated datagrams leave only after the commit
 //! succeeded), sends, routes SPIs, hands out pool addresses, stops.
 //!
 //! ```text
 //!  Input::Datagram ─► on_datagram ─┐                ┌─ Send ───────────────────────► socket
-//!  sleep(next_timeout) ─► on_timeout ┼─► SaMachine ─┼─ Commit ─► exchange::commit_* ─► Raft
+//!  sleep(next_timeout) ─► on_timeout ┼─► SaMachine ─┼─ Commit ─► commit::commit_* ─► Raft
 //!  Input::Reconcile ─► on_state ───┘      ▲         │     Ok ─► gated ─► socket
 //!                                         │         │     └─► on_committed ─┐
 //!                                         └─────────┼─ ReadState / NeedAddress / ...─┘
@@ -24,10 +24,10 @@ use evpc_raft_store::{Command, Epoch, Identity, IkeSa as Record, SaId};
 use rand::RngCore;
 use tokio::sync::mpsc;
 
+use super::commit::{self, CommitError, Committed};
 use super::machine::{self, Action, Params, Proposal, SaKeys, SaMachine};
 use super::mapping::{MappingError, open_snapshot};
 use super::{Handle, Input, Shared};
-use crate::exchange::{self, CommitError, Committed};
 use crate::node::now_ms;
 use crate::sealing::{ClusterKey, SealError};
 
@@ -245,11 +245,11 @@ impl Actor {
     async fn commit(&self, proposal: Proposal) -> Result<Committed, CommitError> {
         let node = &self.shared.node;
         match proposal {
-            Proposal::New(record) => exchange::commit_new_sa(node, *record).await,
+            Proposal::New(record) => commit::commit_new_sa(node, *record).await,
             Proposal::Changes { sa, epoch, updates } => {
-                exchange::commit_changes(node, sa, epoch, updates).await
+                commit::commit_changes(node, sa, epoch, updates).await
             }
-            Proposal::Delete { sa, epoch } => exchange::commit_delete(node, sa, epoch).await,
+            Proposal::Delete { sa, epoch } => commit::commit_delete(node, sa, epoch).await,
         }
     }
 

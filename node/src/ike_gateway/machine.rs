@@ -44,8 +44,8 @@ use evpc_raft_store::{
     Command, Epoch, Identity, IkeSa as Record, NodeId, Rejection, SaId, SaUpdate,
 };
 
+use super::commit::{CommitError, Committed};
 use super::mapping::{Mapper, MappingError};
-use crate::exchange::{CommitError, Committed};
 use crate::sealing::{ClusterKey, SealError};
 
 /// Tries to commit a new SA again after a failure this many times.
@@ -111,9 +111,9 @@ pub enum Start {
 /// What the cluster is asked to commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proposal {
-    /// A new SA (IKE_AUTH done): `exchange::commit_new_sa`.
+    /// A new SA (IKE_AUTH done): `commit::commit_new_sa`.
     New(Box<Record>),
-    /// Changes of an SA in `epoch`: `exchange::commit_changes`.
+    /// Changes of an SA in `epoch`: `commit::commit_changes`.
     Changes {
         /// The SA.
         sa: SaId,
@@ -122,7 +122,7 @@ pub enum Proposal {
         /// The changes, in order.
         updates: Vec<SaUpdate>,
     },
-    /// The SA is gone: `exchange::commit_delete`.
+    /// The SA is gone: `commit::commit_delete`.
     Delete {
         /// The SA.
         sa: SaId,

@@ -627,9 +627,10 @@ mod tests {
         other.id = SaId(record.id.0 ^ 1);
         assert!(open_snapshot(key, &other).is_err());
         let state = state_with(&record);
+        let stored = state.sa(record.id).unwrap().last_response.as_ref().unwrap();
         assert_eq!(
-            crate::exchange::retransmission(&state, record.id, 1),
-            Some(snap.current.last_response.unwrap().datagrams)
+            (stored.msg_id, &stored.datagrams),
+            (1, &snap.current.last_response.unwrap().datagrams)
         );
         drop(pair);
     }

@@ -30,7 +30,7 @@
 //!  one task per IKE SA (actor.rs), one call into the engine at a time:
 //!    engine.handle_datagram / handle_timeout / assign_inner_address ─► Outcome
 //!      1. outcome.send                          ─► socket at once (retransmissions, half-open)
-//!      2. outcome.commit: snapshot ─► mapping ─► exchange::commit_new_sa (IKE_AUTH done:
+//!      2. outcome.commit: snapshot ─► mapping ─► commit::commit_new_sa (IKE_AUTH done:
 //!         record + first child + inner address, one entry) / commit_changes (Update with
 //!         message IDs, exact datagrams, children, times, sealed engine) / commit_delete
 //!         ─► durable on a quorum ─► commit.into_datagrams_after_durable() ─► socket
@@ -66,7 +66,7 @@
 //! bound to the SA id) before it leaves the process, never logged, and zeroized when dropped.
 
 mod actor;
-pub mod lab;
+pub mod commit;
 #[doc(hidden)]
 pub mod machine;
 pub mod mapping;

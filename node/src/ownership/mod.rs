@@ -3,10 +3,21 @@
 //!
 //! - [`liveness`]: the contact table, the fence, failure detection;
 //! - [`planner`]: the leader's placement decisions (takeover, drain, rebalance, slots);
+//! - [`placement`]: the balanced slot map the planner asks for (pure functions);
 //! - [`runtime`]: the owner side — start/stop children, leases, replay checkpoints.
+//!
+//! Each runs in the daemon inside a thin async task beside it, which does the I/O:
+//!
+//! - [`pinger_task`]: pings the voters, feeds [`liveness`], renews the fence gate;
+//! - [`reconciler_task`]: the leader proposes what [`planner`] plans, every heartbeat;
+//! - [`owner_task`]: drives [`runtime`] against this node's data plane.
 
 pub mod liveness;
+pub mod owner_task;
+pub mod pinger_task;
+pub mod placement;
 pub mod planner;
+pub mod reconciler_task;
 pub mod runtime;
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use evpc_raft_store::{Command, NodeId, NodeState, OwnerMove, SaId, State};
 
 use super::liveness::Liveness;
-use crate::placement::plan_slots;
+use super::placement::plan_slots;
 
 /// Planner settings.
 #[derive(Clone, Debug, PartialEq, Eq)]

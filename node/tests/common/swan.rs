@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use evpc_api::AdminClient;
-use evpc_node::ike_gateway::lab::{CLUSTER, Lab};
 use evpc_node::ike_gateway::{IkeSettings, PskSecret, PskSetting};
+use evpc_testkit::lab::{CLUSTER, Lab};
 
 pub const CHARON: &str = "/usr/lib/ipsec/charon";
 pub const GW_INNER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);

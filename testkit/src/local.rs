@@ -1,5 +1,5 @@
-//! `evpc-node local`: a whole cluster of child processes on loopback, for trying evpc out and
-//! for tests. Each node gets its own directory (config, data, log) under `--dir`.
+//! `evpc-chaos local`: a whole cluster of `evpc-node` child processes on loopback, for trying
+//! evpc out and for tests. Each node gets its own directory (config, data, log) under `--dir`.
 //!
 //! Secure by default: the first start creates a PKI in `--dir/pki` (a CA, a certificate per
 //! node, and the operator certificate `local-admin` with the admin role), every node serves
@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
-use crate::config::{
+use evpc_node::config::{
     DataplaneConfig, NodeConfig, OwnershipConfig, PeerConfig, RaftTuning, Timeouts,
 };
 
@@ -48,7 +48,7 @@ pub struct LocalCluster {
     /// TLS costs with it.
     pub insecure_plaintext: bool,
     /// `[limits]` of every node.
-    pub limits: crate::config::Limits,
+    pub limits: evpc_node::config::Limits,
 }
 
 /// The operator certificate `local` creates and prints an `evpcctl` line for.
@@ -127,8 +127,8 @@ impl LocalCluster {
     }
 
     /// The cluster's PKI directory.
-    pub fn pki(&self) -> crate::pki::PkiDir {
-        crate::pki::PkiDir::new(self.dir.join("pki"))
+    pub fn pki(&self) -> evpc_node::pki::PkiDir {
+        evpc_node::pki::PkiDir::new(self.dir.join("pki"))
     }
 
     /// How an operator reaches the nodes: with the `local-admin` certificate, or in plaintext.
@@ -453,10 +453,10 @@ impl ProcessCluster {
         let addr = self.node(id).config.raft_addr.to_string();
         let as_member = id % self.spec.nodes + 1;
         let tls = match &self.node(as_member).config.tls {
-            Some(files) => Some(crate::tls::TlsMaterial::load(files)?),
+            Some(files) => Some(evpc_node::tls::TlsMaterial::load(files)?),
             None => None,
         };
-        let channel = crate::peers::endpoint(&addr, Duration::from_secs(1), tls.as_ref(), id)?
+        let channel = evpc_node::peers::endpoint(&addr, Duration::from_secs(1), tls.as_ref(), id)?
             .timeout(Duration::from_secs(3))
             .connect_lazy();
         Ok(ClusterClient::new(channel).max_decoding_message_size(64 << 20))
@@ -666,9 +666,9 @@ impl ProcessCluster {
     }
 }
 
-/// `evpc-node local`: start, bootstrap, print, wait for a signal, stop.
-pub async fn run(spec: LocalCluster) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the evpc-node executable")?;
+/// `evpc-chaos local`: start the `evpc-node` executable `exe` as each node, bootstrap, print,
+/// wait for a signal, stop.
+pub async fn run(spec: LocalCluster, exe: PathBuf) -> anyhow::Result<()> {
     std::fs::create_dir_all(&spec.dir)
         .with_context(|| format!("creating {}", spec.dir.display()))?;
     let mut cluster = ProcessCluster::launch(spec.clone(), exe).await?;
@@ -688,7 +688,7 @@ pub async fn run(spec: LocalCluster) -> anyhow::Result<()> {
         spec.dir.display()
     );
 
-    let signal = crate::server::wait_for_signal();
+    let signal = evpc_node::server::wait_for_signal();
     tokio::pin!(signal);
     let mut exited = std::collections::BTreeSet::new();
     loop {

@@ -16,10 +16,11 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use evpc_dataplane::{ChildCounters, ChildStart, DriverError, FenceGate, SaDriver};
 use evpc_raft_store::NodeId;
+
+use crate::{ChildCounters, ChildStart, DriverError, FenceGate, SaDriver};
 
 /// Magic at the start of every report.
 pub const MAGIC: &[u8; 8] = b"EVPCPRB2";
@@ -29,6 +30,13 @@ const RECORD: usize = 4 + 8 + 8 + 8;
 pub const RECORDS_PER_DATAGRAM: usize = 42;
 /// How often the probe advances its children.
 const TICK: Duration = Duration::from_millis(5);
+
+/// The wall clock in milliseconds since the Unix epoch (the node's clock, as reports carry it).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// One used range of one child, as reported.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -201,7 +209,7 @@ impl ProbeDriver {
                 let mut batch = Vec::with_capacity(RECORDS_PER_DATAGRAM);
                 while let Some(children) = weak.upgrade() {
                     std::thread::sleep(TICK);
-                    let sent_ms = crate::node::now_ms();
+                    let sent_ms = now_ms();
                     let mut guard = children.lock().unwrap_or_else(|e| e.into_inner());
                     // Checked before anything is used: a node resuming from a pause finds the
                     // gate closed and sends nothing until it hears the cluster again. Packets
@@ -274,9 +282,7 @@ impl SaDriver for ProbeDriver {
                 next: child.next_seq.max(1),
                 limit: child.limit,
                 peer_seq: child.replay_floor,
-                next_packet: self
-                    .traffic
-                    .packets_due(child.in_spi, crate::node::now_ms()),
+                next_packet: self.traffic.packets_due(child.in_spi, now_ms()),
                 counters: ChildCounters {
                     highest_out: child.next_seq.saturating_sub(1),
                     highest_in: child.replay_floor,

@@ -4,22 +4,21 @@
 //! ```text
 //!  request ─► owner's IKE engine ─► (response bytes, state change)
 //!                                       │
-//!                         commit_response / commit_request   (Command::Update, owner's epoch)
+//!        commit_new_sa / commit_changes / commit_delete   (CreateSa, Update, DeleteSa; owner's epoch)
 //!                                       │ committed            │ refused (stale epoch, ...)
 //!                                       ▼                      ▼
 //!                                 send the response      drop it: another node owns the SA
-//!
-//!  retransmitted request (any node that owns the SA now) ─► retransmission(state) ─► stored bytes
 //! ```
+//!
+//! A retransmitted request reaches whichever node owns the SA now; its engine, restored from the
+//! committed record, answers with the stored bytes.
 //!
 //! Every function here returns only once the command is committed (durable on a quorum) and
 //! applied; an error means the response must not be sent. A command from a stale epoch is
 //! refused by the state machine, so an owner that lost the SA cannot commit — and so cannot
 //! answer — anything for it.
 
-use evpc_raft_store::{
-    Applied, Command, Epoch, IkeSa, Rejection, Response, SaId, SaUpdate, State, StoredMessage,
-};
+use evpc_raft_store::{Applied, Command, Epoch, IkeSa, Rejection, Response, SaId, SaUpdate};
 
 use crate::node::{Node, ProposeError};
 
@@ -83,49 +82,6 @@ pub async fn commit_new_sa(node: &Node, sa: IkeSa) -> Result<Committed, CommitEr
     commit(node, Command::CreateSa(Box::new(sa))).await
 }
 
-/// Commits the answer to the peer's request `msg_id` — the exact response datagrams — together
-/// with the state change it makes (`changes`: children created, rekeyed or deleted, new keys,
-/// times), atomically.
-pub async fn commit_response(
-    node: &Node,
-    sa: SaId,
-    epoch: Epoch,
-    msg_id: u32,
-    response: Vec<Vec<u8>>,
-    changes: Vec<SaUpdate>,
-) -> Result<Committed, CommitError> {
-    let mut updates = vec![SaUpdate::PeerRequestAnswered { msg_id, response }];
-    updates.extend(changes);
-    commit(node, Command::Update { sa, epoch, updates }).await
-}
-
-/// Commits a request of our own (DPD, rekey, delete) before it is sent, so a new owner can
-/// resend exactly these bytes.
-pub async fn commit_request(
-    node: &Node,
-    sa: SaId,
-    epoch: Epoch,
-    request: StoredMessage,
-    changes: Vec<SaUpdate>,
-) -> Result<Committed, CommitError> {
-    let mut updates = vec![SaUpdate::LocalRequestStarted(request)];
-    updates.extend(changes);
-    commit(node, Command::Update { sa, epoch, updates }).await
-}
-
-/// Commits the peer's answer to our request `msg_id` and what it changed.
-pub async fn commit_request_completed(
-    node: &Node,
-    sa: SaId,
-    epoch: Epoch,
-    msg_id: u32,
-    changes: Vec<SaUpdate>,
-) -> Result<Committed, CommitError> {
-    let mut updates = vec![SaUpdate::LocalRequestCompleted { msg_id }];
-    updates.extend(changes);
-    commit(node, Command::Update { sa, epoch, updates }).await
-}
-
 /// Commits other changes of an SA (timers, peer activity, keys) that need no message.
 pub async fn commit_changes(
     node: &Node,
@@ -156,59 +112,9 @@ pub async fn commit_delete(node: &Node, sa: SaId, epoch: Epoch) -> Result<Commit
     .await
 }
 
-/// The committed response to resend when the peer retransmits request `msg_id` of `sa`: the
-/// identical datagrams, whichever node committed them. `None` if `msg_id` is not the last
-/// request answered.
-pub fn retransmission(state: &State, sa: SaId, msg_id: u32) -> Option<Vec<Vec<u8>>> {
-    let stored = state.sa(sa)?.last_response.as_ref()?;
-    (stored.msg_id == msg_id).then(|| stored.datagrams.clone())
-}
-
-/// The committed request of ours still waiting for an answer, to resend after a takeover.
-pub fn pending_request(state: &State, sa: SaId) -> Option<StoredMessage> {
-    state.sa(sa)?.pending_request.clone()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evpc_raft_store::apply;
-
-    #[test]
-    fn retransmissions_come_from_the_committed_response_only() {
-        let mut sa = crate::ownership::test_support::sa(9, 0x2000);
-        sa.owner = 1;
-        sa.msg.next_peer_request = 5;
-        let mut state = crate::ownership::test_support::state_with_sa(&sa);
-        assert_eq!(
-            retransmission(&state, SaId(9), 4),
-            None,
-            "nothing answered yet"
-        );
-        apply(
-            &mut state,
-            &Command::Update {
-                sa: SaId(9),
-                epoch: Epoch::FIRST,
-                updates: vec![SaUpdate::PeerRequestAnswered {
-                    msg_id: 5,
-                    response: vec![vec![1, 2, 3], vec![4]],
-                }],
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            retransmission(&state, SaId(9), 5),
-            Some(vec![vec![1, 2, 3], vec![4]])
-        );
-        assert_eq!(
-            retransmission(&state, SaId(9), 4),
-            None,
-            "only the last one"
-        );
-        assert_eq!(retransmission(&state, SaId(8), 5), None);
-        assert_eq!(pending_request(&state, SaId(9)), None);
-    }
 
     #[test]
     fn stale_epochs_surface_as_fenced() {

@@ -10,6 +10,8 @@
 //! [`FenceGate`](evpc_dataplane::FenceGate) until the moment the quorum condition would fail;
 //! if this process stalls (paused, starved), the gate closes by itself.
 //!
+//! [`Liveness`]: super::liveness::Liveness
+//!
 //! Coming back from a fence, contact alone is not enough: while fenced, the node's SAs may have
 //! moved. It reopens only once its owner runtime has acted on a state at least as new as the
 //! leader's read index taken after contact came back (the *barrier*, from cluster.v1

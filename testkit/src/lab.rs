@@ -21,7 +21,7 @@
 //! learns one node's MAC for it. Failover needs no change on the segment at all.
 //!
 //! With [`LabDataplane::Xfrm`] the nodes run the kernel data plane (`backend = "xfrm"`, which
-//! needs a kernel with ESP: see `evpc_testkit::vm`): the inner address sits on a dummy device
+//! needs a kernel with ESP: see [`crate::vm`]): the inner address sits on a dummy device
 //! `evpc0` instead of a TUN, the owner's kernel decrypts what arrives on the cluster socket, and
 //! every other node's kernel drops it (no state for its SPI).
 //!
@@ -40,10 +40,10 @@ use evpc_api::AdminClient;
 use evpc_dataplane::netns::{NetNs, is_root};
 use tokio::process::Child;
 
-use super::IkeSettings;
-use crate::config::{
+use evpc_node::config::{
     DataplaneConfig, NodeConfig, OwnershipConfig, PeerConfig, RaftTuning, Timeouts, TunSettings,
 };
+use evpc_node::ike_gateway::IkeSettings;
 
 /// The cluster address every client talks to.
 pub const CLUSTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -336,8 +336,8 @@ impl Lab {
     }
 
     /// The lab cluster's PKI (CA, node and operator certificates, cluster key).
-    pub fn pki(&self) -> crate::pki::PkiDir {
-        crate::pki::PkiDir::new(self.dir().join("pki"))
+    pub fn pki(&self) -> evpc_node::pki::PkiDir {
+        evpc_node::pki::PkiDir::new(self.dir().join("pki"))
     }
 
     /// How the lab's operator reaches the nodes.
