@@ -943,11 +943,21 @@ async fn lagging_follower(
     lab.restart(id)?;
     let started = Instant::now();
     let mut follower = lab.admin_of(id)?;
-    let caught_up = loop {
+    // Caught up once it applied `target`; its install is recorded a moment after the state is
+    // swapped in (the snapshot is written to its disk first), so wait for that record too.
+    let mut caught_up_ms = None;
+    let installed = loop {
         if let Ok(status) = follower.status(false).await
             && status.last_applied_index >= target
         {
-            break status;
+            let since_restart = started.elapsed();
+            let at = *caught_up_ms.get_or_insert(since_restart.as_millis() as u64);
+            let installed = status
+                .snapshot_installed
+                .filter(|s| s.index >= snapshot.index);
+            if installed.is_some() || since_restart.as_millis() as u64 > at + 5_000 {
+                break installed;
+            }
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(120),
@@ -958,13 +968,10 @@ async fn lagging_follower(
     Ok(LaggingFollower {
         node: id,
         setups_while_down: lag.established,
-        installed: caught_up
-            .snapshot_installed
-            .filter(|s| s.index >= snapshot.index)
-            .map(Into::into),
+        installed: installed.map(Into::into),
         leader_snapshot: snapshot.into(),
         leader_purged_index: purged,
-        restart_to_caught_up_ms: started.elapsed().as_millis() as u64,
+        restart_to_caught_up_ms: caught_up_ms.unwrap_or_default(),
     })
 }
 

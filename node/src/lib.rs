@@ -32,6 +32,7 @@ pub mod node;
 pub mod ownership;
 pub mod peers;
 pub mod pki;
+pub mod priority;
 pub mod raft_network;
 pub mod resealer;
 pub mod rotation;

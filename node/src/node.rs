@@ -202,7 +202,10 @@ impl Node {
             .as_deref()
             .map(Keyring::load)
             .transpose()?;
-        let (mut log_store, state_machine) = evpc_raft_store::open(&config.data_dir.join("raft"))?;
+        let (mut log_store, mut state_machine) =
+            evpc_raft_store::open(&config.data_dir.join("raft"))?;
+        state_machine
+            .set_background_hook(Arc::new(|| crate::priority::lower_this_thread("snapshot")));
         let last_log_index = {
             use openraft::storage::RaftLogStorage;
             log_store

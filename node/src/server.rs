@@ -270,9 +270,6 @@ where
     }))
 }
 
-/// How much lower than the rest of the node the IKE gateway's threads run (nice(2) steps).
-const GATEWAY_NICENESS: i32 = 10;
-
 /// Runs the IKE gateway on a runtime of its own, whose threads the kernel schedules after the
 /// node's others: a flood of IKE work (Diffie-Hellman, setups by the thousand) then slows IKE
 /// setups down, never the Raft heartbeats, the liveness pings and the commits that keep the
@@ -293,10 +290,10 @@ fn spawn_gateway(
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(threads)
                     .thread_name("evpc-ike-worker")
-                    .on_thread_start(lower_this_threads_priority)
+                    .on_thread_start(|| crate::priority::lower_this_thread("IKE gateway"))
                     .enable_all()
                     .build()?;
-                lower_this_threads_priority();
+                crate::priority::lower_this_thread("IKE gateway");
                 runtime.block_on(ike_gateway::run(node, socket, datagrams, shutdown))
             })();
             let _ = done.send(result);
@@ -306,24 +303,6 @@ fn spawn_gateway(
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the IKE gateway thread died")))
     }))
-}
-
-/// Lowers the calling thread's scheduling priority by [`GATEWAY_NICENESS`] (on Linux the nice
-/// value is per thread). A failure only costs the priority: it is logged, not fatal.
-#[allow(unsafe_code)]
-fn lower_this_threads_priority() {
-    // SAFETY: gettid(2) and setpriority(2) take no pointers and touch no memory of ours;
-    // PRIO_PROCESS with a thread id changes that one thread's nice value.
-    let rc = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, GATEWAY_NICENESS)
-    };
-    if rc != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "cannot lower the IKE gateway's thread priority"
-        );
-    }
 }
 
 /// Waits until the Raft core stops by itself and says why.

@@ -199,7 +199,13 @@ pub struct StateMachineStore {
     holds: Arc<LockHolds>,
     snapshots: Arc<Mutex<SnapshotStats>>,
     snapshot_path: PathBuf,
+    /// Run first on the threads that encode, write and decode snapshots (the node lowers their
+    /// scheduling priority with it).
+    background_hook: Option<BackgroundHook>,
 }
+
+/// What a snapshot thread calls before its work: see [`StateMachineStore::set_background_hook`].
+pub type BackgroundHook = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for StateMachineStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -237,7 +243,35 @@ impl StateMachineStore {
             holds: Arc::default(),
             snapshots: Arc::new(Mutex::new(stats)),
             snapshot_path,
+            background_hook: None,
         })
+    }
+
+    /// Has every snapshot thread call `hook` first. Encoding 100,000 SAs takes about a second
+    /// of CPU on every node at once (they snapshot at the same index): at the node's own
+    /// priority it took that CPU from the commits and heartbeats it must never delay.
+    pub fn set_background_hook(&mut self, hook: BackgroundHook) {
+        self.background_hook = Some(hook);
+    }
+
+    /// Runs `job` on a thread of its own (after the background hook) and waits for it.
+    async fn in_background<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let hook = self.background_hook.clone();
+        std::thread::Builder::new()
+            .name("evpc-snapshot".into())
+            .spawn(move || {
+                if let Some(hook) = hook {
+                    hook();
+                }
+                let _ = done.send(job());
+            })?;
+        result
+            .await
+            .map_err(|_| io_err("the snapshot thread panicked"))?
     }
 
     /// A read handle on the applied state.
@@ -263,14 +297,6 @@ impl StateMachineStore {
     fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
         self.shared.read().unwrap_or_else(|e| e.into_inner())
     }
-
-    async fn save_snapshot(&self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
-        let meta = meta.clone();
-        let path = self.snapshot_path.clone();
-        tokio::task::spawn_blocking(move || write_snapshot(&path, &meta, &data))
-            .await
-            .map_err(io_err)?
-    }
 }
 
 fn read_snapshot(path: &Path) -> io::Result<Option<StoredSnapshot>> {
@@ -285,27 +311,36 @@ fn read_snapshot(path: &Path) -> io::Result<Option<StoredSnapshot>> {
 }
 
 /// Replaces the snapshot file atomically: a crash leaves either the old or the new snapshot.
-/// The file is `postcard(StoredSnapshot { meta, data })`, written from its parts so `data` (the
-/// encoded state, 125 MB at 100,000 SAs) is not copied into a second buffer.
 fn write_snapshot(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let temporary = write_temporary(path, meta, data)?;
+    replace_snapshot(&temporary, path)
+}
+
+/// Writes the snapshot file's next content beside it, durably, for [`replace_snapshot`]. The
+/// file is `postcard(StoredSnapshot { meta, data })`, written from its parts so `data` (the
+/// encoded state, 125 MB at 100,000 SAs) is not copied into a second buffer.
+fn write_temporary(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<PathBuf> {
     let temporary = path.with_extension("tmp");
-    {
-        let mut file = std::fs::File::create(&temporary)?;
-        // postcard: the fields in order; a byte sequence is its length as a varint, then the
-        // bytes (`a_snapshot_file_is_the_postcard_encoding_of_its_parts` checks it).
-        let mut head = encode(meta)?;
-        head.extend_from_slice(&encode(&(data.len() as u64))?);
-        file.write_all(&head)?;
-        // Flushed a chunk at a time: with ext4's ordered data, the Raft log's own fsyncs (every
-        // commit waits for one) wait for the snapshot's dirty pages; one fsync of 100+ MB at the
-        // end held them for seconds, 4 MiB chunks for tens of milliseconds.
-        for chunk in data.chunks(SNAPSHOT_FLUSH_CHUNK) {
-            file.write_all(chunk)?;
-            file.sync_data()?;
-        }
-        file.sync_all()?;
+    let mut file = std::fs::File::create(&temporary)?;
+    // postcard: the fields in order; a byte sequence is its length as a varint, then the
+    // bytes (`a_snapshot_file_is_the_postcard_encoding_of_its_parts` checks it).
+    let mut head = encode(meta)?;
+    head.extend_from_slice(&encode(&(data.len() as u64))?);
+    file.write_all(&head)?;
+    // Flushed a chunk at a time: with ext4's ordered data, the Raft log's own fsyncs (every
+    // commit waits for one) wait for the snapshot's dirty pages; one fsync of 100+ MB at the
+    // end held them for seconds, 4 MiB chunks for tens of milliseconds.
+    for chunk in data.chunks(SNAPSHOT_FLUSH_CHUNK) {
+        file.write_all(chunk)?;
+        file.sync_data()?;
     }
-    std::fs::rename(&temporary, path)?;
+    file.sync_all()?;
+    Ok(temporary)
+}
+
+/// Puts a snapshot written by [`write_temporary`] in place: rename, then fsync the directory.
+fn replace_snapshot(temporary: &Path, path: &Path) -> io::Result<()> {
+    std::fs::rename(temporary, path)?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
@@ -349,16 +384,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let path = self.snapshot_path.clone();
         let sas = state.sa_count();
         let index = meta.last_log_id.as_ref().map_or(0, |id| id.index);
-        let stored = tokio::task::spawn_blocking(move || {
-            let stored = StoredSnapshot {
-                meta,
-                data: state.canonical_bytes(),
-            };
-            drop(state);
-            write_snapshot(&path, &stored.meta, &stored.data).map(|()| stored)
-        })
-        .await
-        .map_err(io_err)??;
+        let stored = self
+            .in_background(move || {
+                let stored = StoredSnapshot {
+                    meta,
+                    data: state.canonical_bytes(),
+                };
+                drop(state);
+                write_snapshot(&path, &stored.meta, &stored.data).map(|()| stored)
+            })
+            .await?;
         let record = SnapshotRecord {
             index,
             sas: sas as u64,
@@ -452,17 +487,36 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Cursor<Vec<u8>>,
     ) -> Result<(), io::Error> {
         let started = std::time::Instant::now();
-        let data = snapshot.into_inner();
-        // Decoding and checking 100,000 SAs is CPU work: off the runtime's workers.
-        let (restored, data) = {
-            let meta = meta.clone();
-            tokio::task::spawn_blocking(move || restore(&meta, &data).map(|r| (r, data)))
-                .await
-                .map_err(io_err)??
+        let data = Arc::new(snapshot.into_inner());
+        let bytes = data.len() as u64;
+        // Written to disk while it is decoded and checked (the write mostly waits for the disk,
+        // the check is CPU), both off the runtime's workers; put in place only once the check
+        // passed, so a snapshot that breaks an invariant never replaces the one on disk.
+        let written = {
+            let (path, meta, data) = (self.snapshot_path.clone(), meta.clone(), data.clone());
+            self.in_background(move || write_temporary(&path, &meta, &data))
         };
+        let restored = {
+            let (meta, data) = (meta.clone(), data.clone());
+            self.in_background(move || restore(&meta, &data))
+        };
+        let (written, restored) = tokio::join!(written, restored);
+        let restored = match restored {
+            Ok(restored) => restored,
+            Err(e) => {
+                if let Ok(temporary) = written {
+                    let _ = std::fs::remove_file(temporary);
+                }
+                return Err(e);
+            }
+        };
+        let temporary = written?;
+        let path = self.snapshot_path.clone();
+        self.in_background(move || replace_snapshot(&temporary, &path))
+            .await?;
+        drop(data);
         let index = restored.last_applied.as_ref().map_or(0, |id| id.index);
         let sas = restored.state.sa_count();
-        let bytes = data.len() as u64;
         let swap_started = Instant::now();
         let replaced = {
             let mut applied = self.write();
@@ -478,8 +532,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tokio::task::spawn_blocking(move || drop(replaced));
         self.data_plane.store(index, Ordering::Release);
         self.applied_tx.send_replace(index);
-        let applied_ms = started.elapsed().as_millis() as u64;
-        self.save_snapshot(meta, data).await?;
         let record = SnapshotRecord {
             index,
             sas: sas as u64,
@@ -491,7 +543,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             sas,
-            applied_ms,
+            bytes,
+            lock_ms,
             ms = record.ms,
             "installed snapshot"
         );
