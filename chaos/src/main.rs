@@ -19,6 +19,8 @@ mod ike_bench;
 mod ike_flood;
 mod stats;
 mod store_bench;
+#[allow(dead_code)] // wired into the CLI as it is built
+mod tunnels;
 mod workload;
 
 /// Benchmarks and fault campaigns against a real evpc cluster.

@@ -25,6 +25,35 @@
 //! `evpc0` instead of a TUN, the owner's kernel decrypts what arrives on the cluster socket, and
 //! every other node's kernel drops it (no state for its SPI).
 //!
+//! With [`LabSpec::trusted`] the cluster also has a **trusted side**: a second segment joining
+//! every node to a server host behind the cluster, the way a VPN gateway fronts a company
+//! network. The server reaches the clients' inner addresses (the pool) through the cluster's
+//! trusted-side address, whose MAC every node shares on that segment; the bridge does not learn
+//! it, so it floods each frame to every node — the ClusterIP model on the inside too — and only
+//! the owner's data plane has a child for the destination (the others drop it: no child).
+//!
+//! ```text
+//!   ns server 10.20.0.100 ── br1 (learning off on node ports) ── t0 10.20.0.1x on every node
+//!   route <pool> via 10.20.0.1 (MAC 02:ec:…:01, shared by every t0; 10.20.0.1 on each lo)
+//!   nodes: ip_forward, <pool> routed into the TUN, so the owner seals it toward its client
+//! ```
+//!
+//! With [`LabSpec::edge`] clients can be added by the hundred ([`Lab::add_client`]), each in a
+//! namespace of its own behind an **edge router** on the cluster segment, as road warriors
+//! reach a gateway over the Internet; everything the cluster sends them passes the router's
+//! segment port `e0`, where one capture sees every ESP packet ([`Lab::edge_ns`]).
+//!
+//! ```text
+//!   ns cK 100.64.a.b/16 ─┐
+//!   ns c1 ───────────────┼─ brc 100.64.0.1 ─ ns edge (forwarding) ─ e0 198.51.100.2 ── br0
+//!                        │                   neigh 198.51.100.1 ─► 01:00:5e:00:00:01
+//!   nodes: route 100.64.0.0/16 via 198.51.100.2
+//! ```
+//!
+//! Nodes can be added and removed while the lab runs ([`Lab::add_node`],
+//! [`Lab::remove_member`]), paused ([`Lab::signal`]) and cut off the cluster segment
+//! ([`Lab::partition`]).
+//!
 //! Everything lives in namespaces named `evpc-<pid>-…` (see `evpc_dataplane::netns`): dropping
 //! the [`Lab`] kills the node processes and deletes the namespaces, which removes every veth,
 //! the bridge and the TUN devices; namespaces left by a killed test process are removed by the
@@ -53,6 +82,34 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
 pub const MGMT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 /// The link-layer address the client sends cluster-address frames to.
 pub const CLUSTER_MAC: &str = "01:00:5e:00:00:01";
+
+/// The cluster's address on the trusted side (the server's next hop to the pool).
+pub const TRUSTED_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+/// The trusted segment, which clients route into their tunnels.
+pub const TRUSTED_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 20, 0, 0), 24);
+/// The server behind the cluster.
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+/// The link-layer address every node's trusted-side interface shares (locally administered
+/// unicast: a node forwards what arrives for it, which it would not for a multicast frame).
+pub const TRUSTED_MAC: &str = "02:ec:00:00:00:01";
+/// The edge router's address on the cluster segment.
+pub const EDGE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// The clients' segment behind the edge router, and the router's address on it.
+pub const CLIENTS_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 16);
+/// The edge router's address on the clients' segment.
+pub const CLIENTS_GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// The most nodes a lab holds (their addresses and the slot map allow more; Raft voters not).
+pub const MAX_NODES: u64 = 7;
+
+/// Client `index`'s address behind the edge router (0-based; up to 250 × 250 of them).
+pub fn client_addr(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, 1 + (index / 250) as u8, 1 + (index % 250) as u8)
+}
+
+/// Node `id`'s own address on the trusted segment.
+pub fn trusted_node_addr(id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(10, 20, 0, 10 + id as u8)
+}
 
 /// Node `id`'s own address on the segment (Raft, admin).
 pub fn node_addr(id: u64) -> Ipv4Addr {
@@ -102,6 +159,10 @@ pub struct LabSpec {
     pub insecure_plaintext: bool,
     /// The nodes' data plane.
     pub dataplane: LabDataplane,
+    /// Build the trusted side: a server behind the cluster (see the module docs).
+    pub trusted: bool,
+    /// Build the edge router that clients added with [`Lab::add_client`] sit behind.
+    pub edge: bool,
 }
 
 impl LabSpec {
@@ -120,8 +181,19 @@ impl LabSpec {
             base_dir: None,
             insecure_plaintext: false,
             dataplane: LabDataplane::Userspace,
+            trusted: false,
+            edge: false,
         }
     }
+}
+
+/// One client host behind the edge router.
+#[derive(Debug)]
+pub struct ClientHost {
+    /// Its namespace (deleted when the lab drops).
+    pub ns: NetNs,
+    /// Its address on the clients' segment.
+    pub addr: Ipv4Addr,
 }
 
 /// A running lab. Dropping it kills the nodes and removes the namespaces.
@@ -135,6 +207,9 @@ pub struct Lab {
     client: NetNs,
     nodes: Vec<NetNs>,
     lan: NetNs,
+    server: Option<NetNs>,
+    edge: Option<NetNs>,
+    clients: Vec<ClientHost>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -167,7 +242,10 @@ impl Lab {
             is_root(),
             "the ClusterIP lab needs root (namespaces, veth, TUN)"
         );
-        anyhow::ensure!((1..=7).contains(&spec.nodes), "1 to 7 nodes");
+        anyhow::ensure!(
+            (1..=MAX_NODES).contains(&spec.nodes),
+            "1 to {MAX_NODES} nodes"
+        );
         let mut builder = tempfile::Builder::new();
         builder.prefix("evpc-lab-");
         let dir = match &spec.base_dir {
@@ -180,6 +258,14 @@ impl Lab {
         for id in 1..=spec.nodes {
             nodes.push(NetNs::create(&format!("{}-n{id}", spec.tag))?);
         }
+        let server = match spec.trusted {
+            true => Some(NetNs::create(&format!("{}-srv", spec.tag))?),
+            false => None,
+        };
+        let edge = match spec.edge {
+            true => Some(NetNs::create(&format!("{}-edge", spec.tag))?),
+            false => None,
+        };
         let mut lab = Lab {
             spec,
             procs: Vec::new(),
@@ -188,6 +274,9 @@ impl Lab {
             client,
             nodes,
             lan,
+            server,
+            edge,
+            clients: Vec::new(),
             dir: Some(dir),
         };
         lab.wire()?;
@@ -231,31 +320,15 @@ impl Lab {
             "nud",
             "permanent",
         ])?;
+        if let Some(server) = &self.server {
+            self.wire_server(server)?;
+        }
+        if let Some(edge) = &self.edge {
+            self.wire_edge(edge)?;
+        }
         // The nodes.
         for (i, ns) in self.nodes.iter().enumerate() {
-            let id = i as u64 + 1;
-            plug(&format!("p{id}"), "n0", ns.name())?;
-            ns.ip(&["addr", "add", &format!("{}/24", node_addr(id)), "dev", "n0"])?;
-            ns.ip(&["link", "set", "n0", "up", "allmulticast", "on"])?;
-            ns.ip(&["addr", "add", &format!("{CLUSTER}/32"), "dev", "lo"])?;
-            sysctl(ns, "net.ipv4.conf.all.arp_ignore", "1")?;
-            sysctl(ns, "net.ipv4.conf.all.arp_announce", "2")?;
-            if self.spec.dataplane == LabDataplane::Xfrm {
-                // The kernel decrypts into the stack: the inner address lives on a dummy
-                // device, whose prefix routes replies to the pool into the XFRM policies.
-                let (inner, len) = self.spec.inner;
-                ns.ip(&["link", "add", "evpc0", "type", "dummy"])?;
-                ns.ip(&["addr", "add", &format!("{inner}/{len}"), "dev", "evpc0"])?;
-                ns.ip(&["link", "set", "evpc0", "up"])?;
-                // decrypted packets arrive on n0 from pool addresses routed via evpc0
-                for key in [
-                    "net.ipv4.conf.all.rp_filter",
-                    "net.ipv4.conf.default.rp_filter",
-                    "net.ipv4.conf.n0.rp_filter",
-                ] {
-                    sysctl(ns, key, "0")?;
-                }
-            }
+            self.wire_node(i as u64 + 1, ns)?;
         }
         // The root namespace's door to the admin APIs.
         static LABS: AtomicU32 = AtomicU32::new(0);
@@ -279,16 +352,219 @@ impl Lab {
         lan.ip(&["link", "set", "pr", "master", "br0", "up"])?;
         ip(&["addr", "add", &format!("{MGMT}/24"), "dev", &root_if])?;
         ip(&["link", "set", &root_if, "up"])?;
-        // Resolve the client's MAC on every node now: a burst of answers to an address still
-        // being resolved overflows the kernel's small per-neighbour queue, and the first
-        // client requests would be lost (a gateway's next hop is resolved long before).
-        for ns in &self.nodes {
-            ns.run(|| {
-                std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                    .and_then(|s| s.send_to(b"arp", (CLIENT, 9)))
-            })??;
-        }
         std::thread::sleep(Duration::from_millis(50));
+        Ok(())
+    }
+
+    /// Plugs node `id`'s namespace into the segment(s) and sets it up as a cluster member.
+    fn wire_node(&self, id: u64, ns: &NetNs) -> anyhow::Result<()> {
+        let lan = &self.lan;
+        let plug = |port: &str, peer: &str, ns: &str, bridge: &str| -> anyhow::Result<()> {
+            lan.ip(&[
+                "link", "add", port, "type", "veth", "peer", "name", peer, "netns", ns,
+            ])?;
+            lan.ip(&["link", "set", port, "master", bridge, "up"])?;
+            Ok(())
+        };
+        plug(&format!("p{id}"), "n0", ns.name(), "br0")?;
+        ns.ip(&["addr", "add", &format!("{}/24", node_addr(id)), "dev", "n0"])?;
+        ns.ip(&["link", "set", "n0", "up", "allmulticast", "on"])?;
+        ns.ip(&["addr", "add", &format!("{CLUSTER}/32"), "dev", "lo"])?;
+        sysctl(ns, "net.ipv4.conf.all.arp_ignore", "1")?;
+        sysctl(ns, "net.ipv4.conf.all.arp_announce", "2")?;
+        if self.spec.dataplane == LabDataplane::Xfrm {
+            // The kernel decrypts into the stack: the inner address lives on a dummy
+            // device, whose prefix routes replies to the pool into the XFRM policies.
+            let (inner, len) = self.spec.inner;
+            ns.ip(&["link", "add", "evpc0", "type", "dummy"])?;
+            ns.ip(&["addr", "add", &format!("{inner}/{len}"), "dev", "evpc0"])?;
+            ns.ip(&["link", "set", "evpc0", "up"])?;
+            // decrypted packets arrive on n0 from pool addresses routed via evpc0
+            for key in [
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+                "net.ipv4.conf.n0.rp_filter",
+            ] {
+                sysctl(ns, key, "0")?;
+            }
+        }
+
+        if self.spec.edge {
+            let (net, len) = CLIENTS_NET;
+            ns.ip(&[
+                "route",
+                "add",
+                &format!("{net}/{len}"),
+                "via",
+                &EDGE.to_string(),
+                "dev",
+                "n0",
+            ])?;
+        }
+        if self.spec.trusted {
+            plug(&format!("t{id}"), "t0", ns.name(), "br1")?;
+            // Never learned, so frames for the shared MAC go to every node.
+            lan.ip(&[
+                "link",
+                "set",
+                &format!("t{id}"),
+                "type",
+                "bridge_slave",
+                "learning",
+                "off",
+            ])?;
+            ns.ip(&["link", "set", "t0", "address", TRUSTED_MAC])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", trusted_node_addr(id)),
+                "dev",
+                "t0",
+            ])?;
+            ns.ip(&["link", "set", "t0", "up"])?;
+            ns.ip(&["addr", "add", &format!("{TRUSTED_CLUSTER}/32"), "dev", "lo"])?;
+            sysctl(ns, "net.ipv4.ip_forward", "1")?;
+            // Decrypted packets leave by t0 from pool addresses that route into the TUN.
+            for key in [
+                "net.ipv4.conf.all.rp_filter",
+                "net.ipv4.conf.default.rp_filter",
+                "net.ipv4.conf.t0.rp_filter",
+                "net.ipv4.conf.all.send_redirects",
+            ] {
+                sysctl(ns, key, "0")?;
+            }
+        }
+        // Resolve the hosts this node answers now: a burst of answers to an address still
+        // being resolved overflows the kernel's small per-neighbour queue, and the first
+        // requests would be lost (a gateway's next hop is resolved long before).
+        let mut neighbours = vec![CLIENT];
+        if self.spec.edge {
+            neighbours.push(EDGE);
+        }
+        if self.spec.trusted {
+            neighbours.push(SERVER);
+        }
+        ns.run(move || {
+            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            for to in neighbours {
+                socket.send_to(b"arp", (to, 9))?;
+            }
+            std::io::Result::Ok(())
+        })??;
+        Ok(())
+    }
+
+    /// The server behind the cluster, on the trusted segment `br1`.
+    fn wire_server(&self, server: &NetNs) -> anyhow::Result<()> {
+        let lan = &self.lan;
+        lan.ip(&[
+            "link",
+            "add",
+            "br1",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        lan.ip(&["link", "set", "br1", "up"])?;
+        lan.ip(&[
+            "link",
+            "add",
+            "ts",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "s0",
+            "netns",
+            server.name(),
+        ])?;
+        lan.ip(&["link", "set", "ts", "master", "br1", "up"])?;
+        let (_, len) = TRUSTED_NET;
+        server.ip(&["addr", "add", &format!("{SERVER}/{len}"), "dev", "s0"])?;
+        server.ip(&["link", "set", "s0", "up"])?;
+        server.ip(&[
+            "neigh",
+            "replace",
+            &TRUSTED_CLUSTER.to_string(),
+            "lladdr",
+            TRUSTED_MAC,
+            "dev",
+            "s0",
+            "nud",
+            "permanent",
+        ])?;
+        let pool = self
+            .spec
+            .ike
+            .pool
+            .as_deref()
+            .context("a trusted side needs [ike] pool: the server routes it to the cluster")?;
+        server.ip(&[
+            "route",
+            "add",
+            pool,
+            "via",
+            &TRUSTED_CLUSTER.to_string(),
+            "dev",
+            "s0",
+        ])?;
+        Ok(())
+    }
+
+    /// The edge router: on the cluster segment as [`EDGE`], and the gateway of the clients'
+    /// segment `brc`.
+    fn wire_edge(&self, edge: &NetNs) -> anyhow::Result<()> {
+        let lan = &self.lan;
+        lan.ip(&[
+            "link",
+            "add",
+            "pe",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "e0",
+            "netns",
+            edge.name(),
+        ])?;
+        lan.ip(&["link", "set", "pe", "master", "br0", "up"])?;
+        edge.ip(&["addr", "add", &format!("{EDGE}/24"), "dev", "e0"])?;
+        edge.ip(&["link", "set", "e0", "up"])?;
+        edge.ip(&[
+            "neigh",
+            "replace",
+            &CLUSTER.to_string(),
+            "lladdr",
+            CLUSTER_MAC,
+            "dev",
+            "e0",
+            "nud",
+            "permanent",
+        ])?;
+        edge.ip(&[
+            "link",
+            "add",
+            "brc",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        let (_, len) = CLIENTS_NET;
+        edge.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENTS_GATEWAY}/{len}"),
+            "dev",
+            "brc",
+        ])?;
+        edge.ip(&["link", "set", "brc", "up"])?;
+        sysctl(edge, "net.ipv4.ip_forward", "1")?;
+        // Many clients behind one router: room in its neighbour table.
+        sysctl(edge, "net.ipv4.neigh.default.gc_thresh1", "4096")?;
+        sysctl(edge, "net.ipv4.neigh.default.gc_thresh2", "8192")?;
+        sysctl(edge, "net.ipv4.neigh.default.gc_thresh3", "16384")?;
         Ok(())
     }
 
@@ -322,6 +598,11 @@ impl Lab {
                 tun: TunSettings {
                     name: "evpc0".into(),
                     addresses: vec![format!("{inner}/{len}")],
+                    // The server's packets to the clients' inner addresses go into the tunnel.
+                    routes: match (self.spec.trusted, &self.spec.ike.pool) {
+                        (true, Some(pool)) => vec![pool.clone()],
+                        _ => Vec::new(),
+                    },
                     ..TunSettings::default()
                 },
                 ..DataplaneConfig::default()
@@ -446,6 +727,149 @@ impl Lab {
     /// Starts node `id` again on its data directory.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.start_node(id)
+    }
+
+    /// Sends `signal` to node `id`'s process (SIGSTOP and SIGCONT pause and resume it).
+    pub fn signal(&self, id: u64, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .pid(id)
+            .with_context(|| format!("node {id} is not running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .with_context(|| format!("{signal} to node {id}"))
+    }
+
+    /// Cuts node `id` off the cluster segment both ways (`cut`), or heals it: its Raft, pings
+    /// and IKE/ESP traffic stop, its trusted side stays (nftables in its namespace).
+    pub fn partition(&self, id: u64, cut: bool) -> anyhow::Result<()> {
+        let ns = self.node_ns(id);
+        let script = if cut {
+            "table inet evpc_partition {\n\
+               chain input { type filter hook input priority -300; iifname \"n0\" drop }\n\
+               chain output { type filter hook output priority -300; oifname \"n0\" drop }\n\
+             }\n"
+        } else {
+            "delete table inet evpc_partition\n"
+        };
+        let name = ns.name().to_owned();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(script.as_bytes())?;
+                child.wait_with_output()
+            })
+            .context("running nft (nftables) in the node's namespace")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nft in node {id}'s namespace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// Adds a node: a namespace plugged into the segment(s), its certificate and config, its
+    /// process, then an admin `AddMember` through the leader (learner, then voter once caught
+    /// up). Returns its id.
+    pub async fn add_node(&mut self) -> anyhow::Result<u64> {
+        let id = self.nodes.len() as u64 + 1;
+        anyhow::ensure!(id <= MAX_NODES, "a lab holds at most {MAX_NODES} nodes");
+        let ns = NetNs::create(&format!("{}-n{id}", self.spec.tag))?;
+        self.wire_node(id, &ns)?;
+        self.nodes.push(ns);
+        self.spec.nodes = id;
+        self.pki()
+            .ensure_local(&[id], crate::local::LOCAL_OPERATOR)?;
+        let config = self.node_config(id);
+        let node_dir = self.dir().join(format!("node{id}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let path = node_dir.join("node.toml");
+        std::fs::write(&path, toml::to_string(&config)?)?;
+        self.configs.push(path);
+        self.logs.push(node_dir.join("node.log"));
+        self.procs.push(None);
+        self.start_node(id)?;
+        let address = evpc_proto::admin::v1::NodeAddress {
+            id,
+            raft_addr: config.raft_addr.to_string(),
+            admin_addr: config.admin_addr.to_string(),
+        };
+        let mut admin = self.admin()?;
+        admin.follow_leader().await?;
+        admin
+            .add_member(address, false)
+            .await
+            .with_context(|| format!("adding node {id}; its log:\n{}", self.log(id)))?;
+        Ok(id)
+    }
+
+    /// Removes node `id` from the Raft membership through the leader (the planner then moves
+    /// whatever it still owns); its process keeps running until [`Lab::sigkill`].
+    pub async fn remove_member(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut admin = self.admin()?;
+        admin.follow_leader().await?;
+        admin.remove_member(id).await?;
+        Ok(())
+    }
+
+    /// Adds a client host behind the edge router; returns its index for
+    /// [`Lab::client_host`].
+    pub fn add_client(&mut self) -> anyhow::Result<usize> {
+        let edge = self
+            .edge
+            .as_ref()
+            .context("clients behind the edge need LabSpec::edge")?;
+        let index = self.clients.len();
+        let addr = client_addr(index);
+        let ns = NetNs::create(&format!("{}-c{index}", self.spec.tag))?;
+        let port = format!("c{index}");
+        edge.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            ns.name(),
+        ])?;
+        edge.ip(&["link", "set", &port, "master", "brc", "up"])?;
+        let (_, len) = CLIENTS_NET;
+        ns.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "c0"])?;
+        ns.ip(&["link", "set", "c0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &CLIENTS_GATEWAY.to_string(),
+        ])?;
+        self.clients.push(ClientHost { ns, addr });
+        Ok(index)
+    }
+
+    /// Client host `index` (from [`Lab::add_client`]).
+    pub fn client_host(&self, index: usize) -> &ClientHost {
+        &self.clients[index]
+    }
+
+    /// The edge router's namespace (its cluster-segment port is `e0`: capture there).
+    pub fn edge_ns(&self) -> Option<&NetNs> {
+        self.edge.as_ref()
+    }
+
+    /// The server's namespace on the trusted side.
+    pub fn server_ns(&self) -> Option<&NetNs> {
+        self.server.as_ref()
     }
 
     /// The namespace of node `id`.

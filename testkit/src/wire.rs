@@ -6,6 +6,11 @@
 //!  Capture::stop() ── SIGTERM, then parse_pcap(FILE) ──► Vec<EspPacket>
 //!                                                          │
 //!  repeats(&packets) ── per (destination, SPI): every sequence number once? ──► Vec<Repeat>
+//!
+//!  Capture::stream(ns, iface, sink) ── tcpdump -w - ── a reader thread parses the pcap stream
+//!        and hands every ESP packet to `sink` as it arrives (nothing kept on disk: long
+//!        campaigns capture millions of packets) ── RepeatFinder: the same check in memory that
+//!        grows with the runs of consecutive numbers, not with the packets
 //! ```
 //!
 //! With AES-GCM a sequence number sent twice under one SPI is a nonce sent twice (RFC 4106
@@ -102,6 +107,86 @@ pub fn repeats(packets: &[EspPacket]) -> Vec<Repeat> {
     found
 }
 
+/// Finds every (destination, SPI, sequence number) seen twice, packet by packet, keeping per
+/// (destination, SPI) only the runs of consecutive numbers with who sent them and when — so a
+/// campaign of millions of packets needs memory for its SA moves, not its packets.
+#[derive(Debug, Default)]
+pub struct RepeatFinder {
+    runs: std::collections::HashMap<(Ipv4Addr, u32), std::collections::BTreeMap<u32, Run>>,
+    repeats: Vec<Repeat>,
+    packets: u64,
+}
+
+/// Consecutive sequence numbers `start..=end` of one SPI, the first and last packet of them.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    end: u32,
+    first: EspPacket,
+    last: EspPacket,
+}
+
+impl RepeatFinder {
+    /// Looks at one packet; a repeat is recorded with the packet of the run it fell into that
+    /// is nearest to it (the run's first or last: the exact earlier packet is not kept).
+    pub fn see(&mut self, packet: EspPacket) {
+        self.packets += 1;
+        let runs = self.runs.entry((packet.dst, packet.spi)).or_default();
+        let seq = packet.seq;
+        // the run starting at or below seq
+        if let Some((&start, run)) = runs.range_mut(..=seq).next_back() {
+            if seq <= run.end {
+                let earlier = if seq - start <= run.end - seq {
+                    run.first
+                } else {
+                    run.last
+                };
+                self.repeats.push(Repeat {
+                    first: earlier,
+                    again: packet,
+                });
+                return;
+            }
+            if seq == run.end.wrapping_add(1) && run.first.src_mac == packet.src_mac {
+                run.end = seq;
+                run.last = packet;
+                // joins the next run?
+                if let Some(next) = runs.get(&(seq.wrapping_add(1))).copied()
+                    && next.first.src_mac == packet.src_mac
+                {
+                    runs.remove(&(seq.wrapping_add(1)));
+                    let run = runs.get_mut(&start).expect("just read");
+                    run.end = next.end;
+                    run.last = next.last;
+                }
+                return;
+            }
+        }
+        runs.insert(
+            seq,
+            Run {
+                end: seq,
+                first: packet,
+                last: packet,
+            },
+        );
+    }
+
+    /// The repeats found so far, in the order they were seen.
+    pub fn repeats(&self) -> &[Repeat] {
+        &self.repeats
+    }
+
+    /// Packets looked at.
+    pub fn packets(&self) -> u64 {
+        self.packets
+    }
+
+    /// (destination, SPI) pairs seen.
+    pub fn spis(&self) -> usize {
+        self.runs.len()
+    }
+}
+
 /// A running tcpdump in a network namespace.
 #[derive(Debug)]
 pub struct Capture {
@@ -196,14 +281,211 @@ impl Drop for Capture {
     }
 }
 
-/// The ESP packets (IPv4 over Ethernet, plain or in UDP 4500) of a pcap file. IKE on 4500
-/// (the non-ESP marker) and NAT-T keepalives are skipped; a truncated last record (a capture
-/// stopped mid-write) ends the list.
-pub fn parse_pcap(bytes: &[u8]) -> anyhow::Result<Vec<EspPacket>> {
-    const LINKTYPE_ETHERNET: u32 = 1;
-    if bytes.len() < 24 {
-        return Ok(Vec::new()); // nothing written yet
+/// A tcpdump whose ESP packets go to a callback as they are captured ([`Capture::stream`]).
+#[derive(Debug)]
+pub struct StreamingCapture {
+    child: Option<Child>,
+    reader: Option<std::thread::JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl Capture {
+    /// Starts capturing ESP (plain and in UDP 4500) on `iface` of namespace `netns`, handing
+    /// each packet to `sink` on a thread of its own; returns once tcpdump listens.
+    pub fn stream(
+        netns: Option<&str>,
+        iface: &str,
+        mut sink: impl FnMut(EspPacket) + Send + 'static,
+    ) -> anyhow::Result<StreamingCapture> {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tcpdump"]);
+                c
+            }
+            None => Command::new("tcpdump"),
+        };
+        let mut child = command
+            // -B: a 16 MiB buffer in the kernel, so a burst while the reader is busy is not lost
+            .args([
+                "-i", iface, "-n", "-U", "-s", "96", "-B", "16384", "-w", "-",
+            ])
+            .args(["ip proto 50 or udp port 4500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump (apt-get install tcpdump)")?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        // tcpdump says it listens on stderr; wait for that before the caller goes on.
+        let (said, listening) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut said = Some(said);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(s) = said.take_if(|_| line.contains("listening on")) {
+                    let _ = s.send(Ok(()));
+                } else if line.contains("dropped by kernel") && !line.starts_with('0') {
+                    eprintln!("tcpdump: {line}");
+                } else if let Some(s) = said.take() {
+                    let _ = s.send(Err(line));
+                }
+            }
+        });
+        let reader = std::thread::Builder::new()
+            .name("esp-capture".into())
+            .spawn(move || {
+                let mut stream = PcapStream::new(std::io::BufReader::new(stdout));
+                let mut seen = 0;
+                while let Some(packet) = stream.next_packet()? {
+                    seen += 1;
+                    sink(packet);
+                }
+                Ok(seen)
+            })?;
+        let mut capture = StreamingCapture {
+            child: Some(child),
+            reader: Some(reader),
+        };
+        match listening.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => Ok(capture),
+            Ok(Err(line)) => {
+                capture.terminate();
+                bail!("tcpdump did not start on {iface}: {line}")
+            }
+            Err(_) => {
+                capture.terminate();
+                bail!("tcpdump did not start listening on {iface} within 30 s")
+            }
+        }
     }
+}
+
+impl StreamingCapture {
+    /// Stops tcpdump once the packets it buffered are read; returns how many ESP packets the
+    /// sink got.
+    pub fn stop(mut self) -> anyhow::Result<u64> {
+        // Let the last packets in flight reach the capture first.
+        std::thread::sleep(Duration::from_millis(200));
+        self.terminate();
+        match self.reader.take() {
+            Some(reader) => reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the capture reader panicked"))?,
+            None => Ok(0),
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for StreamingCapture {
+    fn drop(&mut self) {
+        self.terminate();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// A pcap stream read record by record (what `tcpdump -w -` writes).
+struct PcapStream<R> {
+    input: R,
+    header: Option<(bool, bool)>,
+}
+
+impl<R: std::io::Read> PcapStream<R> {
+    fn new(input: R) -> Self {
+        PcapStream {
+            input,
+            header: None,
+        }
+    }
+
+    /// Fills `buf` whole, or says the stream ended (cleanly, or mid-record: the same here).
+    fn read_exact_or_end(&mut self, buf: &mut [u8]) -> anyhow::Result<bool> {
+        match self.input.read_exact(buf) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The next ESP packet, `None` at the end of the stream.
+    fn next_packet(&mut self) -> anyhow::Result<Option<EspPacket>> {
+        let (little, nanos) = match self.header {
+            Some(h) => h,
+            None => {
+                let mut header = [0u8; 24];
+                if !self.read_exact_or_end(&mut header)? {
+                    return Ok(None);
+                }
+                let h = pcap_header(&header)?;
+                self.header = Some(h);
+                h
+            }
+        };
+        let u32_of = |b: &[u8]| -> u32 {
+            let b: [u8; 4] = b.try_into().expect("4 bytes");
+            if little {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            }
+        };
+        let mut frame = Vec::new();
+        loop {
+            let mut record = [0u8; 16];
+            if !self.read_exact_or_end(&mut record)? {
+                return Ok(None);
+            }
+            let (sec, frac, len) = (
+                u32_of(&record[0..4]),
+                u32_of(&record[4..8]),
+                u32_of(&record[8..12]) as usize,
+            );
+            anyhow::ensure!(
+                len <= 1 << 18,
+                "a pcap record of {len} bytes: not a pcap stream"
+            );
+            frame.resize(len, 0);
+            if !self.read_exact_or_end(&mut frame)? {
+                return Ok(None);
+            }
+            let when = Duration::from_secs(u64::from(sec))
+                + if nanos {
+                    Duration::from_nanos(u64::from(frac))
+                } else {
+                    Duration::from_micros(u64::from(frac))
+                };
+            if let Some(packet) = esp_in_frame(&frame, when) {
+                return Ok(Some(packet));
+            }
+        }
+    }
+}
+
+/// (little-endian, nanosecond timestamps) of a pcap file header, or why it is not one.
+fn pcap_header(bytes: &[u8]) -> anyhow::Result<(bool, bool)> {
+    const LINKTYPE_ETHERNET: u32 = 1;
     let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
     let (little, nanos) = match magic {
         0xa1b2_c3d4 => (true, false),
@@ -212,6 +494,26 @@ pub fn parse_pcap(bytes: &[u8]) -> anyhow::Result<Vec<EspPacket>> {
         0x4d3c_b2a1 => (false, true),
         other => bail!("not a pcap file (magic {other:08x})"),
     };
+    let link: [u8; 4] = bytes[20..24].try_into().expect("4 bytes");
+    let link = if little {
+        u32::from_le_bytes(link)
+    } else {
+        u32::from_be_bytes(link)
+    };
+    if link != LINKTYPE_ETHERNET {
+        bail!("pcap link type {link}, expected Ethernet (capture on an interface, not `any`)");
+    }
+    Ok((little, nanos))
+}
+
+/// The ESP packets (IPv4 over Ethernet, plain or in UDP 4500) of a pcap file. IKE on 4500
+/// (the non-ESP marker) and NAT-T keepalives are skipped; a truncated last record (a capture
+/// stopped mid-write) ends the list.
+pub fn parse_pcap(bytes: &[u8]) -> anyhow::Result<Vec<EspPacket>> {
+    if bytes.len() < 24 {
+        return Ok(Vec::new()); // nothing written yet
+    }
+    let (little, nanos) = pcap_header(&bytes[..24])?;
     let u32_at = |at: usize| -> Option<u32> {
         let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
         Some(if little {
@@ -220,10 +522,6 @@ pub fn parse_pcap(bytes: &[u8]) -> anyhow::Result<Vec<EspPacket>> {
             u32::from_be_bytes(b)
         })
     };
-    let link = u32_at(20).unwrap_or(0);
-    if link != LINKTYPE_ETHERNET {
-        bail!("pcap link type {link}, expected Ethernet (capture on an interface, not `any`)");
-    }
     let mut packets = Vec::new();
     let mut at = 24;
     while let (Some(sec), Some(frac), Some(len)) = (u32_at(at), u32_at(at + 4), u32_at(at + 8)) {
@@ -377,6 +675,69 @@ mod tests {
         assert_eq!((found[0].first.spi, found[0].first.seq), (1, 2));
         assert!(found[0].to_string().contains("sequence number 2"));
         assert!(repeats(&got[..3]).is_empty());
+    }
+
+    #[test]
+    fn a_pcap_stream_gives_the_same_packets_as_the_file() {
+        let frames = vec![
+            frame(50, &esp(0x1000, 7)),
+            frame(17, &in_udp(&esp(0x2000, 8))),
+            frame(6, &[0; 20]),
+            frame(50, &esp(0x1000, 9)),
+        ];
+        let bytes = pcap(&frames);
+        let mut stream = PcapStream::new(&bytes[..]);
+        let mut got = Vec::new();
+        while let Some(p) = stream.next_packet().unwrap() {
+            got.push(p);
+        }
+        assert_eq!(got, parse_pcap(&bytes).unwrap());
+        // cut anywhere: the packets before the cut, never a panic
+        for cut in 0..bytes.len() {
+            let mut stream = PcapStream::new(&bytes[..cut]);
+            while let Ok(Some(_)) = stream.next_packet() {}
+        }
+    }
+
+    #[test]
+    fn the_repeat_finder_agrees_with_repeats_and_keeps_runs_not_packets() {
+        let packets: Vec<EspPacket> = parse_pcap(&pcap(&[
+            frame(50, &esp(1, 1)),
+            frame(50, &esp(1, 2)),
+            frame(50, &esp(1, 3)),
+            frame(50, &esp(2, 1)),
+            frame(50, &esp(1, 5)),
+            frame(50, &esp(1, 4)), // fills the hole: runs 1..=3 and 5 join
+            frame(50, &esp(1, 2)), // a repeat
+            frame(50, &esp(1, 5)), // another
+        ]))
+        .unwrap();
+        let mut finder = RepeatFinder::default();
+        for p in &packets {
+            finder.see(*p);
+        }
+        let expected = repeats(&packets);
+        assert_eq!(finder.repeats().len(), expected.len());
+        for (got, want) in finder.repeats().iter().zip(&expected) {
+            assert_eq!(got.again, want.again);
+            assert_eq!(
+                (got.first.spi, got.first.dst),
+                (want.first.spi, want.first.dst)
+            );
+        }
+        assert_eq!(finder.packets(), 8);
+        assert_eq!(finder.spis(), 2);
+        let runs = &finder.runs[&(packets[0].dst, 1)];
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        // a million consecutive numbers are one run
+        let mut big = RepeatFinder::default();
+        let mut p = packets[0];
+        for seq in 1..1_000_000 {
+            p.seq = seq;
+            big.see(p);
+        }
+        assert_eq!(big.runs[&(p.dst, 1)].len(), 1);
+        assert!(big.repeats().is_empty());
     }
 
     #[test]
