@@ -98,8 +98,11 @@ pub const EDGE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const CLIENTS_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 16);
 /// The edge router's address on the clients' segment.
 pub const CLIENTS_GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
-/// The most nodes a lab holds (their addresses and the slot map allow more; Raft voters not).
+/// The most nodes a lab runs at once (Raft voters).
 pub const MAX_NODES: u64 = 7;
+/// The highest node id a lab hands out: ids are never reused, so nodes added and removed over
+/// a campaign climb towards it (their addresses stay below the server's).
+pub const MAX_NODE_ID: u64 = 80;
 
 /// Client `index`'s address behind the edge router (0-based; up to 250 × 250 of them).
 pub fn client_addr(index: usize) -> Ipv4Addr {
@@ -780,7 +783,10 @@ impl Lab {
     /// up). Returns its id.
     pub async fn add_node(&mut self) -> anyhow::Result<u64> {
         let id = self.nodes.len() as u64 + 1;
-        anyhow::ensure!(id <= MAX_NODES, "a lab holds at most {MAX_NODES} nodes");
+        anyhow::ensure!(
+            (self.alive_ids().len() as u64) < MAX_NODES && id <= MAX_NODE_ID,
+            "a lab runs at most {MAX_NODES} nodes at once, with ids up to {MAX_NODE_ID}"
+        );
         let ns = NetNs::create(&format!("{}-n{id}", self.spec.tag))?;
         self.wire_node(id, &ns)?;
         self.nodes.push(ns);

@@ -12,12 +12,15 @@
 //!   development kernel does not), with the host's file system read-only inside, so a test
 //!   binary re-executes itself there: the kernel data plane's tests run on real kernel ESP.
 //! - [`wire`]: ESP packets captured with tcpdump, and the check that no (SPI, sequence
-//!   number) went out twice.
+//!   number) went out twice (from a file, or streamed for long campaigns).
+//! - [`swan`]: an unmodified strongSwan road warrior (charon with kernel-libipsec) in a
+//!   namespace, and readers of its log and SA list.
 //!
 //! `lab` builds on `local` (the operator certificate, the bootstrap); both drive the daemon from
 //! outside, through its configuration, its executable and its APIs.
 
 pub mod lab;
 pub mod local;
+pub mod swan;
 pub mod vm;
 pub mod wire;

@@ -6,7 +6,6 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,49 +15,18 @@ use evpc_api::AdminClient;
 use evpc_node::ike_gateway::{IkeSettings, PskSecret, PskSetting};
 use evpc_testkit::lab::{CLUSTER, Lab};
 
-pub const CHARON: &str = "/usr/lib/ipsec/charon";
+#[allow(unused_imports)] // each test uses its own part
+pub use evpc_testkit::swan::{
+    answered_requests, child_spis, ids_after, ike_spis, output, since, virtual_ip,
+};
+
 pub const GW_INNER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const ECHO_PORT: u16 = 7777;
 pub const PSK: &str = "s3cret-psk-value-for-the-cluster";
 
-pub fn output(cmd: &str, args: &[&str]) -> (bool, String) {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) => {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            (o.status.success(), s)
-        }
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// Why the test cannot run here, if it cannot.
-pub fn missing_prerequisite() -> Option<String> {
-    if !evpc_dataplane::netns::is_root() {
-        return Some("not running as root".into());
-    }
-    if !Path::new(CHARON).exists() {
-        return Some(format!(
-            "{CHARON} missing (apt-get install strongswan-charon)"
-        ));
-    }
-    let swanctl = Command::new("swanctl")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if swanctl.is_err() {
-        return Some("swanctl missing (apt-get install strongswan-swanctl)".into());
-    }
-    if !output("ip", &["-V"]).0 {
-        return Some("iproute2 missing".into());
-    }
-    None
-}
-
 /// Skips (loudly) or, under `CI=true`, fails when the test cannot run here.
 pub fn can_run(test: &str) -> bool {
-    let Some(why) = missing_prerequisite() else {
+    let Some(why) = evpc_testkit::swan::missing_prerequisite() else {
         return true;
     };
     evpc_testkit::vm::skip_or_fail(
@@ -70,84 +38,28 @@ pub fn can_run(test: &str) -> bool {
     false
 }
 
-/// charon in the client namespace; killed on drop. On a failing test it prints its log and
-/// the nodes' logs (through `lab_logs`, filled by the test).
+/// The test kit's charon as `client.example` with a 2 s DPD, panicking on failure; on a
+/// failing test it prints its log and the nodes' logs (through `lab_logs`, filled by the test).
 pub struct Charon {
-    dir: PathBuf,
-    ns: String,
-    pid: Option<u32>,
+    inner: evpc_testkit::swan::Charon,
     lab_logs: Arc<Mutex<Vec<(u64, PathBuf)>>>,
 }
 
 impl Charon {
     pub fn start(dir: &Path, ns: &str) -> Charon {
-        fs::create_dir_all(dir.join("swanctl")).expect("mkdir");
-        fs::create_dir_all(dir.join("run")).expect("mkdir");
-        let d = dir.display();
-        let conf = format!(
-            r#"charon {{
-  retransmit_timeout = 2.0
-  retransmit_base = 1.4
-  load = random nonce aes sha1 sha2 hmac gcm curve25519 openssl pem pkcs1 x509 revocation constraints pubkey kdf socket-default kernel-libipsec kernel-netlink vici updown
-  filelog {{ log {{ path = {d}/charon.log
-      time_format = %H:%M:%S
-      flush_line = yes
-      default = 1
-      ike = 2
-      enc = 1 }} }}
-  plugins {{
-    vici {{ socket = unix://{d}/run/charon.vici }}
-    kernel-libipsec {{ allow_peer_ts = yes }}
-  }}
-}}
-"#
-        );
-        fs::write(dir.join("strongswan.conf"), conf).expect("strongswan.conf");
-        let swanctl = format!(
-            r#"connections {{
-  home {{
-    remote_addrs = {CLUSTER}
-    vips = 0.0.0.0
-    proposals = aes128gcm16-prfsha256-x25519
-    encap = yes
-    dpd_delay = 2s
-    local  {{ auth = psk
-             id = client.example }}
-    remote {{ auth = psk
-             id = gw.example }}
-    children {{ home {{ remote_ts = 10.10.0.0/24
-                      esp_proposals = aes128gcm16-x25519 }} }}
-  }}
-}}
-secrets {{ ike-1 {{ id-1 = gw.example
-                  id-2 = client.example
-                  secret = "{PSK}" }} }}
-"#
-        );
-        fs::write(dir.join("swanctl/swanctl.conf"), swanctl).expect("swanctl.conf");
-        // A private /run keeps this charon's pid file away from any other one.
-        let script = format!(
-            "mount -t tmpfs none /run && mkdir -p /run/strongswan && \
-             STRONGSWAN_CONF={d}/strongswan.conf setsid {CHARON} >{d}/charon.stdout 2>&1 & echo $! > {d}/charon.pid"
-        );
-        let (ok, out) = output(
-            "ip",
-            &["netns", "exec", ns, "unshare", "-m", "sh", "-c", &script],
-        );
-        assert!(ok, "starting charon: {out}");
-        let pid = fs::read_to_string(dir.join("charon.pid")).expect("charon pid");
-        let charon = Charon {
-            dir: dir.to_owned(),
-            ns: ns.to_owned(),
-            pid: pid.trim().parse().ok(),
-            lab_logs: Arc::new(Mutex::new(Vec::new())),
+        let road_warrior = evpc_testkit::swan::RoadWarrior {
+            id: "client.example".into(),
+            gateway: CLUSTER,
+            gateway_id: "gw.example".into(),
+            psk: PSK.into(),
+            remote_ts: "10.10.0.0/24".into(),
+            dpd_delay_s: 2,
         };
-        let vici = dir.join("run/charon.vici");
-        wait_until(10, || vici.exists(), "charon's vici socket");
-        let file = dir.join("swanctl/swanctl.conf").display().to_string();
-        let (ok, out) = charon.swanctl(&["--load-all", "--file", &file]);
-        assert!(ok, "swanctl --load-all: {out}");
-        charon
+        Charon {
+            inner: evpc_testkit::swan::Charon::start(dir, ns, &road_warrior)
+                .expect("starting charon"),
+            lab_logs: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     /// On a failing test, also print the logs of `lab`'s nodes.
@@ -159,40 +71,20 @@ secrets {{ ike-1 {{ id-1 = gw.example
     }
 
     pub fn swanctl(&self, args: &[&str]) -> (bool, String) {
-        let uri = format!("unix://{}", self.dir.join("run/charon.vici").display());
-        let mut all = vec!["netns", "exec", &self.ns, "swanctl"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--uri", &uri]);
-        output("ip", &all)
+        self.inner.swanctl(args)
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("charon.log")).unwrap_or_default()
+        self.inner.log()
     }
 
     pub fn list_sas(&self) -> String {
-        let (ok, out) = self.swanctl(&["--list-sas"]);
-        assert!(ok, "swanctl --list-sas: {out}");
-        out
+        self.inner.list_sas().expect("swanctl --list-sas")
     }
 }
 
 impl Drop for Charon {
     fn drop(&mut self) {
-        if let Some(pid) = self.pid {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            let gone = || {
-                fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
-            };
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while !gone() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if !gone() {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
         if std::thread::panicking() {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
@@ -221,60 +113,6 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out after {secs} s waiting for {what}");
-}
-
-/// The IKE SA's SPIs as swanctl prints them ("<spi_i>_i* <spi_r>_r").
-pub fn ike_spis(list: &str) -> Option<(String, String)> {
-    let line = list.lines().find(|l| l.starts_with("home: #"))?;
-    let spis = line.split(", ").last()?;
-    let mut it = spis.split_whitespace();
-    let spi_i = it.next()?.split('_').next()?.to_owned();
-    let spi_r = it.next()?.split('_').next()?.to_owned();
-    Some((spi_i, spi_r))
-}
-
-/// Inbound SPIs of the installed child SAs.
-pub fn child_spis(list: &str) -> Vec<String> {
-    list.lines()
-        .filter(|l| l.trim_start().starts_with("in "))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(|s| s.trim_end_matches(',').to_owned())
-        .collect()
-}
-
-/// The inner address strongSwan got ("... [10.10.0.x]" on the local line).
-pub fn virtual_ip(list: &str) -> Option<String> {
-    let line = list
-        .lines()
-        .find(|l| l.trim_start().starts_with("local  '"))?;
-    let start = line.rfind('[')?;
-    Some(line[start + 1..].trim_end_matches(']').to_owned())
-}
-
-/// The log after byte `from`.
-pub fn since(log: &str, from: usize) -> &str {
-    log.get(from..).unwrap_or("")
-}
-
-/// Message IDs of exchanges strongSwan started and got answered (`generating X request N` then
-/// `parsed X response N`) in `log`.
-pub fn answered_requests(log: &str, exchange: &str) -> Vec<u32> {
-    let sent: Vec<u32> = ids_after(log, &format!("generating {exchange} request "));
-    let answered: Vec<u32> = ids_after(log, &format!("parsed {exchange} response "));
-    sent.into_iter()
-        .filter(|id| answered.contains(id))
-        .collect()
-}
-
-pub fn ids_after(log: &str, needle: &str) -> Vec<u32> {
-    log.match_indices(needle)
-        .filter_map(|(at, _)| {
-            log[at + needle.len()..]
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------- traffic through the tunnel
