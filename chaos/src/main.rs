@@ -17,6 +17,8 @@ mod esp_bench;
 mod failover;
 mod ike_bench;
 mod ike_flood;
+#[allow(dead_code)] // the tunnels runner's report; used once the runner writes it
+mod report;
 mod stats;
 mod store_bench;
 #[allow(dead_code)] // wired into the CLI as it is built
