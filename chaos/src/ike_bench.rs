@@ -1128,7 +1128,7 @@ async fn bare_responder(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 // ---------------------------------------------------------------- the run
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (from `date`), or seconds since the epoch.
-fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
         .output()

@@ -21,7 +21,6 @@ mod ike_flood;
 mod report;
 mod stats;
 mod store_bench;
-#[allow(dead_code)] // wired into the CLI as it is built
 mod tunnels;
 mod workload;
 
@@ -68,6 +67,10 @@ enum Command {
     /// adds to an exchange (3 nodes vs 1 node vs the bare engine), in network namespaces
     /// (needs root).
     IkeBench(ike_bench::Args),
+    /// Real tunnels under fire: strongSwan and evpc clients through one cluster address, voice
+    /// and TCP in every tunnel, every kind of fault; checked on the wire and at the clients,
+    /// interruptions measured there, a JSON and an HTML report (needs root).
+    Tunnels(tunnels::Args),
     /// Whether a client hammering admin.v1 (`status --digest`) delays Raft: commit latency,
     /// elections and failure-detector silences with and without the flood.
     AdminFlood(admin_flood::Args),
@@ -192,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::IkeBench(args) => ike_bench::run(args, node_bin).await,
+        Command::Tunnels(args) => tunnels::run(args, node_bin).await,
         Command::AdminFlood(args) => admin_flood::run(args, node_bin, cli.dir, base_port).await,
         Command::Failover {
             nodes,

@@ -563,11 +563,9 @@ impl Lab {
             "brc",
         ])?;
         edge.ip(&["link", "set", "brc", "up"])?;
+        // (The neighbour table's limits are the host's: 1,024 entries by default, room for as
+        // many clients behind this router.)
         sysctl(edge, "net.ipv4.ip_forward", "1")?;
-        // Many clients behind one router: room in its neighbour table.
-        sysctl(edge, "net.ipv4.neigh.default.gc_thresh1", "4096")?;
-        sysctl(edge, "net.ipv4.neigh.default.gc_thresh2", "8192")?;
-        sysctl(edge, "net.ipv4.neigh.default.gc_thresh3", "16384")?;
         Ok(())
     }
 

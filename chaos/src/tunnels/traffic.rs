@@ -21,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -55,16 +55,6 @@ pub fn now_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// Which way a voice stream goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Server → client: what the cluster seals (its sequence numbers are the ones at stake).
-    Down,
-    /// Client → server: what the cluster opens.
-    Up,
 }
 
 /// A time without packets (or without progress) longer than the threshold.
@@ -212,7 +202,6 @@ pub struct Traffic {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     clients: usize,
-    sent_total: Arc<AtomicU64>,
 }
 
 /// Everything measured, per client.
@@ -263,8 +252,10 @@ impl Traffic {
             bulk: vec![None; n],
         }));
         let stop = Arc::new(AtomicBool::new(false));
-        let sent_total = Arc::new(AtomicU64::new(0));
-        let server_socket = udp_in(server, SocketAddr::from((Ipv4Addr::UNSPECIFIED, VOICE_PORT)))?;
+        let server_socket = udp_in(
+            server,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, VOICE_PORT)),
+        )?;
         let mut client_sockets = Vec::with_capacity(n);
         for c in clients {
             client_sockets.push(udp_in(
@@ -278,17 +269,16 @@ impl Traffic {
         let mut bulk_streams = Vec::new();
         for (i, c) in clients.iter().enumerate().filter(|(_, c)| c.bulk) {
             let target = SocketAddr::from((super::SERVER, BULK_PORT));
-            let stream = c
-                .ns
-                .run(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))?
-                .with_context(|| format!("client {i}: connecting the bulk flow"))?;
+            let stream =
+                c.ns.run(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))?
+                    .with_context(|| format!("client {i}: connecting the bulk flow"))?;
             bulk_streams.push((i, stream));
         }
 
         let mut threads = Vec::new();
         // The sender: every stream once per 20 ms, spread over 1 ms slots.
         {
-            let (stop, books, sent_total) = (stop.clone(), books.clone(), sent_total.clone());
+            let (stop, books) = (stop.clone(), books.clone());
             let server_send = server_socket.try_clone()?;
             let client_send: Vec<UdpSocket> = client_sockets
                 .iter()
@@ -302,7 +292,7 @@ impl Traffic {
                 std::thread::Builder::new()
                     .name("voice-send".into())
                     .spawn(move || {
-                        send_voice(&stop, &books, &sent_total, &server_send, &client_send, &targets)
+                        send_voice(&stop, &books, &server_send, &client_send, &targets)
                     })?,
             );
         }
@@ -339,13 +329,7 @@ impl Traffic {
             stop,
             threads,
             clients: n,
-            sent_total,
         })
-    }
-
-    /// Voice packets sent so far, both ways, every stream.
-    pub fn sent(&self) -> u64 {
-        self.sent_total.load(Ordering::Relaxed)
     }
 
     /// A copy of one client's downstream stream as measured so far.
@@ -400,11 +384,6 @@ impl Traffic {
             bulk: books.bulk,
         }
     }
-
-    /// The per-packet samples of client `client`'s downstream call stream, if it is one.
-    pub fn call_samples(measured: &Measured, client: usize) -> Option<&[(u64, f64, f64)]> {
-        measured.down.get(client)?.samples.as_deref()
-    }
 }
 
 impl Drop for Traffic {
@@ -419,7 +398,6 @@ impl Drop for Traffic {
 fn send_voice(
     stop: &AtomicBool,
     books: &Mutex<Books>,
-    sent_total: &AtomicU64,
     server: &UdpSocket,
     clients: &[UdpSocket],
     targets: &[SocketAddr],
@@ -452,7 +430,6 @@ fn send_voice(
                 books.streams[2 * i].sent = seq + 1;
                 books.streams[2 * i + 1].sent = seq + 1;
             }
-            sent_total.fetch_add(sent, Ordering::Relaxed);
         }
         tick += 1;
         let next = started + Duration::from_millis(tick);
