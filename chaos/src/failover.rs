@@ -643,9 +643,22 @@ impl Run {
                 .iter()
                 .filter(|m| m.gateway_state == "active")
                 .count() as u64;
-            let owned: Vec<u64> = status.members.iter().map(|m| m.owned_sas).collect();
+            // The leader hands its SAs to the others (`ownership.leader_serves` is off): even
+            // means even over the rest, and nothing left on the leader.
+            let owned: Vec<u64> = status
+                .members
+                .iter()
+                .filter(|m| Some(m.id) != status.leader_id)
+                .map(|m| m.owned_sas)
+                .collect();
+            let leader_owns = status
+                .members
+                .iter()
+                .filter(|m| Some(m.id) == status.leader_id)
+                .map(|m| m.owned_sas)
+                .sum::<u64>();
             let spread = owned.iter().max().unwrap_or(&0) - owned.iter().min().unwrap_or(&0);
-            if active == self.options.nodes && spread <= 1 {
+            if active == self.options.nodes && spread <= 1 && leader_owns == 0 {
                 break;
             }
             if active == self.options.nodes {
@@ -702,7 +715,17 @@ impl Run {
                         .context("no follower")?,
                     _ => *ids.choose(&mut self.rng).context("no node")?,
                 };
-                let affected = self.affected(&owners, victim);
+                // The leader owns no SAs (it hands them to the others: `leader_serves` off), so
+                // what its death costs is measured on every SA: each must be reported again,
+                // in any epoch, across the election.
+                let affected = match kind {
+                    Fault::KillLeader => self
+                        .children
+                        .iter()
+                        .filter_map(|(sa, spi)| owners.get(sa).map(|(_, e)| (*spi, *e)))
+                        .collect(),
+                    _ => self.affected(&owners, victim),
+                };
                 self.note(&format!(
                     "{}: node {victim} ({} SAs)",
                     kind.name(),
@@ -719,7 +742,8 @@ impl Run {
                 match kind {
                     Fault::KillOwner | Fault::KillLeader => {
                         self.cluster.write().await.sigkill(victim).await?;
-                        self.wait_resumed(kind, &affected, since, since, true, wait)
+                        let moved = kind == Fault::KillOwner;
+                        self.wait_resumed(kind, &affected, since, since, moved, wait)
                             .await;
                         self.cluster.write().await.restart(victim)?;
                     }

@@ -655,6 +655,18 @@ impl Admin for AdminService {
                     "IKE SA {id} is already owned by node {from}"
                 )));
             }
+            if !self.node.config.ownership.leader_serves
+                && self
+                    .node
+                    .leader()
+                    .is_some_and(|(leader, _)| leader == request.to)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is the Raft leader, which hands its SAs to the others \
+                     (ownership.leader_serves = false): transfer to another node",
+                    request.to
+                )));
+            }
             let command = Command::AssignOwners(vec![OwnerMove {
                 sa: id,
                 from_epoch: epoch,
@@ -719,11 +731,19 @@ impl Admin for AdminService {
             .iter()
             .map(|n| (*n, state.owned_count(*n) as u64))
             .collect();
+        // The SAs spread over the nodes that serve: not this one (the leader) unless it is
+        // alone or configured to (the planner's rule).
+        let me = self.node.id;
+        let spare_me = !self.node.config.ownership.leader_serves && active.iter().any(|n| *n != me);
+        let servers = active.len() - usize::from(spare_me && active.contains(&me));
         let total: u64 = owned_before.values().sum();
-        let share = total / (active.len().max(1) as u64);
+        let share = total / (servers.max(1) as u64);
         let moves_planned = owned_before
-            .values()
-            .map(|c| c.saturating_sub(share + 1))
+            .iter()
+            .map(|(node, c)| match spare_me && *node == me {
+                true => *c,
+                false => c.saturating_sub(share + 1),
+            })
             .sum();
         drop(state);
         self.node.rebalance_requested.store(true, Ordering::Relaxed);

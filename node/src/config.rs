@@ -160,6 +160,11 @@ pub struct OwnershipConfig {
     /// After a cluster key rotation, the leader reseals the blobs of at most this many SAs per
     /// second under the new key.
     pub reseals_per_second: u64,
+    /// Whether the Raft leader owns SAs like the other nodes. Off by default: the leader hands
+    /// its SAs to the others (at `moves_per_second`, by planned transfer) and takes none while
+    /// another active node can, so a leader's death never holds SAs up behind an election.
+    /// On: every node's capacity is used, and the leader's SAs fail over about twice as slowly.
+    pub leader_serves: bool,
 }
 
 impl Default for OwnershipConfig {
@@ -177,6 +182,7 @@ impl Default for OwnershipConfig {
             move_lease: 4_096,
             moves_per_second: 500,
             reseals_per_second: 200,
+            leader_serves: false,
         }
     }
 }

@@ -475,7 +475,22 @@ async fn evpcctl_transfers_drains_and_rebalances() {
     )
     .unwrap();
     let from = before["owner"].as_u64().unwrap();
-    let to = if from == 3 { 1 } else { from + 1 };
+    // The leader takes no SAs (ownership.leader_serves is off): to the third node.
+    let leader = admin.follow_leader().await.unwrap().leader_id.unwrap();
+    let to = (1..=3).find(|n| *n != from && *n != leader).unwrap();
+    let err = evpcctl(
+        &cluster,
+        &[
+            "sa",
+            "transfer",
+            "0000000000004001",
+            "--to",
+            &leader.to_string(),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("is the Raft leader"), "{err:#}");
     let out = evpcctl(
         &cluster,
         &[
@@ -516,14 +531,20 @@ async fn evpcctl_transfers_drains_and_rebalances() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("not registered"), "{err:#}");
 
-    // Drain node 2: it ends up owning nothing, at a bounded rate, and takes no new slots.
-    let out = evpcctl(&cluster, &["node", "drain", "2"]).await.unwrap();
-    assert!(out.contains("node 2 is draining"), "{out}");
+    // Drain a follower: it ends up owning nothing, at a bounded rate, and takes no new slots.
+    let drained = (1..=3).find(|n| *n != leader).unwrap();
+    let out = evpcctl(&cluster, &["node", "drain", &drained.to_string()])
+        .await
+        .unwrap();
+    assert!(
+        out.contains(&format!("node {drained} is draining")),
+        "{out}"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while owners(&cluster).await.get(&2).copied().unwrap_or(0) > 0 {
+    while owners(&cluster).await.get(&drained).copied().unwrap_or(0) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "node 2 never drained"
+            "node {drained} never drained"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -531,17 +552,26 @@ async fn evpcctl_transfers_drains_and_rebalances() {
         .await
         .unwrap();
     let slots: serde_json::Value = serde_json::from_str(&slots).unwrap();
-    assert!(slots["owners"].as_array().unwrap().iter().all(|o| o != 2));
+    assert!(
+        slots["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o != drained && o != leader)
+    );
 
-    // Back to active, then rebalance: within one SA of each other again.
-    evpcctl(&cluster, &["node", "activate", "2"]).await.unwrap();
+    // Back to active, then rebalance: the two followers within one SA of each other, the
+    // leader owning nothing.
+    evpcctl(&cluster, &["node", "activate", &drained.to_string()])
+        .await
+        .unwrap();
     let out = evpcctl(&cluster, &["cluster", "rebalance"]).await.unwrap();
     assert!(out.contains("rebalancing 30 SAs"), "{out}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let counts = owners(&cluster).await;
         let spread = counts.values().max().unwrap() - counts.values().min().unwrap();
-        if counts.len() == 3 && spread <= 1 {
+        if counts.len() == 2 && !counts.contains_key(&leader) && spread <= 1 {
             break;
         }
         assert!(

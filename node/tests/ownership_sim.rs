@@ -295,6 +295,7 @@ impl Sim {
                 now_ms: 0,
                 wall_ms: 0,
                 rebalance: false,
+                leader: 1,
             },
             &self.planner,
         );
@@ -589,6 +590,7 @@ impl Sim {
                     now_ms: now,
                     wall_ms: now,
                     rebalance: true,
+                    leader: l,
                 },
                 &self.planner,
             );
@@ -916,6 +918,7 @@ fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
             failover_ms: FAILOVER_MS,
             move_lease: MOVE_LEASE,
             moves_per_round: 10,
+            leader_serves: false,
         },
         broken,
         bursts,

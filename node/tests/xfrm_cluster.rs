@@ -177,6 +177,9 @@ async fn scenario() {
     };
     spec.ownership.failover_ms = 2_500;
     spec.ownership.fence_ms = 2_000;
+    // The SA visits all three nodes (an owner, its successor, a third by transfer): the
+    // leader must be able to take it.
+    spec.ownership.leader_serves = true;
     spec.log_filter =
         "info,evpc_dataplane=debug,openraft=error,sled=warn,h2=warn,tower=warn".into();
     let mut lab = Lab::start(spec)

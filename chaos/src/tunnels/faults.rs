@@ -236,20 +236,30 @@ pub async fn wait_whole(lab: &Lab, limit: Duration) -> anyhow::Result<()> {
     let mut admin = lab.admin()?;
     admin.follow_leader().await?;
     admin.rebalance().await.context("rebalance")?;
-    // The leader works the rebalance off at its configured rate; wait until the load is even.
+    // The leader works the rebalance off at its configured rate; wait until the load is even
+    // over the nodes that serve (the leader hands its SAs to the others: leader_serves off).
     loop {
-        let status = admin.status(false).await?;
+        let status = admin.follow_leader().await?;
+        let serving = |m: &&evpc_proto::admin::v1::Member| {
+            alive.contains(&m.id) && Some(m.id) != status.leader_id
+        };
         let owned: Vec<u64> = status
             .members
             .iter()
-            .filter(|m| alive.contains(&m.id))
+            .filter(serving)
             .map(|m| m.owned_sas)
             .collect();
+        let leader_owns: u64 = status
+            .members
+            .iter()
+            .filter(|m| Some(m.id) == status.leader_id)
+            .map(|m| m.owned_sas)
+            .sum();
         let (min, max) = (
             owned.iter().copied().min().unwrap_or(0),
             owned.iter().copied().max().unwrap_or(0),
         );
-        if max <= min + 1 + max / 20 || Instant::now() > deadline {
+        if (max <= min + 1 + max / 20 && leader_owns == 0) || Instant::now() > deadline {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

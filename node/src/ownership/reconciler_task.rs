@@ -97,6 +97,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
         failover_ms: o.failover_ms,
         move_lease: o.move_lease,
         moves_per_round: ((o.moves_per_second * period.as_millis() as u64) / 1000).max(1) as usize,
+        leader_serves: o.leader_serves,
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,6 +140,7 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
                     now_ms: node.gate.now_ms(),
                     wall_ms: now_ms(),
                     rebalance,
+                    leader: node.id,
                 },
                 &config,
             )
