@@ -8,7 +8,8 @@
 //! ```
 //!
 //! "Affected" clients are those whose SA the fault touches: owned by the node that dies,
-//! pauses, is cut off or drained; moved by a transfer, an added node's rebalance or a removed
+//! pauses, is cut off or drained (every client for the leader's death: it owns none, and the
+//! election is everyone's); moved by a transfer, an added node's rebalance or a removed
 //! node's drain; every client for a whole-cluster restart. Their interruption is measured
 //! afterwards from the traffic's books, in the fault's window.
 
@@ -302,7 +303,9 @@ pub async fn inject(
         FaultKind::KillLeader => {
             let n = leader.context("no leader")?;
             node = Some(n);
-            affected = before.clients_of(n);
+            // The leader owns no SA (`leader_serves` off): what its death costs is measured on
+            // every client, across the election.
+            affected = before.owner.keys().copied().collect();
             at_ms = now_ms();
             lab.sigkill(n).await?;
         }
