@@ -745,8 +745,8 @@ impl Lab {
         let ns = self.node_ns(id);
         let script = if cut {
             "table inet evpc_partition {\n\
-               chain input { type filter hook input priority -300; iifname \"n0\" drop }\n\
-               chain output { type filter hook output priority -300; oifname \"n0\" drop }\n\
+               chain input {\n type filter hook input priority -300;\n iifname \"n0\" drop\n }\n\
+               chain output {\n type filter hook output priority -300;\n oifname \"n0\" drop\n }\n\
              }\n"
         } else {
             "delete table inet evpc_partition\n"

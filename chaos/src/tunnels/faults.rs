@@ -334,11 +334,12 @@ pub async fn inject(
             at_ms = now_ms();
             for c in candidates.into_iter().take(TRANSFERS) {
                 let from = before.owner[&c];
+                // (never to the leader: it takes no SAs)
                 let Some(&to) = before
                     .alive
                     .iter()
                     .copied()
-                    .filter(|n| *n != from)
+                    .filter(|n| *n != from && Some(*n) != leader)
                     .collect::<Vec<_>>()
                     .choose(rng)
                 else {

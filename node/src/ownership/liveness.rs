@@ -8,9 +8,10 @@
 //!
 //! - **the fence** (every node, for itself): this node may process packets only while it hears
 //!   a quorum of voters, and — when some peer it hears is in contact with a leader other than
-//!   this node — only while it hears that leader too. A node cut off from the cluster therefore
-//!   stops within `fence_ms`, while during an election (no leader anywhere) healthy nodes that
-//!   still hear each other keep their tunnels running;
+//!   this node, and heard it clearly more recently than this node did — only while it hears
+//!   that leader too. A node cut off from the cluster therefore stops within `fence_ms`, while
+//!   when the leader dies (everyone loses it at once) and during the election that follows,
+//!   healthy nodes that still hear each other keep their tunnels running;
 //! - **failure detection** (the leader, for the others): a voter not heard from for
 //!   `failover_ms` is declared down. With `fence_ms < failover_ms`, such a node has fenced
 //!   itself before its SAs are handed to anyone else.
@@ -151,11 +152,26 @@ impl Liveness {
             if !hears(*peer) || !voters.contains(peer) {
                 continue;
             }
-            if let (Some(leader), Some(age)) =
-                (contact.view.leader, contact.view.leader_contact_age_ms)
-                && leader != self.me
-                && age < fence_ms
+            // The peer's contact with the leader, aged to now: it said `age` when it answered
+            // the ping this node sent at `last_heard_ms`.
+            let Some(leader) = contact.view.leader else {
+                continue;
+            };
+            let Some(peer_age) = contact
+                .view
+                .leader_contact_age_ms
+                .map(|age| age.saturating_add(now_ms.saturating_sub(contact.last_heard_ms)))
+            else {
+                continue;
+            };
+            // Cut off from a leader the others still hear: this node's silence with it is far
+            // longer than the peer's. A leader that died falls silent for everyone at once (the
+            // ages differ by the pings' phase, under a heartbeat): that is an election, not a
+            // partition, and fencing through it would stop every tunnel of the cluster.
+            if leader != self.me
+                && peer_age < fence_ms
                 && !hears(leader)
+                && self.silence_ms(leader, now_ms) > peer_age.saturating_add(fence_ms / 2)
             {
                 return Some(FenceReason::LeaderUnreachable { leader });
             }
@@ -271,6 +287,32 @@ mod tests {
         // The peer's own contact with the leader is stale too: an election is on, keep going.
         l.heard(2, 1_000, view(3, 500));
         assert_eq!(l.fence(&voters(), 1_010, 200), None);
+    }
+
+    #[test]
+    fn a_dead_leader_fences_nobody_while_a_live_one_out_of_reach_does() {
+        // Leader 3 answered 1 at 1_000 and 2 at 1_040, then died. 2's answers to 1 keep
+        // coming, saying how long ago it heard 3: the same silence, seen a little later.
+        let mut l = Liveness::new(1, 0);
+        l.heard(3, 1_000, view(3, 0));
+        for t in (1_050..2_000).step_by(50) {
+            l.heard(2, t, view(3, t - 1_040));
+            assert_eq!(l.fence(&voters(), t + 20, 200), None, "at {}", t + 20);
+        }
+        // Leader 3 alive and answering 2 (age 10 at every answer), not 1 since 1_000.
+        let mut cut = Liveness::new(1, 0);
+        cut.heard(3, 1_000, view(3, 0));
+        let fenced = (1_050..2_000)
+            .step_by(10)
+            .find(|t| {
+                cut.heard(2, *t - *t % 50, view(3, 10));
+                cut.fence(&voters(), *t, 200).is_some()
+            })
+            .expect("fenced");
+        assert!(
+            (1_200..1_300).contains(&fenced),
+            "fenced at {fenced}: once the leader is out of reach for fence_ms"
+        );
     }
 
     #[test]
