@@ -51,6 +51,9 @@ pub fn identity(kind: Kind, index: usize) -> String {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Seen {
     pub established: bool,
+    /// Its data plane carries the tunnel (ours: the first child started, the TUN configured;
+    /// traffic sent before then would pick the outer address as its source).
+    pub ready: bool,
     pub inner: Option<Ipv4Addr>,
     /// IKE SPIs (initiator, responder) when established, and at the end.
     pub spis: Option<(String, String)>,
@@ -91,14 +94,16 @@ pub struct Setup<'a> {
 }
 
 impl Client {
-    /// Starts client `index` of `kind` on `host` (not waiting for its tunnel).
+    /// Starts client `index` (of all the run's clients), a `kind` one with identity `id`, on
+    /// `host` (not waiting for its tunnel).
     pub fn start(
         index: usize,
         kind: Kind,
+        id: &str,
         host: &ClientHost,
         setup: &Setup<'_>,
     ) -> anyhow::Result<Client> {
-        let id = identity(kind, index);
+        let id = id.to_owned();
         let dir = setup.dir.join(&id);
         std::fs::create_dir_all(&dir)?;
         let (net, len) = TRUSTED_NET;
@@ -172,6 +177,7 @@ impl Client {
             let list = charon.list_sas()?;
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             seen.established = true;
+            seen.ready = true;
             seen.spis = swan::ike_spis(&list);
             seen.inner = swan::virtual_ip(&list).and_then(|v| v.parse().ok());
         }
@@ -183,7 +189,7 @@ impl Client {
         loop {
             {
                 let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-                if let (true, Some(inner)) = (seen.established, seen.inner) {
+                if let (true, Some(inner)) = (seen.ready, seen.inner) {
                     return Ok(inner);
                 }
                 if let Some(reason) = &seen.closed {
@@ -307,6 +313,7 @@ fn apply_event(event: &serde_json::Value, seen: &mut Seen) {
             seen.inner = event["inner"].as_str().and_then(|a| a.parse().ok());
             seen.spis = spi_pair(event);
         }
+        "child_started" => seen.ready = true,
         "rekeyed" if event["kind"] == "ike" => {
             // an IKE rekey keeps the tunnel: the SA's new SPIs are its SPIs from now on
             if let (Some(i), Some(r)) = (event["new_spi_i"].as_str(), event["new_spi_r"].as_str()) {

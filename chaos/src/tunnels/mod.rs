@@ -165,6 +165,11 @@ pub struct Invariants {
     /// ESP packets the capture saw, and the (destination, SPI) pairs.
     pub esp_packets: u64,
     pub spis: usize,
+    /// ESP packets the cluster sent its clients, as captured, against the voice packets the
+    /// clients received from the server: fewer captured than delivered means the capture
+    /// missed packets (and the nonce-reuse check saw less than everything).
+    pub esp_from_cluster: u64,
+    pub voice_delivered_down: u64,
     /// (SPI, sequence number) seen twice: nonce reuse. Each with both packets' times and
     /// senders.
     pub nonce_reuse: Vec<String>,
@@ -340,7 +345,13 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
     for (index, (kind, _)) in kinds.iter().enumerate() {
         let host = lab.add_client()?;
         debug_assert_eq!(host, index);
-        running.push(Client::start(index, *kind, lab.client_host(host), &setup)?);
+        running.push(Client::start(
+            index,
+            *kind,
+            &identities[index],
+            lab.client_host(host),
+            &setup,
+        )?);
     }
     let deadline = Instant::now() + Duration::from_secs(60 + kinds.len() as u64 / 4);
     let mut inner = Vec::with_capacity(running.len());
@@ -629,6 +640,8 @@ fn evaluate(
     let mut inv = Invariants {
         esp_packets: wire.repeats.packets(),
         spis: wire.repeats.spis(),
+        esp_from_cluster: wire.bins.values().map(|c| u64::from(*c)).sum(),
+        voice_delivered_down: measured.down.iter().map(|s| s.received).sum(),
         nonce_reuse: wire
             .repeats
             .repeats()
@@ -699,6 +712,14 @@ fn evaluate(
             failures.push(what);
         }
     };
+    fail_if(
+        inv.esp_from_cluster < inv.voice_delivered_down,
+        format!(
+            "the capture saw {} ESP packets from the cluster, fewer than the {} voice packets \
+             the clients received: it missed some",
+            inv.esp_from_cluster, inv.voice_delivered_down
+        ),
+    );
     fail_if(
         !inv.nonce_reuse.is_empty(),
         format!(
@@ -971,7 +992,10 @@ fn to_html_model(
             row("faults", report.faults.len().to_string()),
             row(
                 "ESP packets checked on the wire",
-                format!("{} over {} SPIs", inv.esp_packets, inv.spis),
+                format!(
+                    "{} over {} SPIs ({} from the cluster; its clients received {} voice packets)",
+                    inv.esp_packets, inv.spis, inv.esp_from_cluster, inv.voice_delivered_down
+                ),
             ),
             row(
                 "result",
@@ -1041,9 +1065,11 @@ fn print_table(report: &Report) {
     }
     let inv = &report.invariants;
     println!(
-        "wire: {} ESP packets over {} SPIs, {} sent twice; client anti-replay drops {}; re-authenticated {}; failed DPDs {}; inner address changed {}; not resumed {}",
+        "wire: {} ESP packets over {} SPIs ({} from the cluster, {} voice delivered), {} sent twice; client anti-replay drops {}; re-authenticated {}; failed DPDs {}; inner address changed {}; not resumed {}",
         inv.esp_packets,
         inv.spis,
+        inv.esp_from_cluster,
+        inv.voice_delivered_down,
         inv.nonce_reuse.len(),
         inv.client_replay_drops,
         inv.reauthenticated.len(),
