@@ -161,6 +161,62 @@ pub trait SaDriver: Send + Sync + 'static {
     /// Stops (`true`) or resumes (`false`) all processing without forgetting any child: the
     /// node lost (or regained) contact with the cluster.
     fn set_fenced(&self, fenced: bool);
+
+    /// Starts a child in **standby**, for the new owner of a planned handover: it holds what
+    /// arrives for it (ESP from the peer, inner packets for the peer, a bounded number of each)
+    /// and sends nothing until [`SaDriver::take_over`]. Meanwhile the old owner keeps the
+    /// traffic flowing; once it has [`SaDriver::hand_off`]-ed, this one continues from the
+    /// packets it held, without a gap and without sending anything twice. A backend that cannot
+    /// hold packets starts the child at once (the default).
+    fn start_standby(&self, child: ChildStart) -> Result<(), DriverError> {
+        self.start(child)
+    }
+
+    /// Stops a child for a planned handover, as [`SaDriver::stop`] does (nothing of it is sent
+    /// once this returns), and returns what its successor needs: the default knows only the
+    /// counters.
+    fn hand_off(&self, in_spi: u32) -> Option<HandoverState> {
+        self.stop(in_spi).map(|c| HandoverState {
+            highest_out: c.highest_out,
+            ..HandoverState::default()
+        })
+    }
+
+    /// Ends a standby child's wait: refuses the inbound sequence numbers the previous owner
+    /// accepted, seals and sends what it held for the peer after the last packet the previous
+    /// owner sealed, delivers what it held from the peer, and from then on runs normally.
+    /// `previous` is `None` when the old owner's state never came (it died, or took too long):
+    /// everything held goes out. Returns whether the child was waiting.
+    fn take_over(&self, _in_spi: u32, _previous: Option<&HandoverState>) -> bool {
+        false
+    }
+}
+
+/// What the new owner of a child needs from the old one at a planned handover (sent between
+/// the two nodes, not through the log: the committed ranges alone keep every sequence number
+/// unique; this only saves packets from being lost or sent twice).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandoverState {
+    /// The highest outbound sequence number the old owner used.
+    pub highest_out: u64,
+    /// The inbound sequence numbers it accepted inside its replay window (the new owner
+    /// refuses them: the peer's packets are delivered once).
+    pub inbound_accepted: Vec<u64>,
+    /// Digests of the last inner packets it sealed, oldest first ([`packet_digest`]): the new
+    /// owner sends only what it held after the last of them.
+    pub recent_out: Vec<u64>,
+}
+
+/// A digest identifying an inner IP packet among the few around a handover: FNV-1a over its
+/// first 64 bytes (the IP header with its identification and checksum, the transport header,
+/// the start of the payload).
+pub fn packet_digest(packet: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in packet.iter().take(64) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^ packet.len() as u64
 }
 
 /// Permission to process packets, renewed by the node's liveness tracker for as long as the node

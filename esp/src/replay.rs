@@ -97,6 +97,27 @@ impl ReplayWindow {
         Ok(())
     }
 
+    /// The sequence numbers marked inside the window, ascending: what another receiver of the
+    /// same SA must also refuse if it takes over from this one (a planned handover between
+    /// gateway nodes). At most [`ReplayWindow::size`] of them.
+    pub fn marked(&self) -> Vec<u64> {
+        let low = self
+            .highest
+            .saturating_sub(u64::from(self.size).saturating_sub(1))
+            .max(1);
+        (low..=self.highest)
+            .filter(|seq| self.blocks[block_index(*seq)] & bit_mask(*seq) != 0)
+            .collect()
+    }
+
+    /// Marks each of `seqs` (another receiver's [`ReplayWindow::marked`]) as received; those
+    /// this window refuses already count as received here.
+    pub fn absorb(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            self.mark(*seq);
+        }
+    }
+
     /// Records `seq` as received, sliding the window right if it is new
     /// highest. Call only after the packet authenticated; anything
     /// [`ReplayWindow::check`] refuses is ignored.
@@ -367,5 +388,28 @@ mod tests {
                 prop_assert_eq!(window.highest(), model.highest);
             }
         }
+    }
+
+    #[test]
+    fn a_window_handed_over_refuses_what_the_first_receiver_accepted() {
+        let mut first = ReplayWindow::new(64, 100).unwrap();
+        for seq in [101, 103, 104, 110, 170] {
+            first.mark(seq);
+        }
+        let marked = first.marked();
+        // 170 - 63 = 107: 101, 103 and 104 fell out of the window; everything left of it counts
+        assert_eq!(marked, vec![110, 170]);
+        let mut next = ReplayWindow::new(64, 100).unwrap();
+        next.absorb(&marked);
+        assert_eq!(next.highest(), 170);
+        for seq in [110, 170, 104, 50] {
+            assert!(next.check(seq).is_err(), "{seq} must be refused");
+        }
+        for seq in [111, 169, 171] {
+            assert_eq!(next.check(seq), Ok(()), "{seq} was never received");
+        }
+        // and a fresh window's marks are just the checkpoint's block below it
+        assert!(ReplayWindow::new(64, 0).unwrap().marked().is_empty());
+        assert_eq!(ReplayWindow::new(4096, 5000).unwrap().marked().len(), 4096);
     }
 }

@@ -356,6 +356,18 @@ impl InboundSa {
         self.window.highest()
     }
 
+    /// The sequence numbers this SA accepted inside its replay window, ascending
+    /// ([`crate::ReplayWindow::marked`]): what a receiver taking the SA over must refuse.
+    pub fn accepted_in_window(&self) -> Vec<u64> {
+        self.window.marked()
+    }
+
+    /// Refuses from now on every sequence number another receiver of this SA accepted
+    /// ([`InboundSa::accepted_in_window`]), raising the window to the highest of them.
+    pub fn absorb_accepted(&mut self, seqs: &[u64]) {
+        self.window.absorb(seqs);
+    }
+
     /// The SPI packets for this SA carry.
     pub fn spi(&self) -> u32 {
         self.spi

@@ -133,15 +133,57 @@ impl ChildStats {
     }
 }
 
+/// How many sealed packets a child remembers by digest, for a planned handover (the successor
+/// sends what it held after the last of them).
+const RECENT_OUT: usize = 32;
+/// How many packets each way a standby child holds; beyond, the newest are dropped (a handover
+/// takes a few milliseconds: at 10,000 packets a second that is a few dozen).
+pub(crate) const HELD_MAX: usize = 1024;
+
+/// The outbound SA with the digests of the last packets it sealed.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub sa: OutboundSa,
+    recent: [u64; RECENT_OUT],
+    /// Packets sealed so far (the ring's next slot is `sealed % RECENT_OUT`).
+    sealed: u64,
+}
+
+impl Outbound {
+    /// The digests of the last packets sealed, oldest first.
+    pub(crate) fn recent(&self) -> Vec<u64> {
+        let n = (self.sealed as usize).min(RECENT_OUT);
+        (0..n)
+            .map(|i| self.recent[((self.sealed as usize) - n + i) % RECENT_OUT])
+            .collect()
+    }
+}
+
+/// What a standby child holds until it takes over.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// ESP packets from the peer, as received.
+    pub inbound: std::collections::VecDeque<Vec<u8>>,
+    /// Inner packets for the peer, with their next header.
+    pub outbound: std::collections::VecDeque<(Vec<u8>, NextHeader)>,
+    /// Packets that found the hold full.
+    pub overflow: u64,
+}
+
 /// One running child SA.
 #[derive(Debug)]
 pub(crate) struct Child {
     pub in_spi: u32,
+    pub peer: std::net::SocketAddr,
     pub peer_sockaddr: SockaddrStorage,
     pub ts_local: Vec<TrafficSelector>,
     pub ts_remote: Vec<TrafficSelector>,
-    pub outbound: Mutex<OutboundSa>,
+    pub outbound: Mutex<Outbound>,
     pub inbound: Mutex<InboundSa>,
+    /// Holding packets for a planned handover instead of processing them
+    /// ([`crate::SaDriver::start_standby`]); read per packet, changed under `held`'s lock.
+    pub standby: AtomicBool,
+    pub held: Mutex<Held>,
     /// The highest limit the node has granted (`start`'s `limit`, then `extend`s).
     pub granted: AtomicU64,
     pub stats: ChildStats,
@@ -170,15 +212,23 @@ impl Child {
         start: &ChildStart,
         window_size: u32,
         activity: Arc<Activity>,
+        standby: bool,
     ) -> Result<Child, DriverError> {
         let (outbound, inbound) = build_sas(start, window_size)?;
         Ok(Child {
             in_spi: start.in_spi,
+            peer: start.peer,
             peer_sockaddr: SockaddrStorage::from(start.peer),
             ts_local: start.ts_local.clone(),
             ts_remote: start.ts_remote.clone(),
-            outbound: Mutex::new(outbound),
+            outbound: Mutex::new(Outbound {
+                sa: outbound,
+                recent: [0; RECENT_OUT],
+                sealed: 0,
+            }),
             inbound: Mutex::new(inbound),
+            standby: AtomicBool::new(standby),
+            held: Mutex::new(Held::default()),
             granted: AtomicU64::new(start.limit),
             stats: ChildStats::default(),
             active: AtomicBool::new(false),
@@ -197,6 +247,47 @@ impl Child {
         }
     }
 
+    /// Holds a copy of ESP packet `esp` from the peer if the child is in standby (and says
+    /// so); `false`: process it.
+    pub(crate) fn hold_from_peer(&self, esp: &[u8]) -> bool {
+        self.hold(|held| {
+            if held.inbound.len() < HELD_MAX {
+                held.inbound.push_back(esp.to_vec());
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Holds a copy of inner packet `inner` for the peer if the child is in standby (and says
+    /// so); `false`: seal it.
+    pub(crate) fn hold_to_peer(&self, inner: &[u8], next_header: NextHeader) -> bool {
+        self.hold(|held| {
+            if held.outbound.len() < HELD_MAX {
+                held.outbound.push_back((inner.to_vec(), next_header));
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    fn hold(&self, keep: impl FnOnce(&mut Held) -> bool) -> bool {
+        if !self.standby.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        // Read again under the lock: `take_over` clears it under the same lock, after draining.
+        if !self.standby.load(Ordering::Acquire) {
+            return false;
+        }
+        if !keep(&mut held) {
+            held.overflow += 1;
+        }
+        true
+    }
+
     /// Raises the granted limit; lower values are ignored.
     pub(crate) fn extend(&self, limit: u64) {
         self.granted.fetch_max(limit, Ordering::AcqRel);
@@ -205,12 +296,16 @@ impl Child {
     /// Seals the inner packet at `buffer[SEAL_HEADROOM..][..len]` under the lease.
     pub(crate) fn seal(
         &self,
-        sa: &mut OutboundSa,
+        out: &mut Outbound,
         buffer: &mut [u8],
         len: usize,
         next_header: NextHeader,
     ) -> Sealed {
         self.touched();
+        let digest = buffer
+            .get(evpc_esp::SEAL_HEADROOM..evpc_esp::SEAL_HEADROOM + len)
+            .map(crate::packet_digest);
+        let sa = &mut out.sa;
         let result = match sa.seal_in_place(buffer, len, next_header) {
             Err(SealError::LeaseExhausted { .. }) => {
                 // The node may have extended the lease since the last packet.
@@ -230,6 +325,11 @@ impl Child {
                     .highest_out
                     .store(sa.highest_used(), Ordering::Release);
                 self.stats.out_packets.fetch_add(1, Ordering::Relaxed);
+                if let Some(digest) = digest {
+                    let slot = (out.sealed % RECENT_OUT as u64) as usize;
+                    out.recent[slot] = digest;
+                    out.sealed += 1;
+                }
                 Sealed::Packet(sealed)
             }
             Err(SealError::LeaseExhausted { .. } | SealError::CounterExhausted { .. }) => {
@@ -286,6 +386,19 @@ impl Child {
             Err(_) => OpenedPacket::Malformed,
         }
     }
+}
+
+/// How many of the `held` inner packets (oldest first) the previous owner already sealed: up
+/// to and including the last held one whose digest is the newest of `recent` (its last sealed
+/// packets, oldest first) that was held at all. None held: it sealed its last before this
+/// node began holding, and everything held is new.
+pub(crate) fn already_sealed(held: &[(Vec<u8>, NextHeader)], recent: &[u64]) -> usize {
+    let digests: Vec<u64> = held.iter().map(|(p, _)| crate::packet_digest(p)).collect();
+    recent
+        .iter()
+        .rev()
+        .find_map(|d| digests.iter().rposition(|h| h == d))
+        .map_or(0, |at| at + 1)
 }
 
 /// The IP total length of an IPv4 or IPv6 packet, if the header says.
@@ -545,12 +658,12 @@ pub(crate) mod tests {
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.udp_encap = false;
         assert!(matches!(
-            Child::new(&start, 64, Arc::default()),
+            Child::new(&start, 64, Arc::default(), false),
             Err(DriverError::Unsupported { in_spi: 0x1000, reason })
                 if reason.contains("plain ESP") && reason.contains("ESP in UDP")
         ));
         start.udp_encap = true;
-        assert!(Child::new(&start, 64, Arc::default()).is_ok());
+        assert!(Child::new(&start, 64, Arc::default(), false).is_ok());
     }
 
     #[test]
@@ -558,13 +671,13 @@ pub(crate) mod tests {
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.keys = None;
         assert!(matches!(
-            Child::new(&start, 64, Arc::default()),
+            Child::new(&start, 64, Arc::default(), false),
             Err(DriverError::Unsupported { in_spi: 0x1000, reason }) if reason.contains("no keys")
         ));
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.suite.encryption = 12;
         assert!(matches!(
-            Child::new(&start, 64, Arc::default()),
+            Child::new(&start, 64, Arc::default(), false),
             Err(DriverError::Unsupported { .. })
         ));
         start.suite = ChildSuite {
@@ -573,12 +686,12 @@ pub(crate) mod tests {
             esn: false,
         };
         assert!(matches!(
-            Child::new(&start, 64, Arc::default()),
+            Child::new(&start, 64, Arc::default(), false),
             Err(DriverError::Unsupported { .. })
         ));
         let mut start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         start.suite.key_bits = 256; // 20-byte keymat is too short for AES-256
-        let err = Child::new(&start, 64, Arc::default())
+        let err = Child::new(&start, 64, Arc::default(), false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("keys"), "{err}");
@@ -586,13 +699,13 @@ pub(crate) mod tests {
             inbound: Zeroizing::new(vec![1; 36]),
             outbound: Zeroizing::new(vec![2; 36]),
         });
-        Child::new(&start, 64, Arc::default()).expect("AES-256 with 36-byte keymat");
+        Child::new(&start, 64, Arc::default(), false).expect("AES-256 with 36-byte keymat");
     }
 
     #[test]
     fn sealing_stops_at_the_lease_and_resumes_after_extend() {
         let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
-        let child = Child::new(&start, 64, Arc::default()).unwrap();
+        let child = Child::new(&start, 64, Arc::default(), false).unwrap();
         let inner = udp_packet([10, 0, 0, 1], [10, 9, 0, 5]);
         let mut buffer = vec![0u8; 256];
         let mut seal_one = |child: &Child| {
@@ -625,7 +738,7 @@ pub(crate) mod tests {
     #[test]
     fn open_checks_replay_icv_and_selectors() {
         let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
-        let child = Child::new(&start, 64, Arc::default()).unwrap();
+        let child = Child::new(&start, 64, Arc::default(), false).unwrap();
         // the peer: seals with our inbound keys under our in_spi
         let mut peer = OutboundSa::new(OutboundConfig {
             spi: 0x1000,
@@ -675,7 +788,7 @@ pub(crate) mod tests {
         // a floor refuses what the previous owner saw
         let mut start = start.clone();
         start.replay_floor = 10;
-        let resumed = Child::new(&start, 64, Arc::default()).unwrap();
+        let resumed = Child::new(&start, 64, Arc::default(), false).unwrap();
         let mut sa = resumed.inbound.lock().unwrap();
         assert_eq!(
             resumed.open(&mut sa, &mut packet.clone()),
@@ -684,7 +797,15 @@ pub(crate) mod tests {
     }
 
     fn child(in_spi: u32, local: &str, remote: &str) -> Arc<Child> {
-        Arc::new(Child::new(&sample_start(in_spi, local, remote), 64, Arc::default()).unwrap())
+        Arc::new(
+            Child::new(
+                &sample_start(in_spi, local, remote),
+                64,
+                Arc::default(),
+                false,
+            )
+            .unwrap(),
+        )
     }
 
     fn flow_to(dst: [u8; 4]) -> Flow {
@@ -755,7 +876,7 @@ pub(crate) mod tests {
         start.ts_remote[0].protocol = 17;
         start.ts_remote[0].start_port = 8001;
         start.ts_remote[0].end_port = 8001;
-        let one_port = Arc::new(Child::new(&start, 64, Arc::default()).unwrap());
+        let one_port = Arc::new(Child::new(&start, 64, Arc::default(), false).unwrap());
         let table = Table::build(vec![any, one_port]);
         assert_eq!(table.route_order(&flow_to([10, 9, 0, 3])), Some(1));
         let other_port = {
@@ -828,7 +949,7 @@ pub(crate) mod tests {
                         prefix_selector(addr.parse().unwrap(), len.parse().unwrap())
                     })
                     .collect();
-                Arc::new(Child::new(&start, 64, Arc::default()).unwrap())
+                Arc::new(Child::new(&start, 64, Arc::default(), false).unwrap())
             })
             .collect();
         let table = Table::build(children.clone());
@@ -852,5 +973,38 @@ pub(crate) mod tests {
         assert_eq!(table.route_order(&flow_to([10, 9, 0, 9])), Some(7));
         assert_eq!(table.route_order(&flow_to([10, 9, 0, 200])), Some(6));
         assert_eq!(table.route_order(&flow_to([10, 9, 4, 1])), Some(0));
+    }
+
+    #[test]
+    fn what_the_previous_owner_sealed_is_cut_at_its_newest_held_digest() {
+        let p = |n: u8| (vec![0x45, 0, 0, 28, 0, n, 0, 0, 64, 17], NextHeader::IPV4);
+        let held = vec![p(1), p(2), p(3), p(4)];
+        let d = |n: u8| crate::packet_digest(&p(n).0);
+        // it sealed 1 and 2 after this node began holding
+        assert_eq!(already_sealed(&held, &[d(9), d(1), d(2)]), 2);
+        // its newest is not held (sealed before the hold began): everything held is new
+        assert_eq!(already_sealed(&held, &[d(8), d(9)]), 0);
+        // an older one held, its newest not: cut at the newest that was held
+        assert_eq!(already_sealed(&held, &[d(3), d(9)]), 3);
+        assert_eq!(already_sealed(&held, &[]), 0);
+        assert_eq!(already_sealed(&[], &[d(1)]), 0);
+    }
+
+    #[test]
+    fn a_standby_child_holds_both_ways_up_to_its_bound() {
+        let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
+        let child = Child::new(&start, 64, Arc::default(), true).unwrap();
+        assert!(child.hold_from_peer(&[1, 2, 3]));
+        for _ in 0..HELD_MAX + 5 {
+            assert!(child.hold_to_peer(&[4, 5], NextHeader::IPV4));
+        }
+        let held = child.held.lock().unwrap();
+        assert_eq!(
+            (held.inbound.len(), held.outbound.len(), held.overflow),
+            (1, HELD_MAX, 5)
+        );
+        drop(held);
+        child.standby.store(false, Ordering::Release);
+        assert!(!child.hold_from_peer(&[1]), "running: processed, not held");
     }
 }

@@ -88,7 +88,7 @@ pub use self::child::{ENCR_AES_GCM_16, esp_suite};
 pub use self::tun::{DEFAULT_MTU, TunConfig};
 use crate::ike::{self, IkePort, IkeReceiver, IkeSender};
 use crate::metrics::names;
-use crate::{ChildCounters, ChildStart, DriverError, FenceGate, SaDriver};
+use crate::{ChildCounters, ChildStart, DriverError, FenceGate, HandoverState, SaDriver};
 
 /// The UDP port of ESP-in-UDP and NAT-T IKE (RFC 3948 §2, RFC 7296 §2.23).
 pub const NATT_PORT: u16 = evpc_esp::udp_encap::PORT;
@@ -346,12 +346,8 @@ impl Drop for UserspaceDriver {
     }
 }
 
-impl SaDriver for UserspaceDriver {
-    fn name(&self) -> &'static str {
-        "userspace"
-    }
-
-    fn start(&self, child: ChildStart) -> Result<(), DriverError> {
+impl UserspaceDriver {
+    fn start_child(&self, child: ChildStart, standby: bool) -> Result<(), DriverError> {
         if child.peer.is_ipv4() != self.shared.natt_local.is_ipv4() {
             return Err(DriverError::Unsupported {
                 in_spi: child.in_spi,
@@ -365,6 +361,7 @@ impl SaDriver for UserspaceDriver {
             &child,
             self.shared.window_size,
             self.shared.activity.clone(),
+            standby,
         )?);
         let mut table = self
             .shared
@@ -379,18 +376,15 @@ impl SaDriver for UserspaceDriver {
             in_spi = format_args!("{:08x}", child.in_spi),
             next_seq = child.next_seq,
             limit = child.limit,
+            standby,
             "child started"
         );
         Ok(())
     }
 
-    fn extend(&self, in_spi: u32, limit: u64) {
-        if let Some(child) = self.shared.snapshot().get(in_spi) {
-            child.extend(limit);
-        }
-    }
-
-    fn stop(&self, in_spi: u32) -> Option<ChildCounters> {
+    /// Takes child `in_spi` out of the table and returns it once no batch uses it any more:
+    /// nothing of it is sent after this returns.
+    fn remove(&self, in_spi: u32) -> Option<Arc<Child>> {
         let removed = {
             let mut table = self
                 .shared
@@ -403,7 +397,109 @@ impl SaDriver for UserspaceDriver {
         };
         // A batch that took its snapshot before the swap may still be using the child.
         self.shared.wait_for_batches();
-        Some(removed.stats.snapshot())
+        Some(removed)
+    }
+}
+
+impl SaDriver for UserspaceDriver {
+    fn name(&self) -> &'static str {
+        "userspace"
+    }
+
+    fn start(&self, child: ChildStart) -> Result<(), DriverError> {
+        self.start_child(child, false)
+    }
+
+    fn start_standby(&self, child: ChildStart) -> Result<(), DriverError> {
+        self.start_child(child, true)
+    }
+
+    fn hand_off(&self, in_spi: u32) -> Option<HandoverState> {
+        let removed = self.remove(in_spi)?;
+        let out = removed
+            .outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let inbound = removed
+            .inbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(HandoverState {
+            highest_out: out.sa.highest_used(),
+            inbound_accepted: inbound.accepted_in_window(),
+            recent_out: out.recent(),
+        })
+    }
+
+    fn take_over(&self, in_spi: u32, previous: Option<&HandoverState>) -> bool {
+        use std::io::Write;
+        let table = self.shared.snapshot();
+        let Some(child) = table.get(in_spi) else {
+            return false;
+        };
+        // Held while the held packets go out: a worker that finds the child in standby waits
+        // here, then processes its packet normally, after them — nothing overtakes.
+        let mut held = child.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !child.standby.load(Ordering::Acquire) {
+            return false;
+        }
+        let open = self.shared.is_open();
+        let from_peer: Vec<Vec<u8>> = held.inbound.drain(..).collect();
+        let to_peer: Vec<(Vec<u8>, evpc_esp::NextHeader)> = held.outbound.drain(..).collect();
+        {
+            let mut sa = child.inbound.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(previous) = previous {
+                sa.absorb_accepted(&previous.inbound_accepted);
+            }
+            for mut esp in from_peer.into_iter().filter(|_| open) {
+                if let child::OpenedPacket::Deliver(packet) = child.open(&mut sa, &mut esp) {
+                    let _ = (&self.shared.tun).write(packet);
+                }
+            }
+        }
+        let skip = previous.map_or(0, |p| child::already_sealed(&to_peer, &p.recent_out));
+        {
+            let mut out = child
+                .outbound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (inner, next_header) in to_peer.into_iter().skip(skip).filter(|_| open) {
+                let mut buffer =
+                    vec![0u8; evpc_esp::SEAL_HEADROOM + inner.len() + evpc_esp::MAX_SEAL_TAILROOM];
+                buffer[evpc_esp::SEAL_HEADROOM..evpc_esp::SEAL_HEADROOM + inner.len()]
+                    .copy_from_slice(&inner);
+                if let child::Sealed::Packet(len) =
+                    child.seal(&mut out, &mut buffer, inner.len(), next_header)
+                {
+                    let _ = self.shared.natt.send_to(&buffer[..len], child.peer);
+                }
+            }
+        }
+        if held.overflow > 0 {
+            tracing::warn!(
+                in_spi = format_args!("{:08x}", in_spi),
+                dropped = held.overflow,
+                "a standby child held more than it could; the newest were dropped"
+            );
+        }
+        child.standby.store(false, Ordering::Release);
+        tracing::debug!(
+            in_spi = format_args!("{:08x}", in_spi),
+            with_state = previous.is_some(),
+            already_sealed = skip,
+            "standby child took over"
+        );
+        true
+    }
+
+    fn extend(&self, in_spi: u32, limit: u64) {
+        if let Some(child) = self.shared.snapshot().get(in_spi) {
+            child.extend(limit);
+        }
+    }
+
+    fn stop(&self, in_spi: u32) -> Option<ChildCounters> {
+        Some(self.remove(in_spi)?.stats.snapshot())
     }
 
     fn counters(&self, in_spi: u32) -> Option<ChildCounters> {

@@ -20,13 +20,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use evpc_esp::{
-    Datagram, InboundSa, MAX_SEAL_TAILROOM, NextHeader, OutboundSa, SEAL_HEADROOM, classify_mut,
-};
+use evpc_esp::{Datagram, InboundSa, MAX_SEAL_TAILROOM, NextHeader, SEAL_HEADROOM, classify_mut};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Shared;
-use super::child::{OpenedPacket, Sealed, Table, ip_total_len};
+use super::child::{OpenedPacket, Outbound, Sealed, Table, ip_total_len};
 use super::udp::{self, BATCH, Buffers, Outgoing, Receiver, WAKE_INTERVAL};
 use crate::ike::{IkeDatagram, IkePort};
 use crate::metrics::{InboundMetrics, OutboundMetrics, Tally};
@@ -142,6 +140,10 @@ impl<'a> InboundRun<'a> {
                     self.tally.unknown_spi += 1;
                     return;
                 };
+                // A planned handover's new owner holds what arrives until it takes over.
+                if child.hold_from_peer(esp) {
+                    return;
+                }
                 if current.as_ref().map(|(i, _)| *i) != Some(spi) {
                     drop(current.take());
                     let guard = child.inbound.lock().unwrap_or_else(PoisonError::into_inner);
@@ -238,7 +240,7 @@ pub(super) fn outbound(shared: &Shared) {
         }
         let table = shared.snapshot();
         outgoing.clear();
-        let mut current: Option<(u32, MutexGuard<'_, OutboundSa>)> = None;
+        let mut current: Option<(u32, MutexGuard<'_, Outbound>)> = None;
         for (index, &len) in lens[..count].iter().enumerate() {
             let buffer = buffers.get_mut(index);
             let inner = &buffer[SEAL_HEADROOM..SEAL_HEADROOM + len];
@@ -259,6 +261,9 @@ pub(super) fn outbound(shared: &Shared) {
                 tally.no_child += 1;
                 continue;
             };
+            if child.hold_to_peer(&buffer[SEAL_HEADROOM..SEAL_HEADROOM + len], next_header) {
+                continue;
+            }
             let child_index = child.in_spi;
             if current.as_ref().map(|(i, _)| *i) != Some(child_index) {
                 drop(current.take());
