@@ -172,6 +172,15 @@ pub trait SaDriver: Send + Sync + 'static {
         self.start(child)
     }
 
+    /// Puts a running child on hold, as a standby child holds (the old owner of a planned
+    /// handover, until the new owner confirms it holds too): nothing of it is sent or delivered
+    /// until [`SaDriver::take_over`] (with no previous state: it sends what it held) or
+    /// [`SaDriver::hand_off`] (what it held is dropped). Returns whether it could; a backend
+    /// that cannot hold packets keeps it running (the default).
+    fn hold(&self, _in_spi: u32) -> bool {
+        false
+    }
+
     /// Stops a child for a planned handover, as [`SaDriver::stop`] does (nothing of it is sent
     /// once this returns), and returns what its successor needs: the default knows only the
     /// counters.

@@ -91,4 +91,26 @@ fn a_standby_child_holds_then_takes_over_where_the_previous_owner_stopped() {
     assert!(driver.counters(IN_SPI).is_none(), "handed off: stopped");
     app.send_to(b"after", peer_app).unwrap();
     assert_eq!(peer.recv_inner(), None, "nothing sent once handed off");
+
+    // The old owner's side: a running child put on hold sends nothing until released, then
+    // what it held, in order.
+    let mut running = child_start(Suite::AesGcm128, false, 1_000);
+    running.next_seq = 100;
+    driver.start(running).unwrap();
+    assert!(driver.hold(IN_SPI));
+    for i in 1..=2 {
+        app.send_to(format!("held {i}").as_bytes(), peer_app)
+            .unwrap();
+    }
+    assert_eq!(peer.recv_inner(), None, "on hold: nothing sent");
+    assert!(driver.take_over(IN_SPI, None));
+    let released: Vec<(u64, Vec<u8>)> = std::iter::from_fn(|| peer.recv_inner())
+        .map(|(seq, inner)| (seq, parse_ipv4_udp(&inner).payload))
+        .collect();
+    assert_eq!(
+        released,
+        vec![(100, b"held 1".to_vec()), (101, b"held 2".to_vec())]
+    );
+    let state = driver.hand_off(IN_SPI).unwrap();
+    assert_eq!((state.highest_out, state.recent_out.len()), (101, 2));
 }

@@ -672,6 +672,8 @@ impl Admin for AdminService {
                 from_epoch: epoch,
                 to: request.to,
                 lease: self.node.config.ownership.move_lease,
+                // an operator's transfer: both nodes alive, the SA handed over
+                handover: true,
             }]);
             match self.propose(command).await? {
                 (log_index, Applied::Moves(results)) => match results.into_iter().next() {

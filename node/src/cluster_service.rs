@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use evpc_proto::cluster::v1::cluster_server::Cluster;
 use evpc_proto::cluster::v1::{
-    CheckInRequest, CheckInResponse, InstallKeyRequest, InstallKeyResponse, PingMessage, Proposal,
-    ProposalResult, RaftMessage, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+    CheckInRequest, CheckInResponse, HandoverRequest, HandoverResponse, InstallKeyRequest,
+    InstallKeyResponse, PingMessage, Proposal, ProposalResult, RaftMessage, ReadIndexRequest,
+    ReadIndexResponse, SnapshotChunk,
 };
 use evpc_raft_store::raft::{Snapshot, SnapshotMeta, Vote};
 use evpc_raft_store::{Command, KeyId, TypeConfig};
@@ -351,6 +352,41 @@ impl Cluster for ClusterService {
             acknowledged: state.acknowledged(request.node),
             applied_index: state.applied_index(),
         }))
+    }
+
+    /// A planned handover from the SA's old owner (see `ownership::handover`). Only members may
+    /// ask; what they send can only change which held packets this node delivers or sends, never
+    /// who owns what or which sequence numbers anyone may use.
+    async fn handover(
+        &self,
+        request: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverResponse>, Status> {
+        self.require_in_service()?;
+        let from = request.get_ref().from;
+        self.sender(&request, from, "Handover")?;
+        let request = request.into_inner();
+        let (sa, epoch) = (
+            evpc_raft_store::SaId(request.sa),
+            evpc_raft_store::Epoch(request.epoch),
+        );
+        let board = &self.node.handovers;
+        match request.states {
+            None => Ok(Response::new(HandoverResponse {
+                ready: board
+                    .prepare(sa, epoch, crate::ownership::handover::PREPARE_WAIT)
+                    .await,
+            })),
+            Some(bytes) => {
+                let states =
+                    crate::ownership::handover::decode_states(&bytes).ok_or_else(|| {
+                        Status::invalid_argument("Handover: states that do not decode")
+                    })?;
+                if !board.complete(crate::ownership::handover::Completed { sa, epoch, states }) {
+                    tracing::warn!(%sa, from, "handover queue full: state dropped");
+                }
+                Ok(Response::new(HandoverResponse { ready: true }))
+            }
+        }
     }
 
     /// Installs a new cluster key handed out by the leader: durably in the keyring file first,

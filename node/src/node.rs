@@ -148,6 +148,8 @@ pub struct Node {
     /// When this process started opening its data directory: what `Status.uptime_ms` counts
     /// from (how long a restart took to serve again).
     pub started: std::time::Instant,
+    /// Planned handovers in flight (cluster.v1 `Handover` and the owner task share it).
+    pub handovers: crate::ownership::handover::HandoverBoard,
 }
 
 /// What a node found in its data directory at start: a restart after SIGKILL must reproduce the
@@ -312,6 +314,7 @@ impl Node {
             identity: Mutex::new(identity),
             joined,
             started,
+            handovers: Default::default(),
         }))
     }
 

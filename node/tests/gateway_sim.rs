@@ -673,6 +673,7 @@ impl Sim {
                 from_epoch: epoch,
                 to,
                 lease: 4096,
+                handover: false,
             }]),
         );
         if moved.is_ok() {

@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use evpc_dataplane::{ChildCounters, ChildKeymat};
+use evpc_dataplane::{ChildCounters, ChildKeymat, HandoverState};
 use evpc_node::ownership::liveness::{Liveness, PeerView};
 use evpc_node::ownership::planner::{PlanInput, PlannerConfig, plan};
 use evpc_node::ownership::runtime::{Action, KeyOpener, OwnerConfig, OwnerRuntime};
@@ -39,15 +39,22 @@ use evpc_raft_store::{
 };
 
 /// What the real node's change feed would list for the owner runtime after `command`.
-fn note_changes(into: &mut Vec<SaId>, command: &Command, response: &Response) {
+fn note_changes(
+    into: &mut Vec<SaId>,
+    handed_over: &mut BTreeSet<SaId>,
+    command: &Command,
+    response: &Response,
+) {
     let mut listed = Vec::new();
     changes(command, response, &mut listed);
-    into.extend(
-        listed
-            .into_iter()
-            .filter(|(_, kinds)| kinds.intersects(ChangeKinds::DATA_PLANE))
-            .map(|(sa, _)| sa),
-    );
+    for (sa, kinds) in listed {
+        if kinds.intersects(ChangeKinds::DATA_PLANE) {
+            into.push(sa);
+        }
+        if kinds.intersects(ChangeKinds::HANDOVER) {
+            handed_over.insert(sa);
+        }
+    }
 }
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,6 +64,11 @@ const HEARTBEAT_MS: u64 = 50;
 const FENCE_MS: u64 = 200;
 const FAILOVER_MS: u64 = 300;
 const TICK_MS: u64 = 20;
+/// Each child's handover state, by inbound SPI.
+type ChildStates = Vec<(u32, HandoverState)>;
+
+/// How long a new owner holds for a planned handover (`ownership::handover::HANDOVER_WAIT`).
+const HANDOVER_WAIT_MS: u64 = 200;
 /// Packets per SA per step (400 packets per second).
 const PACKETS_PER_STEP: u64 = 2;
 /// Packets per SA per step during a burst (8,000 per second): far beyond what a lease sized
@@ -126,6 +138,8 @@ struct FakeChild {
     next: u64,
     limit: u64,
     counters: ChildCounters,
+    /// Holding for a planned handover: sends nothing until taken over.
+    standby: bool,
 }
 
 struct SimNode {
@@ -149,6 +163,11 @@ struct SimNode {
     /// reads from `StateReader::changes_since`), and whether it has had its first full look:
     /// after that it reconciles only the listed SAs, as the real one does.
     changed: Vec<SaId>,
+    /// Among them, those the feed said moved by a planned handover.
+    handed_over: BTreeSet<SaId>,
+    /// SAs held in standby for a planned handover, with the deadline of the wait (the real
+    /// node's `HandoverBoard`).
+    board: BTreeMap<(SaId, Epoch), u64>,
     looked: bool,
     /// Coming back from a fence: the log length the view must reach (and the runtime act on)
     /// before the data plane resumes, as the real node's pinger does.
@@ -179,6 +198,8 @@ impl SimNode {
             election_timeout: rng.random_range(200..400),
             view_changed: true,
             changed: Vec::new(),
+            handed_over: BTreeSet::new(),
+            board: BTreeMap::new(),
             looked: false,
             barrier: None,
             scanning: true,
@@ -222,6 +243,13 @@ struct Sim {
     truth: State,
     leader: Option<NodeId>,
     pending: Vec<(NodeId, Command)>,
+    /// Planned handovers under way: (when the old owner hands off, from, to, SA, epoch, the
+    /// children), and the states on their way to the new owner (when, to, SA, epoch, states).
+    handoffs: Vec<(u64, NodeId, NodeId, SaId, Epoch, Vec<u32>)>,
+    /// Children being handed off, per node: a start or stop of the same child meanwhile claims
+    /// it back (as the real owner task's `HandingOff`), and the hand-off leaves it alone.
+    handing_off: BTreeSet<(NodeId, u32)>,
+    handover_states: Vec<(u64, NodeId, SaId, Epoch, ChildStates)>,
     ledger: Ledger,
     /// Per SA: since when it has had no working owner (while a quorum is up).
     orphaned_since: HashMap<SaId, u64>,
@@ -335,6 +363,7 @@ impl Sim {
     fn step(&mut self) {
         self.now += STEP_MS;
         let now = self.now;
+        self.run_handovers();
         for i in 0..self.nodes.len() {
             if let Health::Paused { until } = self.nodes[i].health
                 && now >= until
@@ -408,7 +437,7 @@ impl Sim {
                     let node = &mut self.nodes[i];
                     for command in &self.log[node.applied..] {
                         let response = apply(&mut node.view, command);
-                        note_changes(&mut node.changed, command, &response);
+                        note_changes(&mut node.changed, &mut node.handed_over, command, &response);
                     }
                     node.applied = self.log.len();
                     node.view_changed = true;
@@ -503,7 +532,13 @@ impl Sim {
                     .unwrap_or(0);
             }
             if !node.fenced && now < node.open_until {
-                let spis: Vec<u32> = node.driver.children.keys().copied().collect();
+                let spis: Vec<u32> = node
+                    .driver
+                    .children
+                    .iter()
+                    .filter(|(_, c)| !c.standby)
+                    .map(|(spi, _)| *spi)
+                    .collect();
                 let rates: Vec<u64> = spis.iter().map(|s| self.rate(*s)).collect();
                 let node = &mut self.nodes[i];
                 let mut sent = Vec::new();
@@ -535,6 +570,7 @@ impl Sim {
                     actions.extend(node.runtime.on_changes(
                         &node.view,
                         &node.changed,
+                        &node.handed_over,
                         now,
                         &NoKeys,
                     ));
@@ -543,6 +579,7 @@ impl Sim {
                     node.looked = true;
                 }
                 node.changed.clear();
+                node.handed_over.clear();
                 node.view_changed = false;
             }
             if now.is_multiple_of(TICK_MS) {
@@ -665,7 +702,45 @@ impl Sim {
 
     fn run_action(&mut self, i: usize, action: Action, id: NodeId) {
         match action {
+            Action::StartStandby(child) => {
+                let (in_spi, sa, epoch) = (child.in_spi, child.ike, child.epoch);
+                self.run_action(i, Action::Start(child), id);
+                let node = &mut self.nodes[i];
+                if let Some(c) = node.driver.children.get_mut(&in_spi) {
+                    c.standby = true;
+                    node.board.insert((sa, epoch), self.now + HANDOVER_WAIT_MS);
+                }
+            }
+            Action::HandOff {
+                sa,
+                epoch,
+                to,
+                in_spis,
+            } => {
+                // The old owner holds them at once, and asks the new one (a round trip or two)
+                // whether it holds too; then it hands them off and sends their state.
+                for spi in &in_spis {
+                    if let Some(c) = self.nodes[i].driver.children.get_mut(spi) {
+                        c.standby = true;
+                    }
+                }
+                let delay = STEP_MS * self.rng.random_range(0..4);
+                self.handing_off
+                    .extend(in_spis.iter().map(|spi| (id, *spi)));
+                self.handoffs
+                    .push((self.now + delay, id, to, sa, epoch, in_spis));
+            }
+            Action::TakeOver {
+                sa, epoch, in_spi, ..
+            } => {
+                let node = &mut self.nodes[i];
+                if let Some(c) = node.driver.children.get_mut(&in_spi) {
+                    c.standby = false;
+                }
+                node.board.remove(&(sa, epoch));
+            }
             Action::Start(child) => {
+                self.handing_off.remove(&(id, child.in_spi));
                 if self.trace && child.in_spi == 0x1001 {
                     eprintln!(
                         "{} ms: node {id} starts {:08x} epoch {} at {} limit {}",
@@ -708,6 +783,7 @@ impl Sim {
                             highest_out: next.saturating_sub(1),
                             ..ChildCounters::default()
                         },
+                        standby: false,
                     },
                 );
             }
@@ -717,12 +793,88 @@ impl Sim {
                 }
             }
             Action::Stop { in_spi } => {
+                self.handing_off.remove(&(id, in_spi));
                 if self.trace && in_spi == 0x1001 {
                     eprintln!("{} ms: node {id} stops {in_spi:08x}", self.now);
                 }
                 self.nodes[i].driver.children.remove(&in_spi);
             }
             Action::Propose(command) => self.pending.push((id, command)),
+        }
+    }
+
+    /// Hand-offs and handover states that are due: the old owner stops the children (if it still
+    /// runs: a crash took them already) and sends their state; the new owner, if it runs, takes
+    /// them over with it.
+    fn run_handovers(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.handoffs)
+            .into_iter()
+            .partition(|h| h.0 <= now);
+        self.handoffs = later;
+        for (_, from, to, sa, epoch, in_spis) in due {
+            // The prepare: the new owner, if it runs and still holds, moves its deadline ahead.
+            let target = &mut self.nodes[(to - 1) as usize];
+            if target.health == Health::Up
+                && let Some(deadline) = target.board.get_mut(&(sa, epoch))
+            {
+                *deadline = (*deadline).max(now + HANDOVER_WAIT_MS);
+            }
+            let node = &mut self.nodes[(from - 1) as usize];
+            if node.health == Health::Crashed {
+                continue;
+            }
+            let handing_off = &mut self.handing_off;
+            let states = in_spis
+                .iter()
+                .filter(|spi| handing_off.remove(&(from, **spi)))
+                .filter_map(|spi| {
+                    let child = node.driver.children.remove(spi)?;
+                    Some((
+                        *spi,
+                        HandoverState {
+                            highest_out: child.counters.highest_out,
+                            ..HandoverState::default()
+                        },
+                    ))
+                })
+                .collect();
+            self.handover_states
+                .push((now + STEP_MS, to, sa, epoch, states));
+        }
+        // Waits that ended without the old owner's state.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].health != Health::Up {
+                continue;
+            }
+            let expired: Vec<(SaId, Epoch)> = self.nodes[i]
+                .board
+                .iter()
+                .filter(|(_, deadline)| **deadline <= now)
+                .map(|(key, _)| *key)
+                .collect();
+            let id = self.nodes[i].id;
+            for (sa, epoch) in expired {
+                self.nodes[i].board.remove(&(sa, epoch));
+                let actions = self.nodes[i].runtime.on_expired(sa, epoch);
+                for action in actions {
+                    self.run_action(i, action, id);
+                }
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.handover_states)
+            .into_iter()
+            .partition(|h| h.0 <= now);
+        self.handover_states = later;
+        for (_, to, sa, epoch, states) in due {
+            let i = (to - 1) as usize;
+            if self.nodes[i].health != Health::Up {
+                continue;
+            }
+            let actions = self.nodes[i].runtime.on_handover(sa, epoch, states);
+            for action in actions {
+                self.run_action(i, action, to);
+            }
         }
     }
 
@@ -847,6 +999,9 @@ impl Sim {
             let _ = apply(&mut n.view, command);
         }
         n.changed.clear();
+        n.handed_over.clear();
+        n.board.clear();
+        self.handing_off.retain(|(node, _)| *node != id);
         n.looked = false;
         n.applied = n.persisted;
         n.liveness = Liveness::new(id, now);
@@ -912,6 +1067,9 @@ fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
         truth: State::default(),
         leader: None,
         pending: Vec::new(),
+        handoffs: Vec::new(),
+        handing_off: BTreeSet::new(),
+        handover_states: Vec::new(),
         ledger: Ledger::default(),
         orphaned_since: HashMap::new(),
         planner: PlannerConfig {

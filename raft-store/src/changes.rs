@@ -49,6 +49,9 @@ impl ChangeKinds {
     pub const IKE_SPIS: ChangeKinds = ChangeKinds(1 << 8);
     /// IKE bookkeeping only: message IDs, stored datagrams, times, the peer last seen.
     pub const EXCHANGE: ChangeKinds = ChangeKinds(1 << 7);
+    /// With [`ChangeKinds::OWNER`]: a planned move, handed over by a live old owner
+    /// (`OwnerMove::handover`).
+    pub const HANDOVER: ChangeKinds = ChangeKinds(1 << 9);
 
     /// What a data plane runs depends on: which node owns the SA in which epoch, its children
     /// and their leases, the peer's address. Not sealed blobs (a resealed blob holds the same
@@ -57,6 +60,7 @@ impl ChangeKinds {
         Self::CREATED.0
             | Self::REMOVED.0
             | Self::OWNER.0
+            | Self::HANDOVER.0
             | Self::CHILDREN.0
             | Self::LEASE.0
             | Self::PEER.0,
@@ -126,7 +130,12 @@ pub fn changes(command: &Command, response: &Response, out: &mut Vec<(SaId, Chan
             };
             for (m, result) in moves.iter().zip(results) {
                 if result.is_ok() {
-                    out.push((m.sa, ChangeKinds::OWNER | ChangeKinds::LEASE));
+                    let planned = if m.handover {
+                        ChangeKinds::HANDOVER
+                    } else {
+                        ChangeKinds::NONE
+                    };
+                    out.push((m.sa, ChangeKinds::OWNER | ChangeKinds::LEASE | planned));
                 }
             }
         }

@@ -261,6 +261,11 @@ pub struct OwnerMove {
     pub to: NodeId,
     /// Sequence numbers granted to the new owner for each child.
     pub lease: u64,
+    /// A planned move (drain, rebalance, transfer): the old owner is alive and hands the SA
+    /// over — its successor holds the SA's packets until the old owner's final state arrives
+    /// (node to node), so nothing is lost or sent twice. A takeover from a failed node is not.
+    /// `apply` treats both alike: the ranges alone keep every sequence number unique.
+    pub handover: bool,
 }
 
 /// Point one slot at a node (or at nobody).
@@ -673,6 +678,7 @@ mod tests {
             from_epoch: Epoch::FIRST,
             to: 2,
             lease: 1024,
+            handover: false,
         }]);
         assert!(moved.may_change_data_plane());
         assert!(Command::Batch(vec![Command::SetSlots(vec![]), moved]).may_change_data_plane());

@@ -264,12 +264,14 @@ fn a_stale_epoch_is_fenced_off_after_a_move() {
                 from_epoch: Epoch(1),
                 to,
                 lease: 1000,
+                handover: false,
             },
             OwnerMove {
                 sa: SaId(99),
                 from_epoch: Epoch(1),
                 to,
                 lease: 1000,
+                handover: false,
             },
         ]),
     );
@@ -304,6 +306,7 @@ fn a_stale_epoch_is_fenced_off_after_a_move() {
                 from_epoch: Epoch(1),
                 to: owner,
                 lease: 1000,
+                handover: false,
             }])
         ),
         Applied::Moves(vec![Err(Rejection::StaleEpoch {
@@ -800,6 +803,7 @@ fn epochs_and_ranges_never_wrap() {
             from_epoch: Epoch(epoch),
             to: 2,
             lease: 100,
+            handover: false,
         }]),
     );
     assert_eq!(moved, Applied::Moves(vec![Ok(Epoch(epoch + 1))]));

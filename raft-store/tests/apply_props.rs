@@ -323,6 +323,7 @@ fn to_command(state: &State, harness: &Harness, op: &Op) -> Command {
             from_epoch: Epoch(*from),
             to: *to,
             lease: 700,
+            handover: false,
         }]),
         Op::Slots(slots) => Command::SetSlots(
             slots

@@ -431,6 +431,20 @@ impl SaDriver for UserspaceDriver {
         })
     }
 
+    fn hold(&self, in_spi: u32) -> bool {
+        let table = self.shared.snapshot();
+        let Some(child) = table.get(in_spi) else {
+            return false;
+        };
+        let held = child.held.lock().unwrap_or_else(PoisonError::into_inner);
+        child.standby.store(true, Ordering::Release);
+        drop(held);
+        // A batch that read the child as running before may still be sealing for it: once
+        // it is through, nothing more leaves.
+        self.shared.wait_for_batches();
+        true
+    }
+
     fn take_over(&self, in_spi: u32, previous: Option<&HandoverState>) -> bool {
         use std::io::Write;
         let table = self.shared.snapshot();

@@ -4,7 +4,9 @@
 //! - [`liveness`]: the contact table, the fence, failure detection;
 //! - [`planner`]: the leader's placement decisions (takeover, drain, rebalance, slots);
 //! - [`placement`]: the balanced slot map the planner asks for (pure functions);
-//! - [`runtime`]: the owner side — start/stop children, leases, replay checkpoints.
+//! - [`runtime`]: the owner side — start/stop children, leases, replay checkpoints, planned
+//!   handovers;
+//! - [`handover`]: what two live owners say to each other during a planned handover.
 //!
 //! Each runs in the daemon inside a thin async task beside it, which does the I/O:
 //!
@@ -12,6 +14,7 @@
 //! - [`reconciler_task`]: the leader proposes what [`planner`] plans, every heartbeat;
 //! - [`owner_task`]: drives [`runtime`] against this node's data plane.
 
+pub mod handover;
 pub mod liveness;
 pub mod owner_task;
 pub mod pinger_task;

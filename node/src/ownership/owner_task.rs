@@ -1,15 +1,20 @@
 //! Runs the owner runtime against this node's data plane: reacts to the applied state (start,
 //! extend, stop), ticks leases and checkpoints, forwards fence changes to the backend.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use evpc_dataplane::SaDriver;
-use evpc_raft_store::{Applied, ChangeKinds, Command, Feed, Response, SaId, SaUpdate};
+use evpc_dataplane::{DriverError, SaDriver};
+use evpc_proto::cluster::v1::HandoverRequest;
+use evpc_raft_store::{
+    Applied, ChangeKinds, Command, Epoch, Feed, NodeId, Response, SaId, SaUpdate,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::node::Node;
+use crate::ownership::handover::{PREPARE_WAIT, encode_states};
 use crate::ownership::runtime::{Action, OwnerConfig, OwnerRuntime, ReplayGapPolicy};
 use crate::sealing::Opener;
 
@@ -49,10 +54,10 @@ fn count_leases(command: &Command) -> u64 {
     }
 }
 
-fn refused(response: &Response) -> bool {
+fn refused_response(response: &Response) -> bool {
     match response {
         Err(_) => true,
-        Ok(Applied::Batch(results)) => results.iter().any(refused),
+        Ok(Applied::Batch(results)) => results.iter().any(refused_response),
         Ok(_) => false,
     }
 }
@@ -91,6 +96,17 @@ pub async fn run(
     // The first look is at the whole state: it decides which ranges this process saw granted.
     let mut looked = false;
     let mut active = Vec::new();
+    let mut completed = node
+        .handovers
+        .take_receiver()
+        .ok_or_else(|| anyhow::anyhow!("the owner task runs once per node"))?;
+    let handing_off: HandingOff = Arc::default();
+    let exec = Exec {
+        node: &node,
+        driver: &driver,
+        failed: &failed_tx,
+        handing_off: &handing_off,
+    };
     loop {
         if state_changed {
             changed.clear();
@@ -109,7 +125,12 @@ pub async fn run(
                     let mut ids: Vec<SaId> = changed.iter().map(|c| c.sa).collect();
                     ids.sort_unstable();
                     ids.dedup();
-                    runtime.on_changes(&state, &ids, now, &opener)
+                    let handed_over: BTreeSet<SaId> = changed
+                        .iter()
+                        .filter(|c| c.kinds.intersects(ChangeKinds::HANDOVER))
+                        .map(|c| c.sa)
+                        .collect();
+                    runtime.on_changes(&state, &ids, &handed_over, now, &opener)
                 };
                 // A full look saw the state as read; the changes only go as far as the feed.
                 let seen = match feed {
@@ -121,7 +142,7 @@ pub async fn run(
             cursor = match feed {
                 Feed::Resync { upto } | Feed::Changes { upto } => upto,
             };
-            execute(&node, &*driver, actions, &failed_tx);
+            exec.run(actions);
             node.reconciled_index.store(seen, Ordering::Release);
             node.running_children
                 .store(runtime.running_count() as u64, Ordering::Relaxed);
@@ -150,14 +171,21 @@ pub async fn run(
                 }
                 active.clear();
                 let known = driver.take_active(&mut active);
-                let actions = runtime.on_tick(
+                let mut actions = runtime.on_tick(
                     node.gate.now_ms(),
                     &|spi| driver.counters(spi),
                     known.then_some(active.as_slice()),
                 );
-                execute(&node, &*driver, actions, &failed_tx);
+                for (sa, epoch) in node.handovers.expired() {
+                    actions.extend(runtime.on_expired(sa, epoch));
+                }
+                exec.run(actions);
             }
             Some(()) = failed_rx.recv() => runtime.on_proposal_failed(),
+            Some(done) = completed.recv() => {
+                let actions = runtime.on_handover(done.sa, done.epoch, done.states);
+                exec.run(actions);
+            }
         }
     }
     for (in_spi, _, _) in runtime.running().collect::<Vec<_>>() {
@@ -185,50 +213,218 @@ async fn startup_barrier(node: &Arc<Node>, shutdown: &mut watch::Receiver<bool>)
     }
 }
 
-fn execute(
-    node: &Arc<Node>,
-    driver: &dyn SaDriver,
-    actions: Vec<Action>,
-    failed: &mpsc::UnboundedSender<()>,
-) {
-    for action in actions {
-        match action {
-            Action::Start(child) => {
-                let in_spi = child.in_spi;
-                if let Err(e) = driver.start(*child) {
-                    tracing::error!(in_spi = format_args!("{in_spi:08x}"), error = %e, "data plane refused a child SA");
+/// Children being handed off by a task of their own: a start of the same SPI meanwhile (the SA
+/// came straight back) claims it first, so the task leaves it alone.
+type HandingOff = Arc<Mutex<HashSet<u32>>>;
+
+/// Runs the runtime's actions against the data plane.
+struct Exec<'a> {
+    node: &'a Arc<Node>,
+    driver: &'a Arc<dyn SaDriver>,
+    failed: &'a mpsc::UnboundedSender<()>,
+    handing_off: &'a HandingOff,
+}
+
+impl Exec<'_> {
+    fn run(&self, actions: Vec<Action>) {
+        let driver = &**self.driver;
+        for action in actions {
+            match action {
+                Action::Start(child) => {
+                    let in_spi = child.in_spi;
+                    self.claim(in_spi);
+                    refused(in_spi, driver.start(*child));
                 }
-            }
-            Action::Extend { in_spi, limit } => driver.extend(in_spi, limit),
-            Action::Stop { in_spi } => {
-                if let Some(c) = driver.stop(in_spi) {
-                    tracing::info!(
-                        in_spi = format_args!("{in_spi:08x}"),
-                        highest_out = c.highest_out,
-                        highest_in = c.highest_in,
-                        "stopped child SA"
-                    );
-                }
-            }
-            Action::Propose(command) => {
-                let (node, failed) = (node.clone(), failed.clone());
-                let leases = count_leases(&command);
-                tokio::spawn(async move {
-                    match node.propose(command).await {
-                        Ok(p) if !refused(&p.response) => {
-                            node.lease_commits.fetch_add(leases, Ordering::Relaxed);
-                        }
-                        Ok(p) => {
-                            tracing::debug!(response = ?p.response, "lease or checkpoint refused");
-                            let _ = failed.send(());
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "lease or checkpoint not committed");
-                            let _ = failed.send(());
-                        }
+                Action::StartStandby(child) => {
+                    let (in_spi, sa, epoch) = (child.in_spi, child.ike, child.epoch);
+                    self.claim(in_spi);
+                    if refused(in_spi, driver.start_standby(*child)) {
+                        continue;
                     }
-                });
+                    self.node.handovers.set_standby(sa, epoch, true);
+                }
+                Action::TakeOver {
+                    sa,
+                    epoch,
+                    in_spi,
+                    previous,
+                } => {
+                    let with_state = previous.is_some();
+                    if driver.take_over(in_spi, previous.as_deref()) {
+                        tracing::info!(
+                            %sa,
+                            in_spi = format_args!("{in_spi:08x}"),
+                            with_state,
+                            "took the child SA over"
+                        );
+                    }
+                    self.node.handovers.set_standby(sa, epoch, false);
+                }
+                Action::HandOff {
+                    sa,
+                    epoch,
+                    to,
+                    in_spis,
+                } => {
+                    self.handing_off
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(in_spis.iter().copied());
+                    tokio::spawn(hand_off(
+                        self.node.clone(),
+                        self.driver.clone(),
+                        self.handing_off.clone(),
+                        (sa, epoch, to),
+                        in_spis,
+                    ));
+                }
+                Action::Extend { in_spi, limit } => driver.extend(in_spi, limit),
+                Action::Stop { in_spi } => {
+                    self.claim(in_spi);
+                    if let Some(c) = driver.stop(in_spi) {
+                        tracing::info!(
+                            in_spi = format_args!("{in_spi:08x}"),
+                            highest_out = c.highest_out,
+                            highest_in = c.highest_in,
+                            "stopped child SA"
+                        );
+                    }
+                }
+                Action::Propose(command) => {
+                    let (node, failed) = (self.node.clone(), self.failed.clone());
+                    let leases = count_leases(&command);
+                    tokio::spawn(async move {
+                        match node.propose(command).await {
+                            Ok(p) if !refused_response(&p.response) => {
+                                node.lease_commits.fetch_add(leases, Ordering::Relaxed);
+                            }
+                            Ok(p) => {
+                                tracing::debug!(response = ?p.response, "lease or checkpoint refused");
+                                let _ = failed.send(());
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "lease or checkpoint not committed");
+                                let _ = failed.send(());
+                            }
+                        }
+                    });
+                }
             }
         }
     }
+
+    /// Takes child `in_spi` back from a hand-off still in flight (it is stopped here first:
+    /// the runtime is about to start, stop or restart it).
+    fn claim(&self, in_spi: u32) {
+        let claimed = self
+            .handing_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&in_spi);
+        if claimed {
+            self.driver.stop(in_spi);
+        }
+    }
+}
+
+/// Whether the data plane refused to start a child (logged).
+fn refused(in_spi: u32, result: Result<(), DriverError>) -> bool {
+    match result {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::error!(in_spi = format_args!("{in_spi:08x}"), error = %e, "data plane refused a child SA");
+            true
+        }
+    }
+}
+
+/// Hands SA `sa`'s children over to `to` (see `ownership::handover`): once `to` holds them (or
+/// after [`PREPARE_WAIT`]), stops each and sends their final state.
+async fn hand_off(
+    node: Arc<Node>,
+    driver: Arc<dyn SaDriver>,
+    handing_off: HandingOff,
+    (sa, epoch, to): (SaId, Epoch, NodeId),
+    in_spis: Vec<u32>,
+) {
+    // Hold first: from here on nothing of them leaves until the new owner says it holds too.
+    // A data plane that cannot hold (the kernel's) hands off at once instead: the new owner
+    // of such a one never waits either.
+    let mut held = true;
+    for in_spi in &in_spis {
+        held &= driver.hold(*in_spi);
+    }
+    let client = peer_client(&node, to);
+    let request = |states: Option<Vec<u8>>| HandoverRequest {
+        from: node.id,
+        sa: sa.0,
+        epoch: epoch.0,
+        states,
+    };
+    let ready = match client.as_ref().filter(|_| held) {
+        Some(client) => matches!(
+            tokio::time::timeout(
+                PREPARE_WAIT + Duration::from_millis(50),
+                client.clone().handover(request(None)),
+            )
+            .await,
+            Ok(Ok(reply)) if reply.get_ref().ready
+        ),
+        None => false,
+    };
+    let mut states = Vec::new();
+    for in_spi in in_spis {
+        // Still ours to hand off (not claimed back by a start of the same child meanwhile)?
+        let ours = handing_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&in_spi);
+        if !ours {
+            continue;
+        }
+        // It holds: what we held goes out first (it is in its hold too, and skipped there as
+        // sealed by us). It does not: what we held is its already, or nobody's.
+        if ready {
+            driver.take_over(in_spi, None);
+        }
+        if let Some(state) = driver.hand_off(in_spi) {
+            states.push((in_spi, state));
+        }
+    }
+    tracing::info!(
+        %sa,
+        to,
+        ready,
+        children = states.len(),
+        "handed the SA over"
+    );
+    let Some(client) = client else { return };
+    let sent = tokio::time::timeout(
+        Duration::from_secs(1),
+        client
+            .clone()
+            .handover(request(Some(encode_states(&states)))),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        tracing::warn!(%sa, to, "the handover state did not reach the new owner; it goes on without");
+    }
+}
+
+/// A cluster.v1 client for member `id`, if it is one.
+fn peer_client(
+    node: &Node,
+    id: NodeId,
+) -> Option<evpc_proto::cluster::v1::cluster_client::ClusterClient<tonic::transport::Channel>> {
+    let addr = {
+        use openraft::rt::WatchReceiver;
+        let metrics = node.raft.metrics().borrow_watched().clone();
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .raft_addr
+            .clone()
+    };
+    node.peers.client(id, &addr).ok()
 }

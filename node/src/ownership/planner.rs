@@ -156,7 +156,8 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .collect();
 
     let mut moves = Vec::new();
-    let mut take = |sa: SaId, from_epoch, load: &mut BTreeMap<NodeId, usize>| -> bool {
+    // `handover`: a planned move from a live owner (see `OwnerMove::handover`).
+    let mut take = |sa: SaId, from_epoch, load: &mut BTreeMap<NodeId, usize>, handover| -> bool {
         let Some((&to, _)) = load.iter().min_by_key(|(node, count)| (**count, **node)) else {
             return false;
         };
@@ -166,6 +167,7 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
             from_epoch,
             to,
             lease: config.move_lease,
+            handover,
         });
         true
     };
@@ -184,7 +186,7 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .collect();
     for owner in orphaned {
         for sa in state.sas_owned_by(owner) {
-            if take(sa.id, sa.epoch, &mut load) {
+            if take(sa.id, sa.epoch, &mut load, false) {
                 takeovers += 1;
             }
         }
@@ -206,7 +208,7 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
             if planned >= config.moves_per_round {
                 break 'drain;
             }
-            if take(sa.id, sa.epoch, &mut load) {
+            if take(sa.id, sa.epoch, &mut load, true) {
                 planned += 1;
             }
         }
@@ -247,6 +249,7 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
                 from_epoch: sa.epoch,
                 to: min_node,
                 lease: config.move_lease,
+                handover: true,
             });
             planned += 1;
         }

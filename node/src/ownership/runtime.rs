@@ -8,7 +8,17 @@
 //!    raises limits when a lease was committed;
 //! 2. [`OwnerRuntime::on_tick`] periodically with each running child's counters: proposes
 //!    leases when half of the current one is used, and checkpoints;
-//! 3. [`OwnerRuntime::on_proposal_failed`] when a proposal could not be committed.
+//! 3. [`OwnerRuntime::on_proposal_failed`] when a proposal could not be committed;
+//! 4. [`OwnerRuntime::on_handover`] when the old owner of a planned move sent its final state.
+//!
+//! A planned move (`OwnerMove::handover`, seen as [`ChangeKinds::HANDOVER`] in the change feed)
+//! is handed over rather than cut: the new owner starts its children in standby (they hold
+//! packets, send nothing) until the old owner's state arrives ([`OwnerRuntime::on_handover`])
+//! or the wait ends ([`OwnerRuntime::on_expired`]); the old owner puts its children on hold,
+//! and once the new owner confirms it holds too, sends what it held and hands them off (node
+//! to node: `ownership::handover`). Nothing is lost, nothing sent twice, never two senders at
+//! once, and the counter rule is untouched: the old owner never goes beyond its committed
+//! lease, the new one starts above it.
 //!
 //! The rules that keep outbound sequence numbers unique across owners:
 //! - a child is only ever started with `limit` = the committed `out_hwm`, and its limit only
@@ -21,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use evpc_dataplane::{ChildCounters, ChildKeymat, ChildStart};
+use evpc_dataplane::{ChildCounters, ChildKeymat, ChildStart, HandoverState};
 use evpc_raft_store::{ChildSa, Command, Epoch, IkeSa, NodeId, SaId, SaUpdate, State};
 
 /// How the replay window of a child taken over from another node starts.
@@ -88,6 +98,32 @@ pub enum Action {
         /// The child.
         in_spi: u32,
     },
+    /// Start a child in standby: it holds packets until [`Action::TakeOver`].
+    StartStandby(Box<ChildStart>),
+    /// Hand an SA's children over to their new owner (a planned move away from this node): hold
+    /// them, ask `to` whether it holds them too; if so send what was held, then hand them off
+    /// and send their final state to `to` (if not, hand them off at once: `to` already runs
+    /// them, or cannot).
+    HandOff {
+        /// The SA.
+        sa: SaId,
+        /// The epoch it moved into.
+        epoch: Epoch,
+        /// Its new owner.
+        to: NodeId,
+        /// Its children running here.
+        in_spis: Vec<u32>,
+    },
+    /// End a standby child's wait, with the old owner's state or without.
+    TakeOver {
+        /// The SA and the epoch it moved into.
+        sa: SaId,
+        epoch: Epoch,
+        /// The child.
+        in_spi: u32,
+        /// What the old owner handed over.
+        previous: Option<Box<HandoverState>>,
+    },
     /// Commit this (leases and checkpoints, batched).
     Propose(Command),
 }
@@ -131,6 +167,8 @@ pub struct OwnerRuntime {
     /// [`OwnerRuntime::on_state`]. An owned SA absent here (or in another epoch) had its range
     /// granted while this process watched.
     known: Option<BTreeMap<SaId, Epoch>>,
+    /// Children started in standby, waiting for their old owner's state.
+    waiting: BTreeMap<u32, (SaId, Epoch)>,
 }
 
 impl OwnerRuntime {
@@ -143,7 +181,13 @@ impl OwnerRuntime {
             by_sa: BTreeMap::new(),
             watch: BTreeSet::new(),
             known: None,
+            waiting: BTreeMap::new(),
         }
+    }
+
+    /// Children in standby, waiting for a handover.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
     }
 
     /// The children being driven, by inbound SPI, with their epoch.
@@ -172,7 +216,7 @@ impl OwnerRuntime {
         let mut known = BTreeMap::new();
         let me = self.me;
         for sa in state.sas_owned_by(me) {
-            self.reconcile_sa(sa.id, Some(sa), now_ms, keys, &mut actions);
+            self.reconcile_sa(sa.id, Some(sa), None, now_ms, keys, &mut actions);
             known.insert(sa.id, sa.epoch);
         }
         let gone: Vec<SaId> = self
@@ -182,7 +226,7 @@ impl OwnerRuntime {
             .filter(|id| state.sa(*id).is_none_or(|sa| sa.owner != self.me))
             .collect();
         for id in gone {
-            self.reconcile_sa(id, None, now_ms, keys, &mut actions);
+            self.reconcile_sa(id, None, None, now_ms, keys, &mut actions);
         }
         self.known = Some(known);
         actions
@@ -191,11 +235,13 @@ impl OwnerRuntime {
     /// Reconciles the running children of the SAs `changed` (from the change feed) with the
     /// applied state: O(changed SAs and their children), whatever the number of SAs. Before the
     /// first [`OwnerRuntime::on_state`] it does nothing (that first look decides which ranges
-    /// this process saw granted).
+    /// this process saw granted). `handed_over` are those among them the feed says moved by a
+    /// planned handover.
     pub fn on_changes(
         &mut self,
         state: &State,
         changed: &[SaId],
+        handed_over: &BTreeSet<SaId>,
         now_ms: u64,
         keys: &dyn KeyOpener,
     ) -> Vec<Action> {
@@ -204,8 +250,14 @@ impl OwnerRuntime {
             return actions;
         }
         for id in changed {
-            let sa = state.sa(*id).filter(|sa| sa.owner == self.me);
-            self.reconcile_sa(*id, sa, now_ms, keys, &mut actions);
+            let record = state.sa(*id);
+            let sa = record.filter(|sa| sa.owner == self.me);
+            // A planned move: where it went (to hand it off) or that it came (to stand by).
+            let handover = handed_over
+                .contains(id)
+                .then(|| record.map(|r| (r.owner, r.epoch)))
+                .flatten();
+            self.reconcile_sa(*id, sa, handover, now_ms, keys, &mut actions);
             let known = self.known.get_or_insert_with(BTreeMap::new);
             match sa {
                 Some(sa) => known.insert(sa.id, sa.epoch),
@@ -216,19 +268,37 @@ impl OwnerRuntime {
     }
 
     /// One SA: `owned` is its record if this node owns it now, `None` if it is gone or another
-    /// node's. Starts, extends and stops its children to match.
+    /// node's. Starts, extends and stops its children to match. `handover`: the SA just moved
+    /// by a planned handover, to this owner in this epoch.
     fn reconcile_sa(
         &mut self,
         id: SaId,
         owned: Option<&IkeSa>,
+        handover: Option<(NodeId, Epoch)>,
         now_ms: u64,
         keys: &dyn KeyOpener,
         actions: &mut Vec<Action>,
     ) {
         let was_running = self.by_sa.get(&id).cloned().unwrap_or_default();
         let Some(sa) = owned else {
-            for in_spi in was_running {
-                self.stop(in_spi, actions);
+            match handover {
+                // Moved away by plan, to a live node: handed off, not cut.
+                Some((to, epoch)) if to != self.me && !was_running.is_empty() => {
+                    for in_spi in &was_running {
+                        self.forget(*in_spi);
+                    }
+                    actions.push(Action::HandOff {
+                        sa: id,
+                        epoch,
+                        to,
+                        in_spis: was_running.into_iter().collect(),
+                    });
+                }
+                _ => {
+                    for in_spi in was_running {
+                        self.stop(in_spi, actions);
+                    }
+                }
             }
             return;
         };
@@ -258,28 +328,90 @@ impl OwnerRuntime {
                 Some(_) => self.stop(child.in_spi, actions),
                 None => {}
             }
-            self.start(sa, child, fresh, now_ms, keys, actions);
+            let standby = handover.is_some_and(|(to, epoch)| to == self.me && epoch == sa.epoch);
+            self.start(sa, child, fresh, standby, now_ms, keys, actions);
         }
     }
 
     fn stop(&mut self, in_spi: u32, actions: &mut Vec<Action>) {
-        if let Some(run) = self.running.remove(&in_spi) {
-            self.watch.remove(&in_spi);
-            if let Some(spis) = self.by_sa.get_mut(&run.ike) {
-                spis.remove(&in_spi);
-                if spis.is_empty() {
-                    self.by_sa.remove(&run.ike);
-                }
-            }
+        if self.forget(in_spi) {
             actions.push(Action::Stop { in_spi });
         }
     }
 
+    /// Drops child `in_spi` from the books; whether it was running.
+    fn forget(&mut self, in_spi: u32) -> bool {
+        self.waiting.remove(&in_spi);
+        let Some(run) = self.running.remove(&in_spi) else {
+            return false;
+        };
+        self.watch.remove(&in_spi);
+        if let Some(spis) = self.by_sa.get_mut(&run.ike) {
+            spis.remove(&in_spi);
+            if spis.is_empty() {
+                self.by_sa.remove(&run.ike);
+            }
+        }
+        true
+    }
+
+    /// The old owner of a planned move sent its children's final state: the standby children
+    /// of `sa` in `epoch` take over with it (others, e.g. a move that was overtaken, ignore it).
+    pub fn on_handover(
+        &mut self,
+        sa: SaId,
+        epoch: Epoch,
+        states: Vec<(u32, HandoverState)>,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for (in_spi, state) in states {
+            if self.waiting.get(&in_spi) == Some(&(sa, epoch)) {
+                self.waiting.remove(&in_spi);
+                actions.push(Action::TakeOver {
+                    sa,
+                    epoch,
+                    in_spi,
+                    previous: Some(Box::new(state)),
+                });
+            }
+        }
+        actions
+    }
+
+    /// The wait for the old owner's state of `sa` in `epoch` ended without it: its standby
+    /// children take over with what they held.
+    pub fn on_expired(&mut self, sa: SaId, epoch: Epoch) -> Vec<Action> {
+        let spis: Vec<u32> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| **w == (sa, epoch))
+            .map(|(spi, _)| *spi)
+            .collect();
+        spis.into_iter()
+            .map(|in_spi| {
+                self.waiting.remove(&in_spi);
+                tracing::warn!(
+                    %sa,
+                    in_spi = format_args!("{in_spi:08x}"),
+                    "no handover state from the old owner in time: taking over without it"
+                );
+                Action::TakeOver {
+                    sa,
+                    epoch,
+                    in_spi,
+                    previous: None,
+                }
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &mut self,
         sa: &IkeSa,
         child: &ChildSa,
         fresh: bool,
+        standby: bool,
         now_ms: u64,
         keys: &dyn KeyOpener,
         actions: &mut Vec<Action>,
@@ -301,6 +433,7 @@ impl OwnerRuntime {
             limit = child.out_hwm,
             replay_floor,
             fresh_range = fresh,
+            standby,
             "starting child SA"
         );
         self.running.insert(
@@ -322,7 +455,10 @@ impl OwnerRuntime {
         // A child started at `out_hwm + 1` (after a restart) needs a lease before its first
         // packet: the first tick looks at every new child.
         self.watch.insert(child.in_spi);
-        actions.push(Action::Start(Box::new(ChildStart {
+        if standby {
+            self.waiting.insert(child.in_spi, (sa.id, sa.epoch));
+        }
+        let start = Box::new(ChildStart {
             ike: sa.id,
             epoch: sa.epoch,
             in_spi: child.in_spi,
@@ -337,7 +473,12 @@ impl OwnerRuntime {
             next_seq: first,
             limit: child.out_hwm,
             replay_floor,
-        })));
+        });
+        actions.push(if standby {
+            Action::StartStandby(start)
+        } else {
+            Action::Start(start)
+        });
     }
 
     /// The lease size for a child sending `rate` packets per second: about one commit per
@@ -589,6 +730,7 @@ mod tests {
                 from_epoch: Epoch::FIRST,
                 to: 1,
                 lease: 4_096,
+                handover: false,
             }]),
         )
         .unwrap();
@@ -605,6 +747,7 @@ mod tests {
                 from_epoch: Epoch(2),
                 to: 2,
                 lease: 4_096,
+                handover: false,
             }]),
         )
         .unwrap();
@@ -613,6 +756,89 @@ mod tests {
             matches!(actions[..], [Action::Stop { in_spi: 0x1000 }]),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_planned_move_is_handed_over_and_an_unplanned_one_cut() {
+        let mv = |from_epoch: u64, to: NodeId, handover: bool| {
+            Command::AssignOwners(vec![OwnerMove {
+                sa: SaId(7),
+                from_epoch: Epoch(from_epoch),
+                to,
+                lease: 4_096,
+                handover,
+            }])
+        };
+        let planned = BTreeSet::from([SaId(7)]);
+        let none = BTreeSet::new();
+        // Node 1 owns it and runs it; node 2 watches.
+        let mut state = state_with_sa(1, 1_000);
+        let (mut one, mut two) = (
+            OwnerRuntime::new(1, OwnerConfig::default()),
+            OwnerRuntime::new(2, OwnerConfig::default()),
+        );
+        assert_eq!(started(&one.on_state(&state, 0, &NoKeys)).len(), 1);
+        assert!(two.on_state(&state, 0, &NoKeys).is_empty());
+        // Planned to node 2: node 1 hands it off, node 2 stands by above the old range.
+        apply(&mut state, &mv(1, 2, true)).unwrap();
+        let a = one.on_changes(&state, &[SaId(7)], &planned, 5, &NoKeys);
+        assert!(
+            matches!(&a[..], [Action::HandOff { sa: SaId(7), epoch: Epoch(2), to: 2, in_spis }]
+                if in_spis == &[0x1000]),
+            "{a:?}"
+        );
+        assert_eq!(one.running_count(), 0);
+        let b = two.on_changes(&state, &[SaId(7)], &planned, 5, &NoKeys);
+        assert!(
+            matches!(&b[..], [Action::StartStandby(c)] if c.next_seq == 1_001 && c.limit == 5_096),
+            "{b:?}"
+        );
+        assert_eq!(two.waiting_count(), 1);
+        // The old owner's state: taken over with it; a second, or another epoch's, changes
+        // nothing.
+        let state_of = || vec![(0x1000, HandoverState::default())];
+        assert!(two.on_handover(SaId(7), Epoch(3), state_of()).is_empty());
+        let t = two.on_handover(SaId(7), Epoch(2), state_of());
+        assert!(
+            matches!(
+                &t[..],
+                [Action::TakeOver {
+                    in_spi: 0x1000,
+                    previous: Some(_),
+                    ..
+                }]
+            ),
+            "{t:?}"
+        );
+        assert!(two.on_handover(SaId(7), Epoch(2), state_of()).is_empty());
+        assert!(
+            two.on_expired(SaId(7), Epoch(2)).is_empty(),
+            "no longer waiting"
+        );
+        // Planned back to node 1, which never hears from node 2: it goes on without.
+        apply(&mut state, &mv(2, 1, true)).unwrap();
+        let b = two.on_changes(&state, &[SaId(7)], &planned, 9, &NoKeys);
+        assert!(matches!(&b[..], [Action::HandOff { to: 1, .. }]), "{b:?}");
+        let a = one.on_changes(&state, &[SaId(7)], &planned, 9, &NoKeys);
+        assert!(matches!(&a[..], [Action::StartStandby(_)]), "{a:?}");
+        let e = one.on_expired(SaId(7), Epoch(3));
+        assert!(
+            matches!(
+                &e[..],
+                [Action::TakeOver {
+                    in_spi: 0x1000,
+                    previous: None,
+                    ..
+                }]
+            ),
+            "{e:?}"
+        );
+        // Taken over from a failed node (not planned): cut and started at once.
+        apply(&mut state, &mv(3, 2, false)).unwrap();
+        let a = one.on_changes(&state, &[SaId(7)], &none, 12, &NoKeys);
+        assert!(matches!(&a[..], [Action::Stop { in_spi: 0x1000 }]), "{a:?}");
+        let b = two.on_changes(&state, &[SaId(7)], &none, 12, &NoKeys);
+        assert_eq!(started(&b).len(), 1, "{b:?}");
     }
 
     #[test]
