@@ -468,9 +468,10 @@ impl Sim {
                                 PeerView {
                                     leader: Some(b),
                                     leader_contact_age_ms: Some(0),
+                                    serving: !nb.fenced,
                                 }
                             } else {
-                                nb.liveness.view(nb.known_leader, now)
+                                nb.liveness.view(nb.known_leader, now, !nb.fenced)
                             }
                         };
                         self.nodes[(a - 1) as usize].liveness.heard(b, now, view);
@@ -959,6 +960,9 @@ impl Sim {
                 (sa.id, sa.owner, working, owner.health, owner.fenced)
             })
             .collect();
+        // An SA that left the state (deleted, exported) starts afresh if it comes back.
+        let truth = &self.truth;
+        self.orphaned_since.retain(|sa, _| truth.sa(*sa).is_some());
         for (sa, owner, working, health, fenced) in status {
             if working || !quorum {
                 self.orphaned_since.remove(&sa);

@@ -29,6 +29,10 @@ pub struct PeerView {
     pub leader: Option<NodeId>,
     /// How long ago it last heard that leader (0 when it is the leader); `None` if never.
     pub leader_contact_age_ms: Option<u64>,
+    /// Its data plane is open (unfenced: in contact, and its owner runtime caught up): SAs
+    /// moved to it start at once. A node that just started or joined is not, for a moment;
+    /// the leader places nothing on it until it is.
+    pub serving: bool,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -122,12 +126,18 @@ impl Liveness {
                 .is_some_and(|c| now_ms.saturating_sub(c.last_heard_ms) < window_ms)
     }
 
-    /// What this node tells its peers, given the leader it knows.
-    pub fn view(&self, leader: Option<NodeId>, now_ms: u64) -> PeerView {
+    /// What this node tells its peers, given the leader it knows and whether it serves.
+    pub fn view(&self, leader: Option<NodeId>, now_ms: u64, serving: bool) -> PeerView {
         PeerView {
             leader,
             leader_contact_age_ms: leader.map(|l| self.silence_ms(l, now_ms)),
+            serving,
         }
+    }
+
+    /// Whether `node` said, in its last answer, that it serves (this node: `true`).
+    pub fn serving(&self, node: NodeId) -> bool {
+        node == self.me || self.contacts.get(&node).is_some_and(|c| c.view.serving)
     }
 
     /// Whether this node must stop processing packets now, and why.
@@ -234,6 +244,7 @@ mod tests {
         PeerView {
             leader: Some(leader),
             leader_contact_age_ms: Some(age),
+            serving: true,
         }
     }
 

@@ -41,17 +41,19 @@ pub fn my_view(node: &Node) -> PeerView {
         let m = metrics.borrow_watched();
         (m.current_leader, m.state)
     };
+    let serving = node.fence_reason().is_none();
     if state == ServerState::Leader {
         return PeerView {
             leader: Some(node.id),
             leader_contact_age_ms: Some(0),
+            serving,
         };
     }
     let now = node.gate.now_ms();
     node.liveness
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .view(leader, now)
+        .view(leader, now, serving)
 }
 
 /// A ping message (or answer) carrying this node's view.
@@ -61,6 +63,7 @@ pub fn message(node: &Node) -> PingMessage {
         from: node.id,
         leader: view.leader,
         leader_contact_age_ms: view.leader_contact_age_ms,
+        serving: view.serving,
     }
 }
 
@@ -83,6 +86,7 @@ fn round_trip(node: &Node, peer: NodeId, asked_ms: u64, answer: &PingMessage) {
             PeerView {
                 leader: answer.leader,
                 leader_contact_age_ms: answer.leader_contact_age_ms,
+                serving: answer.serving,
             },
         );
 }

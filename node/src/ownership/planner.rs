@@ -141,13 +141,25 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .copied()
         .filter(|v| effective.get(v) == Some(&NodeState::Active))
         .collect();
-    // Who takes SAs: the active nodes, but the leader only if it is alone (or configured to).
+    // Who takes SAs: the active nodes, but the leader only if it is alone (or configured to),
+    // and only those whose data plane is open (a node that just joined or restarted is not,
+    // for a moment: an SA moved to it would wait) — unless none is.
     let spares_leader = !config.leader_serves && active.iter().any(|n| *n != input.leader);
-    let servers: Vec<NodeId> = active
+    let candidates: Vec<NodeId> = active
         .iter()
         .copied()
         .filter(|n| !(spares_leader && *n == input.leader))
         .collect();
+    let serving: Vec<NodeId> = candidates
+        .iter()
+        .copied()
+        .filter(|n| input.liveness.serving(*n))
+        .collect();
+    let servers = if serving.is_empty() {
+        candidates
+    } else {
+        serving
+    };
     // The state's owner index: every step below costs O(nodes) plus the SAs it moves, not
     // O(SAs) — this runs on every heartbeat while the state's read lock is held.
     let mut load: BTreeMap<NodeId, usize> = servers
@@ -307,10 +319,18 @@ mod tests {
         }
     }
 
+    /// What a healthy peer says: its data plane serves.
+    fn up() -> PeerView {
+        PeerView {
+            serving: true,
+            ..PeerView::default()
+        }
+    }
+
     fn heard_all(now: u64) -> Liveness {
         let mut l = Liveness::new(1, 0);
         for peer in [2, 3] {
-            l.heard(peer, now, PeerView::default());
+            l.heard(peer, now, up());
         }
         l
     }
@@ -347,8 +367,8 @@ mod tests {
         let before = owned(&state);
         // Node 3 silent since 0; node 2 heard just now.
         let mut l = Liveness::new(1, 0);
-        l.heard(2, 1_000, PeerView::default());
-        l.heard(3, 0, PeerView::default());
+        l.heard(2, 1_000, up());
+        l.heard(3, 0, up());
         let early = plan(&input(&state, &voters, &l, 250, false), &serving());
         assert!(
             early.declared_down.is_empty() && early.takeovers == 0,
@@ -377,7 +397,7 @@ mod tests {
                 .command
                 .is_none()
         );
-        l.heard(3, 1_020, PeerView::default());
+        l.heard(3, 1_020, up());
         let back = plan(&input(&state, &voters, &l, 1_030, false), &serving());
         apply(&mut state, &back.command.unwrap()).unwrap();
         assert_eq!(state.nodes()[&3].state, NodeState::Active);
@@ -468,8 +488,8 @@ mod tests {
         );
         // Node 3 falls silent: everything goes to node 2, none to the leader.
         let mut l = Liveness::new(1, 0);
-        l.heard(2, 1_000, PeerView::default());
-        l.heard(3, 0, PeerView::default());
+        l.heard(2, 1_000, up());
+        l.heard(3, 0, up());
         let p = plan(&input(&state, &voters, &l, 1_000, false), &config);
         apply(&mut state, &p.command.unwrap()).unwrap();
         let after = owned(&state);
@@ -482,8 +502,8 @@ mod tests {
         let (mut state, voters) = cluster(30);
         // Nodes 2 and 3 silent: the leader is the only active node left.
         let mut l = Liveness::new(1, 0);
-        l.heard(2, 0, PeerView::default());
-        l.heard(3, 0, PeerView::default());
+        l.heard(2, 0, up());
+        l.heard(3, 0, up());
         let p = plan(
             &input(&state, &voters, &l, 1_000, false),
             &PlannerConfig::default(),
