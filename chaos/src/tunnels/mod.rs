@@ -103,6 +103,9 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also print every affected client's gaps (when, how long) per fault.
+    #[arg(long)]
+    pub verbose: bool,
     /// Fail above this kill-owner interruption p99 (ms, over every affected client).
     #[arg(long, default_value_t = 500.0)]
     pub max_kill_owner_p99_ms: f64,
@@ -615,6 +618,23 @@ fn evaluate(
         for &c in &f.affected {
             let down = measured.down[c].interruption_ms(from, to);
             let up = measured.up[c].interruption_ms(from, to);
+            if args.verbose && (down > 0.0 || up > 0.0) {
+                let gaps = |s: &traffic::StreamStats| -> Vec<(f64, f64)> {
+                    s.gaps
+                        .iter()
+                        .filter(|g| g.to_ms >= from && g.from_ms <= to)
+                        .map(|g| (g.from_ms - f.at_ms, g.ms()))
+                        .collect()
+                };
+                eprintln!(
+                    "tunnels: {} at {:.0}: {}: down {:?} up {:?} (gap start after the fault, length, ms)",
+                    f.kind.name(),
+                    f.at_ms,
+                    identities[c],
+                    gaps(&measured.down[c]),
+                    gaps(&measured.up[c])
+                );
+            }
             figures.udp_samples.push(down.max(up));
             let lost = lost_in(&measured.down[c], from, to) + lost_in(&measured.up[c], from, to);
             figures.packets_lost += lost;
