@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin_flood;
 mod cluster;
+mod demo;
 mod esp_bench;
 mod failover;
 mod ike_bench;
@@ -51,6 +52,9 @@ const LOCAL_DIR: &str = "evpc-local";
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// What evpc is for, in about a minute: a cluster, clients with live calls, a node
+    /// SIGKILLed under them and a planned transfer; what the clients saw (needs root).
+    Demo(demo::Args),
     /// Run a cluster of N nodes on loopback as child processes, until SIGINT or SIGTERM.
     Local {
         /// Number of nodes.
@@ -176,13 +180,15 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the command; `Ok(false)` when a guarantee was violated (exit status 2).
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    if let Command::EspBench(args) = cli.command {
-        return esp_bench::run(args).await;
-    }
+    let command = match cli.command {
+        Command::EspBench(args) => return esp_bench::run(args).await,
+        Command::Demo(args) => return demo::run(args, cli.node_bin.as_deref()).await,
+        command => command,
+    };
     let node_bin = cluster::node_binary(cli.node_bin.as_deref())?;
     let base_port = cli.base_port.unwrap_or(BASE_PORT);
-    match cli.command {
-        Command::EspBench(_) => unreachable!("handled above"),
+    match command {
+        Command::EspBench(_) | Command::Demo(_) => unreachable!("handled above"),
         Command::Local {
             nodes,
             insecure_plaintext,

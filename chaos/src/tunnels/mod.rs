@@ -45,7 +45,8 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use self::clients::{Client, GATEWAY_ID, Kind, Seen, Setup};
-use self::faults::{FaultKind, Injected};
+pub use self::faults::FaultKind;
+use self::faults::Injected;
 use self::traffic::{ClientEnd, Measured, SPACING_MS, Traffic, now_ms};
 use crate::report::CallQuality;
 use crate::stats::Percentiles;
@@ -106,6 +107,9 @@ pub struct Args {
     /// Also print every affected client's gaps (when, how long) per fault.
     #[arg(long)]
     pub verbose: bool,
+    /// Run each round's faults in the order given instead of shuffled.
+    #[arg(long)]
+    pub in_order: bool,
     /// Fail above this kill-owner interruption p99 (ms, over every affected client).
     #[arg(long, default_value_t = 500.0)]
     pub max_kill_owner_p99_ms: f64,
@@ -271,8 +275,31 @@ fn binary(
     Ok(path)
 }
 
-/// Runs the campaign; `Ok(false)` if a check failed.
+impl Args {
+    /// The options `evpc-chaos tunnels` runs with when given none.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Wrapper as clap::Parser>::parse_from(["tunnels"]).args
+    }
+}
+
+/// Runs the campaign and prints its report; `Ok(false)` if a check failed.
 pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
+    let report = campaign(&args, node_bin).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(report.checks_passed)
+}
+
+/// Runs the campaign `args` describe and returns its report (the HTML one written).
+pub async fn campaign(args: &Args, node_bin: PathBuf) -> anyhow::Result<Report> {
     anyhow::ensure!(
         is_root(),
         "tunnels needs root (network namespaces, TUN devices, tcpdump, nftables)"
@@ -386,7 +413,9 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
     let mut plan = Vec::new();
     for _ in 0..args.rounds {
         let mut round = args.faults.clone();
-        round.shuffle(&mut rng);
+        if !args.in_order {
+            round.shuffle(&mut rng);
+        }
         plan.extend(round);
     }
     let bar = progress.bar(plan.len() as u64, "faults");
@@ -453,14 +482,9 @@ pub async fn run(args: Args, node_bin: PathBuf) -> anyhow::Result<bool> {
         &wire,
         &macs,
     )?;
-    let report = write_report(report, &args, &wire, &macs, &measured)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
+    let report = write_report(report, args, &wire, &macs, &measured)?;
     drop(lab);
-    Ok(report.checks_passed)
+    Ok(report)
 }
 
 /// Each node's MAC on the cluster segment: who sent a captured packet.
