@@ -23,11 +23,16 @@
 //! receiver (forgiving packets that stay missing for 2 ms), so the figure is what the path
 //! sustains, not how fast a queue overflows. `--size` is the inner IP packet size (IPv4 + UDP
 //! headers included); Gbit/s counts those inner bytes.
+//!
+//! `--traffic iperf3` ([`iperf`]) compares instead: iperf3 TCP and UDP through the evpc tunnel,
+//! then through strongSwan's kernel-libipsec and through wireguard-go, in the same two
+//! namespaces over the same veth, one tunnel at a time.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -39,6 +44,8 @@ use evpc_dataplane::{ChildKeymat, ChildStart, FenceGate, SaDriver};
 use evpc_raft_store::{ChildSuite, Epoch, SaId};
 use rand::RngCore;
 use serde::Serialize;
+
+mod iperf;
 
 const A_OUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const B_OUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -56,17 +63,42 @@ const HEADERS: usize = 28;
 /// Linux USER_HZ: the unit of /proc CPU times.
 const TICKS_PER_SECOND: f64 = 100.0;
 
+/// What `esp-bench` sends through the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Traffic {
+    /// The closed-loop UDP generator of this process, through evpc only.
+    Generator,
+    /// iperf3 TCP and UDP through evpc, strongSwan kernel-libipsec and wireguard-go.
+    Iperf3,
+}
+
+/// A tunnel `--traffic iperf3` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum Tunnel {
+    /// evpc's userspace data plane (the setup of the generator mode).
+    Evpc,
+    /// Two charon instances with the kernel-libipsec plugin (ESP in userspace through TUN).
+    Strongswan,
+    /// Two wireguard-go instances.
+    WireguardGo,
+}
+
 /// Options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// `generator`: the closed-loop UDP generator through evpc. `iperf3`: iperf3 TCP and UDP
+    /// through evpc, strongSwan kernel-libipsec and wireguard-go, side by side.
+    #[arg(long, value_enum, default_value_t = Traffic::Generator)]
+    traffic: Traffic,
     /// Inner IP packet sizes in bytes (IPv4 + UDP headers included), comma-separated; each is
     /// measured in turn. Between 29 and 1432.
     #[arg(long, value_delimiter = ',', default_value = "1400,64")]
     size: Vec<usize>,
-    /// Measured seconds per size.
+    /// Measured seconds per size (iperf3: per run, rounded up to whole seconds).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Seconds of traffic before measuring.
+    /// Seconds of traffic before measuring (iperf3: omitted seconds of each TCP run, rounded
+    /// up).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// Packets the sender keeps in flight.
@@ -84,6 +116,37 @@ pub struct Args {
     /// Fail (exit status 2) if the largest size moves fewer Gbit/s than this.
     #[arg(long, default_value_t = 0.0)]
     min_gbit: f64,
+    /// iperf3: the tunnels to measure, in this order, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "evpc,strongswan,wireguard-go"
+    )]
+    tunnels: Vec<Tunnel>,
+    /// iperf3: the inner MTU of every tunnel's device (1400 is strongSwan kernel-libipsec's
+    /// default); UDP datagrams fill it.
+    #[arg(long, default_value_t = 1400)]
+    inner_mtu: u32,
+    /// iperf3: fail (exit status 2) unless evpc's TCP throughput is at least this many times
+    /// strongSwan's.
+    #[arg(long, default_value_t = 4.0)]
+    min_tcp_ratio: f64,
+    /// iperf3: the UDP figure is taken at the highest offered rate whose loss stays at or below
+    /// this many percent.
+    #[arg(long, default_value_t = 1.0)]
+    udp_max_loss: f64,
+    /// iperf3: probes of the search for that rate.
+    #[arg(long, default_value_t = 6)]
+    udp_probes: u32,
+    /// iperf3: seconds of each probe.
+    #[arg(long, default_value_t = 2)]
+    udp_probe_seconds: u32,
+    /// iperf3: socket buffers of the UDP runs in bytes (`-w`; 0: iperf3's default). Default:
+    /// 4 MiB or `net.core.rmem_max`/`wmem_max` if lower, so that iperf3's own receive buffer
+    /// is not what loses packets.
+    #[arg(long)]
+    udp_buffer: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -138,6 +201,9 @@ struct CpuReport {
 
 /// Runs the benchmark; `Ok(false)` if a check failed.
 pub async fn run(args: Args) -> anyhow::Result<bool> {
+    if args.traffic == Traffic::Iperf3 {
+        return iperf::run(args).await;
+    }
     let json = args.json;
     let report = tokio::task::spawn_blocking(move || bench(&args)).await??;
     if json {
@@ -180,54 +246,8 @@ fn bench(args: &Args) -> anyhow::Result<Report> {
         "b0",
         (IpAddr::V4(B_OUTER), 24),
     )?;
-    let gate = Arc::new(FenceGate::always_open());
-    let driver_a = make_driver(&a, "evpcA", A_OUTER, A_INNER, B_INNER, &gate)?;
-    let driver_b = make_driver(&b, "evpcB", B_OUTER, B_INNER, A_INNER, &gate)?;
-
-    // mirrored children: A's outbound keys are B's inbound keys and the other way round
-    let keymat_len = usize::from(args.key_bits / 8) + 4;
-    let mut a_to_b = vec![0u8; keymat_len];
-    let mut b_to_a = vec![0u8; keymat_len];
-    rand::rng().fill_bytes(&mut a_to_b);
-    rand::rng().fill_bytes(&mut b_to_a);
-    let child =
-        |in_spi, out_spi, inbound: &[u8], outbound: &[u8], local, remote, me, peer| ChildStart {
-            ike: SaId(0xbe7c),
-            epoch: Epoch::FIRST,
-            in_spi,
-            out_spi,
-            suite,
-            keys: Some(ChildKeymat::new(inbound.to_vec(), outbound.to_vec())),
-            ts_local: vec![prefix_selector(IpAddr::V4(local), 24)],
-            ts_remote: vec![prefix_selector(IpAddr::V4(remote), 24)],
-            local: SocketAddr::from((me, 4500)),
-            peer: SocketAddr::from((peer, 4500)),
-            udp_encap: true,
-            next_seq: 1,
-            limit: args.lease,
-            replay_floor: 0,
-        };
-    driver_a.start(child(
-        SPI_B_TO_A, SPI_A_TO_B, &b_to_a, &a_to_b, A_INNER, B_INNER, A_OUTER, B_OUTER,
-    ))?;
-    driver_b.start(child(
-        SPI_A_TO_B, SPI_B_TO_A, &a_to_b, &b_to_a, B_INNER, A_INNER, B_OUTER, A_OUTER,
-    ))?;
-
-    let stop_keeper = Arc::new(AtomicBool::new(false));
-    let extends = Arc::new(AtomicU64::new(0));
-    let keeper = {
-        let drivers = [
-            (Arc::clone(&driver_a), SPI_B_TO_A),
-            (Arc::clone(&driver_b), SPI_A_TO_B),
-        ];
-        let stop = Arc::clone(&stop_keeper);
-        let extends = Arc::clone(&extends);
-        let lease = args.lease;
-        std::thread::Builder::new()
-            .name("lease-keeper".into())
-            .spawn(move || keep_leases(&drivers, lease, &stop, &extends))?
-    };
+    let mut tunnel = EvpcTunnel::start(&a, &b, suite, args.lease, (A_INNER, B_INNER), TUN_MTU)?;
+    let (driver_a, driver_b, extends) = (&tunnel.a, &tunnel.b, &tunnel.extends);
 
     let mut results = Vec::new();
     let mut failures = Vec::new();
@@ -259,8 +279,7 @@ fn bench(args: &Args) -> anyhow::Result<Report> {
         }
         results.push(result);
     }
-    stop_keeper.store(true, Ordering::Relaxed);
-    let _ = keeper.join();
+    tunnel.stop();
     if let Some(largest) = results.iter().max_by_key(|r| r.size)
         && largest.gbit_per_sec < args.min_gbit
     {
@@ -269,8 +288,6 @@ fn bench(args: &Args) -> anyhow::Result<Report> {
             largest.size, largest.gbit_per_sec, args.min_gbit
         ));
     }
-    driver_a.shutdown();
-    driver_b.shutdown();
     Ok(Report {
         command: "esp-bench",
         date: utc_now(),
@@ -284,13 +301,112 @@ fn bench(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
-/// A userspace driver in `ns`: TUN `tun` with `inner`/24, a route to `remote`/24.
+/// The evpc tunnel of both modes: a userspace driver in each namespace (TUN `evpcA`, `evpcB`)
+/// with mirrored children, and a keeper thread extending their leases. Stopped on drop.
+struct EvpcTunnel {
+    a: Arc<UserspaceDriver>,
+    b: Arc<UserspaceDriver>,
+    /// Lease extensions so far.
+    extends: Arc<AtomicU64>,
+    stop_keeper: Arc<AtomicBool>,
+    keeper: Option<JoinHandle<()>>,
+}
+
+impl EvpcTunnel {
+    /// Drivers in `a` and `b` (outer addresses [`A_OUTER`], [`B_OUTER`]; `inner` on their TUN
+    /// devices, of `mtu`), children of `suite` with leases of `lease` sequence numbers.
+    fn start(
+        a: &NetNs,
+        b: &NetNs,
+        suite: ChildSuite,
+        lease: u64,
+        inner: (Ipv4Addr, Ipv4Addr),
+        mtu: u32,
+    ) -> anyhow::Result<EvpcTunnel> {
+        let (a_inner, b_inner) = inner;
+        let gate = Arc::new(FenceGate::always_open());
+        let driver_a = make_driver(a, "evpcA", A_OUTER, a_inner, b_inner, mtu, &gate)?;
+        let driver_b = make_driver(b, "evpcB", B_OUTER, b_inner, a_inner, mtu, &gate)?;
+
+        // mirrored children: A's outbound keys are B's inbound keys and the other way round
+        let keymat_len = usize::from(suite.key_bits / 8) + 4;
+        let mut a_to_b = vec![0u8; keymat_len];
+        let mut b_to_a = vec![0u8; keymat_len];
+        rand::rng().fill_bytes(&mut a_to_b);
+        rand::rng().fill_bytes(&mut b_to_a);
+        let child = |in_spi, out_spi, inbound: &[u8], outbound: &[u8], local, remote, me, peer| {
+            ChildStart {
+                ike: SaId(0xbe7c),
+                epoch: Epoch::FIRST,
+                in_spi,
+                out_spi,
+                suite,
+                keys: Some(ChildKeymat::new(inbound.to_vec(), outbound.to_vec())),
+                ts_local: vec![prefix_selector(IpAddr::V4(local), 24)],
+                ts_remote: vec![prefix_selector(IpAddr::V4(remote), 24)],
+                local: SocketAddr::from((me, 4500)),
+                peer: SocketAddr::from((peer, 4500)),
+                udp_encap: true,
+                next_seq: 1,
+                limit: lease,
+                replay_floor: 0,
+            }
+        };
+        driver_a.start(child(
+            SPI_B_TO_A, SPI_A_TO_B, &b_to_a, &a_to_b, a_inner, b_inner, A_OUTER, B_OUTER,
+        ))?;
+        driver_b.start(child(
+            SPI_A_TO_B, SPI_B_TO_A, &a_to_b, &b_to_a, b_inner, a_inner, B_OUTER, A_OUTER,
+        ))?;
+
+        let stop_keeper = Arc::new(AtomicBool::new(false));
+        let extends = Arc::new(AtomicU64::new(0));
+        let keeper = {
+            let drivers = [
+                (Arc::clone(&driver_a), SPI_B_TO_A),
+                (Arc::clone(&driver_b), SPI_A_TO_B),
+            ];
+            let stop = Arc::clone(&stop_keeper);
+            let extends = Arc::clone(&extends);
+            std::thread::Builder::new()
+                .name("lease-keeper".into())
+                .spawn(move || keep_leases(&drivers, lease, &stop, &extends))?
+        };
+        Ok(EvpcTunnel {
+            a: driver_a,
+            b: driver_b,
+            extends,
+            stop_keeper,
+            keeper: Some(keeper),
+        })
+    }
+
+    /// Stops the keeper and both drivers' workers (idempotent). The TUN devices and sockets go
+    /// when the tunnel is dropped.
+    fn stop(&mut self) {
+        self.stop_keeper.store(true, Ordering::Relaxed);
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
+        self.a.shutdown();
+        self.b.shutdown();
+    }
+}
+
+impl Drop for EvpcTunnel {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A userspace driver in `ns`: TUN `tun` of `mtu` with `inner`/24, a route to `remote`/24.
 fn make_driver(
     ns: &NetNs,
     tun: &str,
     outer: Ipv4Addr,
     inner: Ipv4Addr,
     remote: Ipv4Addr,
+    mtu: u32,
     gate: &Arc<FenceGate>,
 ) -> anyhow::Result<Arc<UserspaceDriver>> {
     let config = UserspaceConfig {
@@ -299,7 +415,7 @@ fn make_driver(
         ..UserspaceConfig::new(
             IpAddr::V4(outer),
             TunConfig {
-                mtu: TUN_MTU,
+                mtu,
                 addresses: vec![(IpAddr::V4(inner), 24)],
                 routes: vec![(IpAddr::V4(remote), 24)],
                 ..TunConfig::named(tun)
