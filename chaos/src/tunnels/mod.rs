@@ -464,7 +464,7 @@ pub async fn campaign(args: &Args, node_bin: PathBuf) -> anyhow::Result<Report> 
     capture.stop()?;
     let wire = std::mem::take(&mut *wire.lock().unwrap_or_else(|e| e.into_inner()));
     let report = evaluate(
-        &args,
+        args,
         swan_clients,
         &identities,
         &inner,
