@@ -172,20 +172,6 @@ impl FromStr for Prefix {
     }
 }
 
-/// An identity as strongSwan writes it: an IPv4 address, `@fqdn`, `user@domain`, or an FQDN
-/// (the same rules as the gateway's PSK file).
-pub fn parse_identity(text: &str) -> Identity {
-    if let Ok(ip) = text.parse::<Ipv4Addr>() {
-        Identity::ipv4(ip)
-    } else if let Some(fqdn) = text.strip_prefix('@') {
-        Identity::fqdn(fqdn)
-    } else if text.contains('@') {
-        Identity::email(text)
-    } else {
-        Identity::fqdn(text)
-    }
-}
-
 /// Everything the client runs with, checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -299,8 +285,8 @@ impl Settings {
         Ok(Settings {
             local,
             gateway,
-            local_id: parse_identity(&args.id),
-            remote_id: parse_identity(&args.remote_id),
+            local_id: Identity::from_config(&args.id),
+            remote_id: Identity::from_config(&args.remote_id),
             psk,
             tun,
             routes,
@@ -439,15 +425,21 @@ mod tests {
         }
         // identities the way strongSwan writes them
         assert_eq!(
-            parse_identity("10.0.0.1"),
+            Identity::from_config("10.0.0.1"),
             Identity::ipv4(Ipv4Addr::new(10, 0, 0, 1))
         );
-        assert_eq!(parse_identity("@10.0.0.1"), Identity::fqdn("10.0.0.1"));
         assert_eq!(
-            parse_identity("alice@example"),
+            Identity::from_config("@10.0.0.1"),
+            Identity::fqdn("10.0.0.1")
+        );
+        assert_eq!(
+            Identity::from_config("alice@example"),
             Identity::email("alice@example")
         );
-        assert_eq!(parse_identity("gw.example"), Identity::fqdn("gw.example"));
+        assert_eq!(
+            Identity::from_config("gw.example"),
+            Identity::fqdn("gw.example")
+        );
     }
 
     #[test]

@@ -18,11 +18,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use evpc_client::metrics::DriverTotals;
 use evpc_client::report::{Reporter, Spi32};
 use evpc_client::run::OsRandom;
-use evpc_client::settings::parse_identity;
 use evpc_client::{ClientError, DataPlane, Now, Prefix, Psk, Session, Settings};
 use evpc_dataplane::ike::{IkeDatagram, IkePort};
 use evpc_dataplane::{ChildCounters, ChildStart, DriverError};
-use evpc_ike::Datagram;
+use evpc_ike::{Datagram, Identity};
 use serde_json::Value;
 use support::*;
 
@@ -97,8 +96,8 @@ fn settings() -> Settings {
     Settings {
         local: CLIENT,
         gateway: GATEWAY,
-        local_id: parse_identity(CLIENT_ID),
-        remote_id: parse_identity(GW_ID),
+        local_id: Identity::from_config(CLIENT_ID),
+        remote_id: Identity::from_config(GW_ID),
         psk: Psk::from_bytes(PSK).unwrap(),
         tun: "evpcc0".into(),
         routes: vec![Prefix {

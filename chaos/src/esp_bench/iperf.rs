@@ -656,17 +656,7 @@ impl Bench<'_> {
         let script = format!(
             "mount -t tmpfs none /run && exec setpriv --pdeathsig KILL wireguard-go -f {name}"
         );
-        let mut command = Command::new("ip");
-        command.args([
-            "netns",
-            "exec",
-            ns.name(),
-            "unshare",
-            "-m",
-            "sh",
-            "-c",
-            &script,
-        ]);
+        let command = with_private_run(ns, &script);
         let mut daemon = Daemon::spawn(
             &format!("wireguard-go {name}"),
             command,
@@ -1233,19 +1223,8 @@ secrets {{ ike-1 {{ id-1 = {id}
             "mount -t tmpfs none /run && mkdir -p /run/strongswan && \
              exec setpriv --pdeathsig KILL {CHARON}"
         );
-        let mut command = Command::new("ip");
-        command
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "unshare",
-                "-m",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .env("STRONGSWAN_CONF", dir.join("strongswan.conf"));
+        let mut command = with_private_run(ns, &script);
+        command.env("STRONGSWAN_CONF", dir.join("strongswan.conf"));
         let mut daemon = Daemon::spawn(
             &format!("charon in {}", ns.name()),
             command,
@@ -1562,6 +1541,23 @@ fn print_human(report: &Report) {
     for failure in &report.failures {
         println!("FAILED: {failure}");
     }
+}
+
+/// `script` run by `sh` in namespace `ns` with a mount namespace of its own, so that the
+/// tmpfs it mounts on /run (a daemon's control socket) is private to it.
+fn with_private_run(ns: &NetNs, script: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args([
+        "netns",
+        "exec",
+        ns.name(),
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        script,
+    ]);
+    command
 }
 
 #[cfg(test)]

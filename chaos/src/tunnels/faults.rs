@@ -364,11 +364,9 @@ pub async fn inject(
                 .context("no node to drain")?;
             node = Some(n);
             affected = before.clients_of(n);
+            at_ms = drain(lab, n).await?;
             let mut admin = lab.admin()?;
             admin.follow_leader().await?;
-            at_ms = now_ms();
-            admin.drain_node(n).await?;
-            wait_owns_nothing(lab, n).await?;
             admin.activate_node(n).await?;
         }
         FaultKind::AddNode => {
@@ -392,11 +390,7 @@ pub async fn inject(
             let before = view(lab, clients).await?;
             node = Some(n);
             affected = before.clients_of(n);
-            let mut admin = lab.admin()?;
-            admin.follow_leader().await?;
-            at_ms = now_ms();
-            admin.drain_node(n).await?;
-            wait_owns_nothing(lab, n).await?;
+            at_ms = drain(lab, n).await?;
             lab.remove_member(n).await?;
             lab.sigkill(n).await?;
         }
@@ -430,6 +424,17 @@ pub async fn inject(
         affected,
         not_resumed,
     })
+}
+
+/// Drains node `n` through the leader and waits until it owns no SA; returns when the drain
+/// began (wall-clock ms).
+async fn drain(lab: &Lab, n: u64) -> anyhow::Result<f64> {
+    let mut admin = lab.admin()?;
+    admin.follow_leader().await?;
+    let at_ms = now_ms();
+    admin.drain_node(n).await?;
+    wait_owns_nothing(lab, n).await?;
+    Ok(at_ms)
 }
 
 /// Waits until node `n` owns no SA (a drain done).

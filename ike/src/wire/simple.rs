@@ -61,6 +61,20 @@ impl Identity {
         }
     }
 
+    /// An identity as strongSwan and evpc's configuration files write it: an IPv4 address,
+    /// `@fqdn` (the `@` forces FQDN), `user@domain`, or otherwise an FQDN.
+    pub fn from_config(text: &str) -> Self {
+        if let Ok(ip) = text.parse::<std::net::Ipv4Addr>() {
+            Self::ipv4(ip)
+        } else if let Some(fqdn) = text.strip_prefix('@') {
+            Self::fqdn(fqdn)
+        } else if text.contains('@') {
+            Self::email(text)
+        } else {
+            Self::fqdn(text)
+        }
+    }
+
     pub fn key_id(id: &[u8]) -> Self {
         Self {
             kind: IdType::KEY_ID,

@@ -189,19 +189,6 @@ pub struct PoolPrefix {
     pub len: u8,
 }
 
-/// An identity as strongSwan writes it: an IPv4 address, `@fqdn`, `user@domain`, or an FQDN.
-pub fn parse_identity(text: &str) -> Identity {
-    if let Ok(ip) = text.parse::<Ipv4Addr>() {
-        Identity::ipv4(ip)
-    } else if let Some(fqdn) = text.strip_prefix('@') {
-        Identity::fqdn(fqdn)
-    } else if text.contains('@') {
-        Identity::email(text)
-    } else {
-        Identity::fqdn(text)
-    }
-}
-
 fn parse_v4_prefix(what: &str, text: &str) -> Result<(Ipv4Addr, u8), String> {
     let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
     let addr: Ipv4Addr = addr
@@ -381,7 +368,7 @@ impl IkeSettings {
         if self.local_id.trim().is_empty() {
             return Err("ike.local_id must be set (our IKE identity, e.g. \"gw.example\")".into());
         }
-        let mut config = Config::new(parse_identity(&self.local_id));
+        let mut config = Config::new(Identity::from_config(&self.local_id));
         let pool = self.pool_prefix()?;
         // With a pool, a peer without selectors of its own must take an inner address, or it
         // would be narrowed to the shared remote_ts (0.0.0.0/0 by default) and could claim
@@ -425,7 +412,7 @@ impl IkeSettings {
                 }
             };
             config.psks.push(PskEntry {
-                peer: parse_identity(&entry.peer),
+                peer: Identity::from_config(&entry.peer),
                 psk: Secret::from_slice(entry.secret.expose().as_bytes()),
                 remote_ts,
             });
@@ -772,11 +759,14 @@ mod tests {
 
     #[test]
     fn identities_parse_like_strongswan() {
-        assert_eq!(parse_identity("gw.example"), Identity::fqdn("gw.example"));
-        assert_eq!(parse_identity("@gw"), Identity::fqdn("gw"));
-        assert_eq!(parse_identity("a@b.c"), Identity::email("a@b.c"));
         assert_eq!(
-            parse_identity("192.0.2.1"),
+            Identity::from_config("gw.example"),
+            Identity::fqdn("gw.example")
+        );
+        assert_eq!(Identity::from_config("@gw"), Identity::fqdn("gw"));
+        assert_eq!(Identity::from_config("a@b.c"), Identity::email("a@b.c"));
+        assert_eq!(
+            Identity::from_config("192.0.2.1"),
             Identity::ipv4(Ipv4Addr::new(192, 0, 2, 1))
         );
     }
