@@ -361,7 +361,7 @@ pub async fn campaign(args: &Args, node_bin: PathBuf) -> anyhow::Result<Report> 
             wire.lock().unwrap_or_else(|e| e.into_inner()).see(p)
         })?
     };
-    let macs = node_macs(&lab)?;
+    let mut macs = node_macs(&lab)?;
 
     // 3. The clients.
     let dir = lab.dir().join("clients");
@@ -431,6 +431,12 @@ pub async fn campaign(args: &Args, node_bin: PathBuf) -> anyhow::Result<Report> 
             .await
             .with_context(|| format!("fault {}", kind.name()))?;
         injected.push(fault);
+        // A node an add-node fault started sends too: name its packets.
+        for id in lab.alive_ids() {
+            if !macs.values().any(|known| *known == id) {
+                macs.insert(node_mac(&lab, id)?, id);
+            }
+        }
         if let Some(bar) = &bar {
             bar.inc(1);
         }
