@@ -9,19 +9,20 @@
 //!                        │                                          ▲
 //!   ┌── inbound worker ──▼──────────────────────┐     ┌── outbound worker ──┴─────────────────┐
 //!   │ recvmmsg (≤ 64 datagrams, UDP GRO)        │     │ read TUN (≤ 64 packets, non-blocking) │
-//!   │ fence gate open? (else count, drop ESP)   │     │ fence gate open? (else count, drop)   │
-//!   │ classify (RFC 3948 §2):                   │     │ Flow::parse → child whose ts_remote   │
-//!   │   0xff → NAT-keepalive, ignored           │     │   holds dst and ts_local holds src    │
-//!   │   0x00000000 → IKE → node's channel       │     │   most specific; none: no_child, drop │
-//!   │   else ESP: SPI → child (else count       │     │ seal_in_place under the lease         │
-//!   │     unknown_spi: another node's SA)       │     │   (used up: count lease_waits, drop)  │
-//!   │   open: replay window, ICV, trailer       │     │ sendmmsg to each child's peer (runs   │
-//!   │                                           │     │   of equal sizes as one UDP GSO send) │
-//!   │   inner packet inside the selectors?      │     └───────────────────────────────────────┘
-//!   │   write to TUN                            │                       ▲
-//!   └──────────────────────┬────────────────────┘                       │
+//!   │ fence gate open? (else count, drop ESP)   │     │   a TCP super-packet (TSO, ≤ 64 KiB)? │
+//!   │ classify (RFC 3948 §2):                   │     │   cut into segments, one a buffer     │
+//!   │   0xff → NAT-keepalive, ignored           │     │ fence gate open? (else count, drop)   │
+//!   │   0x00000000 → IKE → node's channel       │     │ Flow::parse → child whose ts_remote   │
+//!   │   else ESP: SPI → child (else count       │     │   holds dst and ts_local holds src    │
+//!   │     unknown_spi: another node's SA)       │     │   most specific; none: no_child, drop │
+//!   │   open: replay window, ICV, trailer       │     │ seal_in_place under the lease         │
+//!   │   inner packet inside the selectors?      │     │   (used up: count lease_waits, drop)  │
+//!   │ coalesce consecutive TCP segments of a    │     │ sendmmsg to each child's peer (runs   │
+//!   │   flow into one GSO packet (GRO)          │     │   of equal sizes as one UDP GSO send) │
+//!   │ write to TUN                              │     └───────────────────────────────────────┘
+//!   └──────────────────────┬────────────────────┘                       ▲
 //!                          ▼                                            │
-//!                        TUN device (IFF_TUN | IFF_NO_PI) ── kernel routing of the inner traffic
+//!        TUN device (IFF_TUN | IFF_NO_PI | IFF_VNET_HDR, TSO4/6 + CSUM) ── kernel routing
 //!   UDP 500 (optional) ── IKE worker ── node's channel
 //! ```
 //!
@@ -61,23 +62,28 @@
 //!
 //! ## Performance
 //!
-//! One thread per direction with blocking I/O and batches of up to 64 packets. The outer
-//! datagrams are batched by the kernel too ([`UserspaceConfig::offload`]): a run of equally
+//! One thread per direction with blocking I/O and batches of up to 64 packets. The kernel
+//! batches on both sides ([`UserspaceConfig::offload`]). Outer datagrams: a run of equally
 //! sized ESP packets to one peer leaves as one UDP GSO send (`UDP_SEGMENT`), and the receive
 //! side asks for UDP GRO, so a train of datagrams from a peer arrives in one buffer that the
-//! worker cuts at the segment size. The TUN side stays one `read`/`write` per packet (no
-//! `IFF_VNET_HDR` offloads), which is now the largest per-packet cost; see `evpc-chaos
-//! esp-bench` for figures.
+//! worker cuts at the segment size. Inner packets: the TUN device carries a `virtio_net_hdr`
+//! (`IFF_VNET_HDR`) with checksum and TCP segmentation offloads, so the kernel's TCP stack
+//! hands out super-packets of up to 64 KiB that the outbound worker cuts into MTU-sized
+//! segments (each sealed as its own ESP packet, with its own sequence number), and the inbound
+//! worker coalesces the opened TCP segments of a flow into one GSO write, so that the receiving
+//! stack runs once per up to 64 KiB, not once per segment (`offload.rs`, as wireguard-go
+//! does). UDP inner traffic still costs one TUN read and write per packet (no UDP segmentation
+//! offload is asked for). See `evpc-chaos esp-bench` and `BENCHMARKS.md` for figures.
 
 mod child;
+mod offload;
 mod tun;
 pub mod udp;
 mod worker;
 
-use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
@@ -85,6 +91,7 @@ use metrics::Counter;
 
 use self::child::{Activity, Child, Table};
 pub use self::child::{ENCR_AES_GCM_16, esp_suite};
+use self::tun::Tun;
 pub use self::tun::{DEFAULT_MTU, TunConfig};
 use crate::ike::{self, IkePort, IkeReceiver, IkeSender};
 use crate::metrics::names;
@@ -116,9 +123,12 @@ pub struct UserspaceConfig {
     pub socket_buffer: usize,
     /// Depth of the IKE channel; datagrams beyond it are dropped (peers retransmit).
     pub ike_queue: usize,
-    /// Let the kernel batch the outer datagrams: UDP GSO when sending runs of equal-sized ESP
-    /// packets to one peer (`UDP_SEGMENT`), UDP GRO when receiving (`UDP_GRO`). Falls back to
-    /// one datagram at a time where the kernel or route does not support it.
+    /// Let the kernel batch packets. The outer datagrams: UDP GSO when sending runs of
+    /// equal-sized ESP packets to one peer (`UDP_SEGMENT`), UDP GRO when receiving (`UDP_GRO`).
+    /// The inner packets: TUN segmentation offloads (`IFF_VNET_HDR`, `TUNSETOFFLOAD` with
+    /// checksum and TCP segmentation offload): TCP super-packets of up to 64 KiB read from the
+    /// device and cut here, consecutive TCP segments from a peer coalesced into one write. Each
+    /// falls back to one packet at a time where the kernel or route does not support it.
     pub offload: bool,
 }
 
@@ -154,13 +164,37 @@ struct Shared {
     natt: UdpSocket,
     natt_local: SocketAddr,
     ike: Option<(UdpSocket, SocketAddr)>,
-    tun: File,
+    tun: Tun,
     tun_name: String,
     ike_tx: IkeSender,
     ike_out: Counter,
     window_size: u32,
     offload: bool,
+    offload_counters: OffloadCounters,
     activity: Arc<Activity>,
+}
+
+/// What the TUN offloads did, updated by the workers once per batch.
+#[derive(Debug, Default)]
+struct OffloadCounters {
+    super_packets: AtomicU64,
+    segments: AtomicU64,
+    coalesced_writes: AtomicU64,
+    coalesced_segments: AtomicU64,
+}
+
+/// What the TUN segmentation offloads have done since the driver started
+/// ([`UserspaceDriver::tun_offloads`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunOffloads {
+    /// TCP super-packets read from the device (GSO, up to 64 KiB each).
+    pub super_packets: u64,
+    /// The segments they were cut into (each sealed as one ESP packet).
+    pub segments: u64,
+    /// Coalesced writes: several TCP segments from a peer written as one GSO packet.
+    pub coalesced_writes: u64,
+    /// The segments those writes carried.
+    pub coalesced_segments: u64,
 }
 
 impl Shared {
@@ -230,7 +264,7 @@ impl UserspaceDriver {
             }
             None => None,
         };
-        let tun = tun::open(&config.tun.name)?;
+        let tun = tun::open(&config.tun.name, config.offload)?;
         tun::configure(&config.tun)?;
         let (ike_tx, ike_rx) = tokio::sync::mpsc::channel(config.ike_queue.max(1));
         let shared = Arc::new(Shared {
@@ -249,6 +283,7 @@ impl UserspaceDriver {
             ike_out: metrics::counter!(names::IKE_DATAGRAMS, "backend" => "userspace", "direction" => "out"),
             window_size: config.replay_window,
             offload: config.offload,
+            offload_counters: OffloadCounters::default(),
             activity: Arc::default(),
         });
         let driver = UserspaceDriver {
@@ -265,6 +300,7 @@ impl UserspaceDriver {
             natt = %driver.natt_addr(),
             ike = ?driver.ike_addr(),
             tun = %config.tun.name,
+            tun_offloads = driver.shared.tun.offload(),
             "userspace data plane running"
         );
         Ok((driver, ike_rx))
@@ -300,6 +336,22 @@ impl UserspaceDriver {
     /// The TUN device's name.
     pub fn tun_name(&self) -> &str {
         &self.shared.tun_name
+    }
+
+    /// What the TUN segmentation offloads did so far; `None` if they are off (not asked for,
+    /// or refused by the kernel).
+    pub fn tun_offloads(&self) -> Option<TunOffloads> {
+        if !self.shared.tun.offload() {
+            return None;
+        }
+        let c = &self.shared.offload_counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Some(TunOffloads {
+            super_packets: get(&c.super_packets),
+            segments: get(&c.segments),
+            coalesced_writes: get(&c.coalesced_writes),
+            coalesced_segments: get(&c.coalesced_segments),
+        })
     }
 
     /// Sends an IKE message to `remote` from the cluster socket of `port`, behind the non-ESP
@@ -446,7 +498,6 @@ impl SaDriver for UserspaceDriver {
     }
 
     fn take_over(&self, in_spi: u32, previous: Option<&HandoverState>) -> bool {
-        use std::io::Write;
         let table = self.shared.snapshot();
         let Some(child) = table.get(in_spi) else {
             return false;
@@ -467,7 +518,8 @@ impl SaDriver for UserspaceDriver {
             }
             for mut esp in from_peer.into_iter().filter(|_| open) {
                 if let child::OpenedPacket::Deliver(packet) = child.open(&mut sa, &mut esp) {
-                    let _ = (&self.shared.tun).write(packet);
+                    // one by one, behind an all-zero virtio-net header if offloads are on
+                    let _ = self.shared.tun.write_packet(packet);
                 }
             }
         }
