@@ -853,9 +853,17 @@ impl Run {
                     // since the fault began (a node that came back gets SAs again).
                     let now = admin.get_sa(&sa.to_string()).await?;
                     let (from, epoch) = (now.owner, now.epoch);
+                    // The leader takes no SAs (`ownership.leader_serves` is off): a transfer to
+                    // it is refused, so the target is another follower.
+                    let leader = self
+                        .cluster
+                        .read()
+                        .await
+                        .leader(Duration::from_secs(10))
+                        .await?;
                     let to = *ids
                         .iter()
-                        .filter(|n| **n != from)
+                        .filter(|n| **n != from && **n != leader)
                         .collect::<Vec<_>>()
                         .choose(&mut self.rng)
                         .context("one node")?;
