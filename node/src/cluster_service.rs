@@ -74,21 +74,43 @@ impl ClusterService {
     /// The member node that sent `request`, which must be `claimed` (what the message says),
     /// or PERMISSION_DENIED, logged.
     fn sender<T>(&self, request: &Request<T>, claimed: u64, call: &str) -> Result<u64, Status> {
-        let checked = self.identify(request, call).and_then(|caller| {
-            let id = caller.node(claimed)?;
-            if id != claimed {
-                return Err(Status::permission_denied(format!(
-                    "{call}: the certificate is node {id}'s but the message claims node {claimed}"
-                )));
-            }
-            if !self.is_member(id) {
-                return Err(Status::permission_denied(format!(
+        let checked = self.certified(request, claimed, call).and_then(|id| {
+            if self.is_member(id) {
+                Ok(id)
+            } else {
+                Err(Status::permission_denied(format!(
                     "{call}: node {id} is not a member of this cluster"
-                )));
+                )))
             }
-            Ok(id)
         });
         checked.inspect_err(|status| self.refused(request, call, status))
+    }
+
+    /// The node that sent `request`, which must be `claimed`, member or not, or
+    /// PERMISSION_DENIED, logged. For CheckIn (a node being added checks in too) and the
+    /// leader's replication (AppendEntries, StreamAppend, InstallSnapshot): there the sender
+    /// need not be a member in this node's view, because that view may be older than the
+    /// leader: a learner being caught up from a snapshot taken before the leader joined, or a
+    /// voter cut off while it was added, knows no membership with the leader in it, and would
+    /// refuse the very entries that add it, forever. Raft's own vote check turns away a stale
+    /// leader (a lower term). Votes, pings, proposals and the rest keep the membership check
+    /// (a removed node must not disrupt elections: Raft dissertation §4.2.3).
+    fn any_node<T>(&self, request: &Request<T>, claimed: u64, call: &str) -> Result<u64, Status> {
+        self.certified(request, claimed, call)
+            .inspect_err(|status| self.refused(request, call, status))
+    }
+
+    /// The node that sent `request` if its certificate names `claimed` (what the message
+    /// says), member or not. Not logged.
+    fn certified<T>(&self, request: &Request<T>, claimed: u64, call: &str) -> Result<u64, Status> {
+        let id = self.identify(request, call)?.node(claimed)?;
+        if id == claimed {
+            Ok(id)
+        } else {
+            Err(Status::permission_denied(format!(
+                "{call}: the certificate is node {id}'s but the message claims node {claimed}"
+            )))
+        }
     }
 
     /// The caller of `request`, which must be a node (member or not).
@@ -203,7 +225,10 @@ impl Cluster for ClusterService {
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<AppendReplies>, Status> {
         self.require_in_service()?;
-        let caller = self.member(&request, "StreamAppend")?;
+        // (not `member`: see `leader`; each request's claimed leader is checked below)
+        let caller = self
+            .identify(&request, "StreamAppend")
+            .inspect_err(|status| self.refused(&request, "StreamAppend", status))?;
         // A request that does not decode, or that claims another leader than the certificate
         // names, ends the input; the leader sees the stream close and falls back to a fresh one.
         let requests = request.into_inner().map_while(move |message| {
@@ -240,7 +265,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.require_in_service()?;
         let rpc: AppendEntriesRequest<TypeConfig> = wire::decode(&request.get_ref().payload)?;
-        self.sender(&request, vote_node(&rpc.vote), "AppendEntries")?;
+        self.any_node(&request, vote_node(&rpc.vote), "AppendEntries")?;
         reply(&self.node.raft.append_entries(rpc).await)
     }
 
@@ -284,7 +309,7 @@ impl Cluster for ClusterService {
         };
         let (vote, meta): (Vote, SnapshotMeta) = wire::decode(&first.header)?;
         // Who sends it is checked before a byte of it is kept.
-        self.sender(&request, vote_node(&vote), "InstallSnapshot")?;
+        self.any_node(&request, vote_node(&vote), "InstallSnapshot")?;
         let data = self
             .receive_snapshot(first.data, request.into_inner(), stall)
             .await?;
@@ -333,14 +358,7 @@ impl Cluster for ClusterService {
         // A node checks in before anything else, members or not (one being added does too);
         // it learns no more than a node of this CA may know.
         let claimed = request.get_ref().node;
-        self.identify(&request, "CheckIn")
-            .and_then(|caller| match caller.node(claimed)? {
-                id if id == claimed => Ok(()),
-                id => Err(Status::permission_denied(format!(
-                    "CheckIn: the certificate is node {id}'s but the message claims node {claimed}"
-                ))),
-            })
-            .inspect_err(|status| self.refused(&request, "CheckIn", status))?;
+        self.any_node(&request, claimed, "CheckIn")?;
         let request = request.into_inner();
         let state = self.node.state.read();
         Ok(Response::new(CheckInResponse {
