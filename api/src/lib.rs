@@ -24,6 +24,12 @@ pub use tls::{ClientTls, Security};
 
 /// The metadata key in which a node names the leader's admin address.
 pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
+/// The metadata key that marks a write refused because the node knows no leader (an election
+/// is under way): nothing was proposed, so [`AdminClient::call`] tries again, for up to
+/// [`ELECTION_WAIT`].
+pub const NO_LEADER: &str = "evpc-no-leader";
+/// How long [`AdminClient::call`] waits out an election: several election timeouts.
+pub const ELECTION_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +168,18 @@ impl AdminClient {
     {
         let mut failures = Vec::new();
         let mut hops = 0;
-        // Each endpoint once, plus a few leader hops (a leader can move while we follow it).
-        while failures.len() < self.endpoints.len() && hops < 5 {
+        let election_deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+        let mut no_leader = false;
+        // Each endpoint once, plus a few leader hops (a leader can move while we follow it);
+        // all over again while no node knows a leader, until an election should be over.
+        loop {
+            if failures.len() >= self.endpoints.len() || hops >= 5 {
+                if !no_leader || tokio::time::Instant::now() >= election_deadline {
+                    break;
+                }
+                (failures, hops, no_leader) = (Vec::new(), 0, false);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let endpoint = self.endpoints[self.current].clone();
             let client =
                 Grpc::new(self.channels[self.current].clone()).max_decoding_message_size(64 << 20);
@@ -182,6 +198,7 @@ impl AdminClient {
                         continue;
                     }
                     if is_unreachable(&status) {
+                        no_leader |= status.metadata().get(NO_LEADER).is_some();
                         failures.push((endpoint, status.message().to_owned()));
                         self.current = (self.current + 1) % self.endpoints.len();
                         continue;

@@ -25,8 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::node::Node;
 use crate::sealing::{ClusterKey, ContextError, Keyring};
 
-/// Metadata key with the leader's admin address on a not-leader answer.
-pub const LEADER_ADMIN_HINT: &str = "evpc-leader-admin";
+use evpc_api::{LEADER_ADMIN_HINT, NO_LEADER};
 
 /// admin.v1 for one node.
 #[derive(Debug, Clone)]
@@ -79,18 +78,28 @@ impl AdminService {
         &self.node
     }
 
-    /// Fails unless this node leads, pointing at the leader when it is known.
+    /// Fails unless this node leads: FAILED_PRECONDITION pointing at the leader when it is
+    /// known, UNAVAILABLE marked [`NO_LEADER`] while there is none (an election), which a
+    /// client may retry (nothing was proposed).
     fn require_leader(&self) -> Result<(), Status> {
         if self.node.is_leader() {
             return Ok(());
         }
+        let Some((_, leader)) = self.node.leader() else {
+            let mut status = Status::unavailable(format!(
+                "node {} knows no Raft leader (an election is under way); try again",
+                self.node.id
+            ));
+            status
+                .metadata_mut()
+                .insert(NO_LEADER, tonic::metadata::MetadataValue::from_static("1"));
+            return Err(status);
+        };
         let mut status = Status::failed_precondition(format!(
             "node {} is not the Raft leader; send this to the leader",
             self.node.id
         ));
-        if let Some((_, leader)) = self.node.leader()
-            && let Ok(value) = leader.admin_addr.parse()
-        {
+        if let Ok(value) = leader.admin_addr.parse() {
             status.metadata_mut().insert(LEADER_ADMIN_HINT, value);
         }
         Err(status)
