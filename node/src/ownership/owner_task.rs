@@ -110,11 +110,15 @@ pub async fn run(
     loop {
         if state_changed {
             changed.clear();
-            let feed = node
-                .state
-                .changes_since(cursor, ChangeKinds::DATA_PLANE, &mut changed);
-            let (actions, seen) = {
+            let (actions, seen, feed) = {
                 let state = node.state.read();
+                // Read under the state's lock, which `apply` holds while it pushes to the feed:
+                // the changes and the state are the same cut. Read before the lock, a move applied
+                // in between would show in the state (the SA is gone) but not yet as a handover in
+                // the changes, and the child would be cut instead of handed off.
+                let feed = node
+                    .state
+                    .changes_since(cursor, ChangeKinds::DATA_PLANE, &mut changed);
                 let now = node.gate.now_ms();
                 let opener = Opener(node.keyring.as_ref());
                 let full = !looked || matches!(feed, Feed::Resync { .. });
@@ -137,7 +141,7 @@ pub async fn run(
                     _ if full => state.applied_index(),
                     Feed::Resync { upto } | Feed::Changes { upto } => upto,
                 };
-                (actions, seen)
+                (actions, seen, feed)
             };
             cursor = match feed {
                 Feed::Resync { upto } | Feed::Changes { upto } => upto,
