@@ -121,7 +121,7 @@ fn print_story(report: &Report) {
             "{:<52} {:>8} {:>11.0} ms {:>8}",
             what,
             fault.affected.len(),
-            figures.map_or(0.0, |f| f.udp_down_ms.max),
+            figures.map_or(0.0, |f| f.udp_ms.max),
             figures.map_or(0, |f| f.packets_lost)
         );
     }

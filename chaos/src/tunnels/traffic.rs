@@ -14,10 +14,17 @@
 //!
 //! A voice stream is G.711 over RTP in shape: 50 packets a second of 172 bytes (160 bytes of
 //! audio + 12 of RTP header), each carrying its stream, sequence number and send time. The
-//! receiver keeps, per stream, the gaps between consecutive arrivals longer than
-//! [`GAP_THRESHOLD_MS`], the sequence numbers lost and seen twice; the interruption a fault
-//! caused to a stream is its longest gap in the fault's window minus the 20 ms spacing.
-//! Nothing is kept per packet except for the streams named as calls (for the E-model).
+//! receiver keeps, per stream, the gaps longer than [`GAP_THRESHOLD_MS`], the sequence numbers
+//! lost and seen twice; the interruption a fault caused to a stream is its longest gap in the
+//! fault's window minus the 20 ms spacing. Nothing is kept per packet except for the streams
+//! named as calls (for the E-model).
+//!
+//! A gap is what the network did to the stream, not what the measuring process did: arrivals
+//! are stamped by the kernel when they reach the socket (`SO_TIMESTAMPNS`), not when a busy
+//! receiver task gets to them, and the gap between two packets in sequence order is the
+//! schedule they span (20 ms per sequence number, so lost packets count) plus the rise in
+//! one-way delay (send stamp to kernel arrival stamp), so a sender thread that woke late and
+//! caught up does not count either. Lost packets are counted from the sequence numbers.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -73,6 +80,16 @@ impl Gap {
     }
 }
 
+/// Packets a stream lost at a moment: sequence numbers skipped when a later one arrived
+/// (positive), or one of them arriving late after all (-1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Loss {
+    /// When it was noticed (the arrival that skipped or filled in).
+    pub at_ms: f64,
+    /// How many.
+    pub count: i64,
+}
+
 /// What the receiver saw of one voice stream.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamStats {
@@ -85,8 +102,13 @@ pub struct StreamStats {
     pub first_ms: Option<f64>,
     pub last_ms: Option<f64>,
     pub gaps: Vec<Gap>,
+    /// Sequence numbers skipped (and filled in late), as they were noticed.
+    pub losses: Vec<Loss>,
     #[serde(skip)]
     highest: Option<u64>,
+    /// One-way delay of the highest sequence number so far.
+    #[serde(skip)]
+    delay_ms: Option<f64>,
     #[serde(skip)]
     seen: SeqWindow,
     /// (sequence, sent, received) of every packet, for the streams kept as calls.
@@ -121,24 +143,50 @@ impl StreamStats {
             self.duplicates += 1;
             return;
         }
-        if self.highest.is_some_and(|h| seq < h) {
-            self.reordered += 1;
+        self.received += 1;
+        let delay = at_ms - sent_ms;
+        match self.highest {
+            Some(h) if seq < h => {
+                // counted as lost when a later one came first
+                self.reordered += 1;
+                self.losses.push(Loss { at_ms, count: -1 });
+            }
+            Some(h) => {
+                let skipped = seq - h - 1;
+                if skipped > 0 {
+                    self.losses.push(Loss {
+                        at_ms,
+                        count: i64::try_from(skipped).unwrap_or(i64::MAX),
+                    });
+                }
+                let gap = (seq - h) as f64 * SPACING_MS + (delay - self.delay_ms.unwrap_or(delay));
+                if gap > GAP_THRESHOLD_MS {
+                    self.gaps.push(Gap {
+                        from_ms: at_ms - gap,
+                        to_ms: at_ms,
+                    });
+                }
+                self.delay_ms = Some(delay);
+            }
+            None => self.delay_ms = Some(delay),
         }
         self.highest = Some(highest);
-        self.received += 1;
-        if let Some(last) = self.last_ms
-            && at_ms - last > GAP_THRESHOLD_MS
-        {
-            self.gaps.push(Gap {
-                from_ms: last,
-                to_ms: at_ms,
-            });
-        }
         self.first_ms.get_or_insert(at_ms);
         self.last_ms = Some(at_ms);
         if let Some(samples) = &mut self.samples {
             samples.push((seq, sent_ms, at_ms));
         }
+    }
+
+    /// Packets lost (and not arrived late after all) noticed in `[from, to]`.
+    pub fn lost_in(&self, from_ms: f64, to_ms: f64) -> u64 {
+        let lost: i64 = self
+            .losses
+            .iter()
+            .filter(|l| l.at_ms >= from_ms && l.at_ms <= to_ms)
+            .map(|l| l.count)
+            .sum();
+        lost.max(0).unsigned_abs()
     }
 
     /// The longest gap overlapping `[from, to]` minus the stream's spacing: the interruption
@@ -455,6 +503,38 @@ fn send_voice(
     }
 }
 
+/// Reads one datagram without blocking, with the kernel's arrival stamp (`SO_TIMESTAMPNS`,
+/// wall clock, ms) if `stamped`.
+fn recv_stamped(
+    socket: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+    stamped: bool,
+) -> std::io::Result<(usize, Option<f64>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    if !stamped {
+        return socket.try_recv(buf).map(|n| (n, None));
+    }
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let message = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    let at = message.cmsgs().ok().and_then(|mut cmsgs| {
+        cmsgs.find_map(|c| match c {
+            ControlMessageOwned::ScmTimestampns(t) => {
+                Some(t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6)
+            }
+            _ => None,
+        })
+    });
+    Ok((message.bytes, at))
+}
+
 async fn receive_all(
     stop: Arc<AtomicBool>,
     books: Arc<Mutex<Books>>,
@@ -472,12 +552,25 @@ async fn receive_all(
             let Ok(()) = socket.set_nonblocking(true) else {
                 return;
             };
+            // (without kernel stamps, the time the task read it)
+            let stamped = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::ReceiveTimestampns,
+                &true,
+            )
+            .is_ok();
             let Ok(socket) = tokio::net::UdpSocket::from_std(socket) else {
                 return;
             };
             let mut buf = [0u8; 2048];
-            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
-                let at = now_ms();
+            loop {
+                let received = socket
+                    .async_io(tokio::io::Interest::READABLE, || {
+                        recv_stamped(&socket, &mut buf, stamped)
+                    })
+                    .await;
+                let Ok((n, at)) = received else { break };
+                let at = at.unwrap_or_else(now_ms);
                 if let Some((stream, seq, sent)) = parse_voice(&buf[..n]) {
                     let mut books = books.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(s) = books.streams.get_mut(stream as usize) {
@@ -607,6 +700,43 @@ mod tests {
         assert!((gap.ms() - 420.0).abs() < 1e-9, "{gap:?}");
         assert!((s.interruption_ms(1_100.0, 1_300.0) - 400.0).abs() < 1e-9);
         assert_eq!(s.interruption_ms(2_000.0, 3_000.0), 0.0);
+        // 20 skipped (10..30), one of them late after all
+        assert_eq!(s.lost_in(0.0, 10_000.0), 19);
+        assert_eq!(s.lost_in(0.0, 1_000.0), 0);
+    }
+
+    #[test]
+    fn packets_held_then_delivered_are_an_interruption_a_late_sender_is_not() {
+        // A network that holds the stream 150 ms and then delivers it all: one gap, no loss.
+        let mut s = StreamStats::default();
+        let mut sent = 1_000.0;
+        for seq in 0..10 {
+            s.arrived(seq, sent, sent + 1.0);
+            sent += 20.0;
+        }
+        let released = sent + 150.0;
+        for seq in 10..18 {
+            s.arrived(seq, sent, released.max(sent + 1.0));
+            sent += 20.0;
+        }
+        assert_eq!(s.gaps.len(), 1, "{:?}", s.gaps);
+        assert!((s.interruption_ms(0.0, 10_000.0) - 150.0).abs() < 1e-9);
+        assert_eq!(s.lost_in(0.0, 10_000.0), 0);
+
+        // A sender thread that wakes 200 ms late and sends what it owes at once: no gap.
+        let mut s = StreamStats::default();
+        let mut at = 1_000.0;
+        for seq in 0..10 {
+            s.arrived(seq, at, at + 1.0);
+            at += 20.0;
+        }
+        at += 200.0;
+        for seq in 10..20 {
+            s.arrived(seq, at, at + 1.0);
+            at += 0.01;
+        }
+        assert!(s.gaps.is_empty(), "{:?}", s.gaps);
+        assert_eq!(s.lost_in(0.0, 10_000.0), 0);
     }
 
     #[test]
