@@ -59,7 +59,10 @@ async fn a_node_joins_under_a_leader_that_joined_after_the_first_members() {
     let four = lab.add_node().await.expect("node 4 joins");
     let mut admin = lab.admin().expect("admin client");
     admin.follow_leader().await.expect("a leader");
-    admin.transfer_leader(four).await.expect("TransferLeader to 4");
+    admin
+        .transfer_leader(four)
+        .await
+        .expect("TransferLeader to 4");
     wait_for("node 4 to lead", || async {
         let mut admin = lab.admin().ok()?;
         let status = admin.follow_leader().await.ok()?;
