@@ -720,7 +720,9 @@ mod tests {
             sent += 20.0;
         }
         assert_eq!(s.gaps.len(), 1, "{:?}", s.gaps);
-        assert!((s.interruption_ms(0.0, 10_000.0) - 150.0).abs() < 1e-9);
+        // seq 9 arrived at 1,181, seq 10 at 1,350: 169 ms apart, 149 beyond the spacing
+        let interruption = s.interruption_ms(0.0, 10_000.0);
+        assert!((interruption - 149.0).abs() < 1e-9, "{interruption}");
         assert_eq!(s.lost_in(0.0, 10_000.0), 0);
 
         // A sender thread that wakes 200 ms late and sends what it owes at once: no gap.
