@@ -687,15 +687,19 @@ impl Run {
         result
     }
 
-    async fn inject_inner(&mut self, kind: Fault) -> anyhow::Result<()> {
-        *self.counts.entry(kind).or_default() += 1;
-        let owners = ownership(&*self.cluster.read().await).await?;
-        let leader = self
-            .cluster
+    /// The Raft leader now (waiting up to 10 s for one).
+    async fn leader(&self) -> anyhow::Result<NodeId> {
+        self.cluster
             .read()
             .await
             .leader(Duration::from_secs(10))
-            .await?;
+            .await
+    }
+
+    async fn inject_inner(&mut self, kind: Fault) -> anyhow::Result<()> {
+        *self.counts.entry(kind).or_default() += 1;
+        let owners = ownership(&*self.cluster.read().await).await?;
+        let leader = self.leader().await?;
         let ids: Vec<NodeId> = self.cluster.read().await.ids().collect();
         let wait = Duration::from_secs(5);
         match kind {
@@ -855,12 +859,7 @@ impl Run {
                     let (from, epoch) = (now.owner, now.epoch);
                     // The leader takes no SAs (`ownership.leader_serves` is off): a transfer to
                     // it is refused, so the target is another follower.
-                    let leader = self
-                        .cluster
-                        .read()
-                        .await
-                        .leader(Duration::from_secs(10))
-                        .await?;
+                    let leader = self.leader().await?;
                     let to = *ids
                         .iter()
                         .filter(|n| **n != from && **n != leader)

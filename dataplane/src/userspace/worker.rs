@@ -229,16 +229,7 @@ impl<'a> InboundRun<'a> {
                             });
                             return;
                         }
-                        match shared.tun.write_packet(packet) {
-                            Ok(_) => {
-                                self.tally.packets += 1;
-                                self.tally.bytes += packet.len() as u64;
-                            }
-                            Err(error) => {
-                                self.tun_errors.report(&error);
-                                self.tally.io_errors += 1;
-                            }
-                        }
+                        write_packet(&shared.tun, packet, self.tally, self.tun_errors);
                     }
                     OpenedPacket::Dummy => {}
                     OpenedPacket::Replay => self.tally.replay_drops += 1,
@@ -265,6 +256,20 @@ impl<'a> InboundRun<'a> {
             }
             Ok(Datagram::NatKeepalive) => self.tally.keepalives += 1,
             Err(_) => self.tally.malformed += 1,
+        }
+    }
+}
+
+/// Writes one opened inner packet to the TUN device on its own, and counts it (or the error).
+fn write_packet(tun: &Tun, packet: &[u8], tally: &mut Tally, errors: &mut ErrorLog) {
+    match tun.write_packet(packet) {
+        Ok(_) => {
+            tally.packets += 1;
+            tally.bytes += packet.len() as u64;
+        }
+        Err(error) => {
+            errors.report(&error);
+            tally.io_errors += 1;
         }
     }
 }
@@ -325,16 +330,7 @@ impl TunWriter<'_> {
     }
 
     fn write_one(&mut self, packet: &[u8]) {
-        match self.tun.write_packet(packet) {
-            Ok(_) => {
-                self.tally.packets += 1;
-                self.tally.bytes += packet.len() as u64;
-            }
-            Err(error) => {
-                self.errors.report(&error);
-                self.tally.io_errors += 1;
-            }
-        }
+        write_packet(self.tun, packet, self.tally, self.errors);
     }
 
     /// Writes `packets` as one GSO packet. `false` if the kernel refused it as invalid: the
