@@ -5,6 +5,8 @@
 //!  inject ─► (wait until every affected client's downstream voice flows again, ≤ 20 s)
 //!        ─► heal (restart, SIGCONT, reconnect, reactivate) ─► wait until the cluster is whole
 //!        ─► rebalance, so the next fault finds SAs on every node
+//!        ─► (add-node only, unmeasured) drain and remove the added node: every fault starts
+//!           from the campaign's N nodes
 //! ```
 //!
 //! "Affected" clients are those whose SA the fault touches: owned by the node that dies,
@@ -41,9 +43,10 @@ pub enum FaultKind {
     Transfer,
     /// Drain a node (every SA moves off, planned), then make it active again.
     Drain,
-    /// Add a node online, then rebalance onto it.
+    /// Add a node online, then rebalance onto it (removed again, unmeasured, before the next
+    /// fault).
     AddNode,
-    /// Drain a node added earlier (or a new one), remove it from the cluster, stop it.
+    /// Drain a node added for it (unmeasured), remove it from the cluster, stop it.
     RemoveNode,
     /// SIGKILL a node owning SAs and restart it at once, before the failover timeout.
     Bounce,
@@ -378,15 +381,10 @@ pub async fn inject(
             affected = after.clients_of(n);
         }
         FaultKind::RemoveNode => {
-            // The newest node (one added by an add-node fault), keeping the first three.
-            let n = match before.alive.iter().copied().filter(|n| *n > 3).max() {
-                Some(n) => n,
-                None => {
-                    let n = lab.add_node().await?;
-                    wait_whole(lab, Duration::from_secs(60)).await?;
-                    n
-                }
-            };
+            // A node added for it (unmeasured), so that the campaign's own nodes stay: an
+            // add-node fault removes the node it added before the next fault.
+            let n = lab.add_node().await?;
+            wait_whole(lab, Duration::from_secs(60)).await?;
             let before = view(lab, clients).await?;
             node = Some(n);
             affected = before.clients_of(n);
@@ -414,13 +412,25 @@ pub async fn inject(
         lab.restart(n)?;
     }
     wait_whole(lab, Duration::from_secs(90)).await?;
+    let healed_ms = now_ms();
+    // Back to the cluster the campaign started with, outside the measured window: every fault
+    // then starts from the same N nodes whatever the order (on two cores, a fourth node left
+    // running slows everything after it).
+    if kind == FaultKind::AddNode
+        && let Some(n) = node
+    {
+        drain(lab, n).await?;
+        lab.remove_member(n).await?;
+        lab.sigkill(n).await?;
+        wait_whole(lab, Duration::from_secs(90)).await?;
+    }
     Ok(Injected {
         kind,
         node,
         was_leader: node.is_some() && node == leader,
         at_ms,
         recovered_ms,
-        healed_ms: now_ms(),
+        healed_ms,
         affected,
         not_resumed,
     })
