@@ -47,9 +47,9 @@ pub enum Fault {
     KillOwner,
     /// SIGKILL the leader, restart it later.
     KillLeader,
-    /// SIGSTOP a node for longer than the failover timeout, then SIGCONT.
+    /// SIGSTOP a node that owns SAs for longer than the failover timeout, then SIGCONT.
     Pause,
-    /// Cut a node off the cluster with an nftables rule, then heal.
+    /// Cut a node that owns SAs off the cluster with an nftables rule, then heal.
     Partition,
     /// Move SAs to another node on purpose.
     Transfer,
@@ -709,15 +709,16 @@ impl Run {
             | Fault::Partition
             | Fault::AsymPartition
             | Fault::Bounce => {
+                // Every other fault hits a node that owns SAs: a follower, since the leader
+                // hands its SAs to the others (`leader_serves` off).
                 let victim = match kind {
                     Fault::KillLeader => leader,
-                    Fault::KillOwner | Fault::Bounce => **ids
+                    _ => **ids
                         .iter()
                         .filter(|n| **n != leader)
                         .collect::<Vec<_>>()
                         .choose(&mut self.rng)
                         .context("no follower")?,
-                    _ => *ids.choose(&mut self.rng).context("no node")?,
                 };
                 // The leader owns no SAs (it hands them to the others: `leader_serves` off), so
                 // what its death costs is measured on every SA: each must be reported again,
