@@ -244,6 +244,10 @@ fn tunnels_campaign_keeps_every_client_on_its_tunnel() {
             "20",
             "--report",
             "/dev/null",
+            // Enough to tell what happened when a tunnel never comes up (the logs' tails go
+            // with that error).
+            "--node-log",
+            "info,openraft=warn,sled=warn,h2=warn,tower=warn",
         ],
         18_400,
     ) else {

@@ -12,7 +12,9 @@
 //! Faults: crash (its committed index not yet on disk: the restarted node recovers an older
 //! state), leader crash, quick bounce (back before the failover timeout), whole-cluster crash,
 //! pause, partition, asymmetric partition (one direction cut), export (`--remove`) and import
-//! of an SA. Traffic may burst far beyond what its leases were sized for.
+//! of an SA, and a planned transfer whose old owner's runtime stalls (it applies the move late
+//! while its data plane keeps sending). Traffic may burst far beyond what its leases were sized
+//! for.
 //!
 //! Checked after every step:
 //! 1. no (SPI, sequence number) sent twice, by any nodes;
@@ -20,7 +22,9 @@
 //!    every number of epoch e' > e);
 //! 3. message IDs never go backwards on any node's view;
 //! 4. no SA stays without a working owner longer than the failover bound while a quorum is up;
-//! 5. never two owners sending for one SA after the fence timeout.
+//! 5. never two owners sending for one SA: once a newer epoch has sent, an older one never sends
+//!    again (a client's anti-replay window would drop it, and both would deliver the same
+//!    inner packets).
 //!
 //! Each rule the daemon relies on is broken on purpose in one test, which must be caught.
 //!
@@ -30,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use evpc_dataplane::{ChildCounters, ChildKeymat, HandoverState};
+use evpc_node::ownership::handover::nobody_else_sends;
 use evpc_node::ownership::liveness::{Liveness, PeerView};
 use evpc_node::ownership::planner::{PlanInput, PlannerConfig, plan};
 use evpc_node::ownership::runtime::{Action, KeyOpener, OwnerConfig, OwnerRuntime};
@@ -69,6 +74,8 @@ type ChildStates = Vec<(u32, HandoverState)>;
 
 /// How long a new owner holds for a planned handover (`ownership::handover::HANDOVER_WAIT`).
 const HANDOVER_WAIT_MS: u64 = 200;
+/// When it takes over regardless (`ownership::handover::HANDOVER_CAP`).
+const HANDOVER_CAP_MS: u64 = 3_000;
 /// Packets per SA per step (400 packets per second).
 const PACKETS_PER_STEP: u64 = 2;
 /// Packets per SA per step during a burst (8,000 per second): far beyond what a lease sized
@@ -94,6 +101,9 @@ enum Broken {
     OneWayContact,
     /// An imported child starts where the exported context's range started.
     ImportAtContextStart,
+    /// A new owner standing by for a planned handover takes over when its wait ends, whether
+    /// or not the old owner has acted on the move yet.
+    TakeOverOnTimer,
 }
 
 /// Which faults a run draws from.
@@ -107,6 +117,17 @@ enum Mix {
     Asymmetric,
     /// Exports and imports only.
     ExportImport,
+    /// Planned transfers whose old owner's runtime stalls.
+    SlowTransfers,
+}
+
+/// An SA held in standby for a planned handover (the real node's `HandoverBoard` entry).
+#[derive(Debug, Clone, Copy)]
+struct Standby {
+    deadline: u64,
+    cap: u64,
+    /// The log length by which the node had applied the move.
+    moved_at: u64,
 }
 
 struct NoKeys;
@@ -165,9 +186,13 @@ struct SimNode {
     changed: Vec<SaId>,
     /// Among them, those the feed said moved by a planned handover.
     handed_over: BTreeSet<SaId>,
-    /// SAs held in standby for a planned handover, with the deadline of the wait (the real
-    /// node's `HandoverBoard`).
-    board: BTreeMap<(SaId, Epoch), u64>,
+    /// SAs held in standby for a planned handover (the real node's `HandoverBoard`).
+    board: BTreeMap<(SaId, Epoch), Standby>,
+    /// The log length its owner runtime last acted on (what its pings say).
+    reconciled: u64,
+    /// Its owner runtime does not run before this (starved, or busy), while the data plane and
+    /// the pings go on.
+    stalled_until: u64,
     looked: bool,
     /// Coming back from a fence: the log length the view must reach (and the runtime act on)
     /// before the data plane resumes, as the real node's pinger does.
@@ -200,6 +225,8 @@ impl SimNode {
             changed: Vec::new(),
             handed_over: BTreeSet::new(),
             board: BTreeMap::new(),
+            reconciled: 0,
+            stalled_until: 0,
             looked: false,
             barrier: None,
             scanning: true,
@@ -469,9 +496,11 @@ impl Sim {
                                     leader: Some(b),
                                     leader_contact_age_ms: Some(0),
                                     serving: !nb.fenced,
+                                    reconciled: nb.reconciled,
                                 }
                             } else {
-                                nb.liveness.view(nb.known_leader, now, !nb.fenced)
+                                nb.liveness
+                                    .view(nb.known_leader, now, !nb.fenced, nb.reconciled)
                             }
                         };
                         self.nodes[(a - 1) as usize].liveness.heard(b, now, view);
@@ -564,7 +593,9 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             let mut actions = Vec::new();
-            if node.view_changed && node.scanning {
+            let stalled = now < node.stalled_until;
+            let mut acted_on = None;
+            if node.view_changed && node.scanning && !stalled {
                 if node.looked {
                     node.changed.sort_unstable();
                     node.changed.dedup();
@@ -582,8 +613,9 @@ impl Sim {
                 node.changed.clear();
                 node.handed_over.clear();
                 node.view_changed = false;
+                acted_on = Some(node.applied as u64);
             }
-            if now.is_multiple_of(TICK_MS) {
+            if now.is_multiple_of(TICK_MS) && !stalled {
                 let active = std::mem::take(&mut node.driver.active);
                 let driver = &node.driver;
                 actions.extend(node.runtime.on_tick(
@@ -594,6 +626,11 @@ impl Sim {
             }
             for action in actions {
                 self.run_action(i, action, id);
+            }
+            // As the real owner task: the index is published once the actions ran (a hand-off
+            // has held its children by then).
+            if let Some(index) = acted_on {
+                self.nodes[i].reconciled = index;
             }
             // The IKE engine on the owner: now and then a message-ID advance for an SA it owns.
             let node = &self.nodes[i];
@@ -709,7 +746,14 @@ impl Sim {
                 let node = &mut self.nodes[i];
                 if let Some(c) = node.driver.children.get_mut(&in_spi) {
                     c.standby = true;
-                    node.board.insert((sa, epoch), self.now + HANDOVER_WAIT_MS);
+                    node.board.insert(
+                        (sa, epoch),
+                        Standby {
+                            deadline: self.now + HANDOVER_WAIT_MS,
+                            cap: self.now + HANDOVER_CAP_MS,
+                            moved_at: node.applied as u64,
+                        },
+                    );
                 }
             }
             Action::HandOff {
@@ -817,9 +861,9 @@ impl Sim {
             // The prepare: the new owner, if it runs and still holds, moves its deadline ahead.
             let target = &mut self.nodes[(to - 1) as usize];
             if target.health == Health::Up
-                && let Some(deadline) = target.board.get_mut(&(sa, epoch))
+                && let Some(standby) = target.board.get_mut(&(sa, epoch))
             {
-                *deadline = (*deadline).max(now + HANDOVER_WAIT_MS);
+                standby.deadline = standby.deadline.max(now + HANDOVER_WAIT_MS);
             }
             let node = &mut self.nodes[(from - 1) as usize];
             if node.health == Health::Crashed {
@@ -843,19 +887,32 @@ impl Sim {
             self.handover_states
                 .push((now + STEP_MS, to, sa, epoch, states));
         }
-        // Waits that ended without the old owner's state.
+        // Waits that ended without the old owner's state: past the deadline, and nobody else
+        // can still be sending (as the real owner task asks `HandoverBoard::expired`).
+        let on_timer = self.broken == Broken::TakeOverOnTimer;
         for i in 0..self.nodes.len() {
-            if self.nodes[i].health != Health::Up {
+            if self.nodes[i].health != Health::Up || now < self.nodes[i].stalled_until {
                 continue;
             }
-            let expired: Vec<(SaId, Epoch)> = self.nodes[i]
+            let node = &self.nodes[i];
+            let expired: Vec<(SaId, Epoch)> = node
                 .board
                 .iter()
-                .filter(|(_, deadline)| **deadline <= now)
+                .filter(|(_, s)| {
+                    s.deadline <= now
+                        && (on_timer
+                            || s.cap <= now
+                            || nobody_else_sends(&node.view, &node.liveness, node.id, s.moved_at))
+                })
                 .map(|(key, _)| *key)
                 .collect();
             let id = self.nodes[i].id;
             for (sa, epoch) in expired {
+                if self.trace {
+                    eprintln!(
+                        "{now} ms: node {id} takes SA {sa} (epoch {epoch}) over without state"
+                    );
+                }
                 self.nodes[i].board.remove(&(sa, epoch));
                 let actions = self.nodes[i].runtime.on_expired(sa, epoch);
                 for action in actions {
@@ -871,6 +928,9 @@ impl Sim {
             let i = (to - 1) as usize;
             if self.nodes[i].health != Health::Up {
                 continue;
+            }
+            if self.trace {
+                eprintln!("{now} ms: node {to} receives SA {sa}'s state (epoch {epoch})");
             }
             let actions = self.nodes[i].runtime.on_handover(sa, epoch, states);
             for action in actions {
@@ -914,7 +974,7 @@ impl Sim {
             .filter_map(|e| self.ledger.epoch_start.get(&(spi, e)).copied())
             .min();
         if let Some(t) = newer_started
-            && now > t + FENCE_MS
+            && now >= t
         {
             self.fail(format!(
                 "SPI {spi:08x}: node {node} still sends in epoch {epoch}, {} ms after a newer owner started",
@@ -981,6 +1041,54 @@ impl Sim {
         }
     }
 
+    /// Planned moves of up to three SAs of one owner to other serving nodes, through the
+    /// leader, with the owner's runtime stalled for up to 900 ms from now.
+    fn slow_transfer(&mut self) {
+        let Some(l) = self.leader_can_commit() else {
+            return;
+        };
+        let sas: Vec<(SaId, Epoch, NodeId)> = self
+            .truth
+            .sas()
+            .map(|sa| (sa.id, sa.epoch, sa.owner))
+            .collect();
+        let (_, _, owner) = sas[self.rng.random_range(0..sas.len())];
+        let targets: Vec<NodeId> = self
+            .truth
+            .nodes()
+            .iter()
+            .filter(|(id, r)| {
+                **id != owner && **id != l && r.state == evpc_raft_store::NodeState::Active
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let moves: Vec<evpc_raft_store::OwnerMove> = sas
+            .iter()
+            .filter(|(_, _, o)| *o == owner)
+            .take(3)
+            .map(|(sa, epoch, _)| evpc_raft_store::OwnerMove {
+                sa: *sa,
+                from_epoch: *epoch,
+                to: targets[self.rng.random_range(0..targets.len())],
+                lease: MOVE_LEASE,
+                handover: true,
+            })
+            .collect();
+        let stall = self.rng.random_range(50..900);
+        if self.trace {
+            eprintln!(
+                "{} ms: {} SAs of node {owner} transferred, its runtime stalled for {stall} ms",
+                self.now,
+                moves.len()
+            );
+        }
+        self.pending.push((l, Command::AssignOwners(moves)));
+        self.nodes[(owner - 1) as usize].stalled_until = self.now + stall;
+    }
+
     fn crash(&mut self, id: NodeId) {
         let n = &mut self.nodes[(id - 1) as usize];
         n.health = Health::Crashed;
@@ -1005,6 +1113,8 @@ impl Sim {
         n.changed.clear();
         n.handed_over.clear();
         n.board.clear();
+        n.reconciled = 0;
+        n.stalled_until = 0;
         self.handing_off.retain(|(node, _)| *node != id);
         n.looked = false;
         n.applied = n.persisted;
@@ -1112,7 +1222,10 @@ fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
             }
             false
         });
-        if now >= next_fault && heal_at.is_empty() {
+        if now >= next_fault
+            && heal_at.is_empty()
+            && sim.nodes.iter().all(|n| n.stalled_until <= now)
+        {
             let victim = sim.rng.random_range(1..=n_nodes);
             let kinds: &[&'static str] = match mix {
                 Mix::All => &[
@@ -1124,10 +1237,12 @@ fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
                     "asym-partition",
                     "cluster-crash",
                     "export-import",
+                    "slow-transfer",
                 ],
                 Mix::Restarts => &["crash", "bounce", "cluster-crash", "kill-leader"],
                 Mix::Asymmetric => &["asym-partition"],
                 Mix::ExportImport => &["export-import"],
+                Mix::SlowTransfers => &["slow-transfer"],
             };
             let kind = kinds[sim.rng.random_range(0..kinds.len())];
             *summary.faults.entry(kind).or_default() += 1;
@@ -1180,6 +1295,9 @@ fn run(seed: u64, seconds: u64, broken: Broken, mix: Mix) -> Summary {
                     }
                     heal_at.push((now + sim.rng.random_range(400..1500), victim, "heal"));
                 }
+                // An operator transfers a few SAs (planned moves) while their owner's runtime is
+                // starved: it applies the moves late, its data plane sending meanwhile.
+                "slow-transfer" => sim.slow_transfer(),
                 // An operator exports (--remove) a few SAs through the leader and imports them
                 // again a little later.
                 _ => {
@@ -1306,6 +1424,17 @@ fn one_way_contact_is_caught() {
         Broken::OneWayContact,
         Mix::Asymmetric,
         &["after a newer owner started", "no working owner"],
+    );
+}
+
+/// Taking a planned handover over on a bare timer: the old owner, late to apply the move,
+/// still sends beside its successor.
+#[test]
+fn taking_over_on_a_timer_is_caught() {
+    caught(
+        Broken::TakeOverOnTimer,
+        Mix::SlowTransfers,
+        &["after a newer owner started"],
     );
 }
 

@@ -31,7 +31,7 @@ pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -394,7 +394,12 @@ pub async fn campaign(args: &Args, node_bin: PathBuf) -> anyhow::Result<Report> 
     let mut inner = Vec::with_capacity(running.len());
     for client in &mut running {
         client.initiate(Duration::from_secs(30))?;
-        inner.push(client.wait_established(deadline)?);
+        match client.wait_established(deadline) {
+            Ok(addr) => inner.push(addr),
+            // A tunnel that never came up is a bug to chase: what the nodes and the client said
+            // goes with the error (the lab and its logs go when this returns).
+            Err(e) => return Err(e.context(setup_logs(&lab, args.nodes, &dir.join(&client.id)))),
+        }
     }
     progress.say(format!("{} tunnels up", running.len()));
 
@@ -1176,4 +1181,22 @@ impl Progress {
 fn mac_label(mac: &[u8; 6], macs: &BTreeMap<[u8; 6], u64>) -> String {
     macs.get(mac)
         .map_or_else(|| format_mac(mac), |id| format!("node {id}"))
+}
+
+/// The last lines of every node's log and of a client's, for a setup that failed.
+fn setup_logs(lab: &Lab, nodes: u64, client_dir: &Path) -> String {
+    const LINES: usize = 40;
+    let tail = |text: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LINES)..].join("\n")
+    };
+    let mut out = String::from("the tunnel did not come up; the logs' last lines follow");
+    for id in 1..=nodes {
+        out.push_str(&format!("\n--- node {id}:\n{}", tail(&lab.log(id))));
+    }
+    for file in ["stderr.log", "events.jsonl"] {
+        let text = std::fs::read_to_string(client_dir.join(file)).unwrap_or_default();
+        out.push_str(&format!("\n--- client {file}:\n{}", tail(&text)));
+    }
+    out
 }

@@ -136,8 +136,11 @@ impl ChildStats {
 /// How many sealed packets a child remembers by digest, for a planned handover (the successor
 /// sends what it held after the last of them).
 const RECENT_OUT: usize = 32;
-/// How many packets each way a standby child holds; beyond, the newest are dropped (a handover
-/// takes a few milliseconds: at 10,000 packets a second that is a few dozen).
+/// How many packets each way a standby child holds; beyond, the oldest are dropped (a handover
+/// takes a few milliseconds: at 10,000 packets a second that is a few dozen). The oldest, not
+/// the newest: a standby can last while the old owner still sends (it applied the move late),
+/// and what matters at the takeover is the tail — the packets after the old owner's last
+/// sealed one, found by digest ([`already_sealed`]).
 pub(crate) const HELD_MAX: usize = 1024;
 
 /// The outbound SA with the digests of the last packets it sealed.
@@ -166,7 +169,7 @@ pub(crate) struct Held {
     pub inbound: std::collections::VecDeque<Vec<u8>>,
     /// Inner packets for the peer, with their next header.
     pub outbound: std::collections::VecDeque<(Vec<u8>, NextHeader)>,
-    /// Packets that found the hold full.
+    /// Packets dropped from a full hold (the oldest, to make room).
     pub overflow: u64,
 }
 
@@ -250,27 +253,13 @@ impl Child {
     /// Holds a copy of ESP packet `esp` from the peer if the child is in standby (and says
     /// so); `false`: process it.
     pub(crate) fn hold_from_peer(&self, esp: &[u8]) -> bool {
-        self.hold(|held| {
-            if held.inbound.len() < HELD_MAX {
-                held.inbound.push_back(esp.to_vec());
-                true
-            } else {
-                false
-            }
-        })
+        self.hold(|held| bounded_push(&mut held.inbound, esp.to_vec()))
     }
 
     /// Holds a copy of inner packet `inner` for the peer if the child is in standby (and says
     /// so); `false`: seal it.
     pub(crate) fn hold_to_peer(&self, inner: &[u8], next_header: NextHeader) -> bool {
-        self.hold(|held| {
-            if held.outbound.len() < HELD_MAX {
-                held.outbound.push_back((inner.to_vec(), next_header));
-                true
-            } else {
-                false
-            }
-        })
+        self.hold(|held| bounded_push(&mut held.outbound, (inner.to_vec(), next_header)))
     }
 
     fn hold(&self, keep: impl FnOnce(&mut Held) -> bool) -> bool {
@@ -399,6 +388,16 @@ pub(crate) fn already_sealed(held: &[(Vec<u8>, NextHeader)], recent: &[u64]) -> 
         .rev()
         .find_map(|d| digests.iter().rposition(|h| h == d))
         .map_or(0, |at| at + 1)
+}
+
+/// Appends `item` to a hold of at most [`HELD_MAX`]; `false` if the oldest made room for it.
+fn bounded_push<T>(queue: &mut std::collections::VecDeque<T>, item: T) -> bool {
+    let room = queue.len() < HELD_MAX;
+    if !room {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+    room
 }
 
 /// The IP total length of an IPv4 or IPv6 packet, if the header says.
@@ -995,13 +994,19 @@ pub(crate) mod tests {
         let start = sample_start(0x1000, "10.0.0.0/24", "10.9.0.5/32");
         let child = Child::new(&start, 64, Arc::default(), true).unwrap();
         assert!(child.hold_from_peer(&[1, 2, 3]));
-        for _ in 0..HELD_MAX + 5 {
-            assert!(child.hold_to_peer(&[4, 5], NextHeader::IPV4));
+        for i in 0..HELD_MAX + 5 {
+            assert!(child.hold_to_peer(&i.to_be_bytes(), NextHeader::IPV4));
         }
         let held = child.held.lock().unwrap();
         assert_eq!(
             (held.inbound.len(), held.outbound.len(), held.overflow),
             (1, HELD_MAX, 5)
+        );
+        // the oldest made room: the tail, after the old owner's last sealed packet, is kept
+        assert_eq!(held.outbound.front().unwrap().0, 5usize.to_be_bytes());
+        assert_eq!(
+            held.outbound.back().unwrap().0,
+            (HELD_MAX + 4).to_be_bytes()
         );
         drop(held);
         child.standby.store(false, Ordering::Release);

@@ -545,7 +545,7 @@ impl SaDriver for UserspaceDriver {
             tracing::warn!(
                 in_spi = format_args!("{:08x}", in_spi),
                 dropped = held.overflow,
-                "a standby child held more than it could; the newest were dropped"
+                "a standby child held more than it could; the oldest were dropped"
             );
         }
         child.standby.store(false, Ordering::Release);

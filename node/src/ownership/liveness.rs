@@ -33,6 +33,9 @@ pub struct PeerView {
     /// moved to it start at once. A node that just started or joined is not, for a moment;
     /// the leader places nothing on it until it is.
     pub serving: bool,
+    /// The last log index its owner runtime acted on: every child the state up to there stops
+    /// or hands off is stopped or held.
+    pub reconciled: u64,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -126,13 +129,26 @@ impl Liveness {
                 .is_some_and(|c| now_ms.saturating_sub(c.last_heard_ms) < window_ms)
     }
 
-    /// What this node tells its peers, given the leader it knows and whether it serves.
-    pub fn view(&self, leader: Option<NodeId>, now_ms: u64, serving: bool) -> PeerView {
+    /// What this node tells its peers, given the leader it knows, whether it serves and the
+    /// index its owner runtime has acted on.
+    pub fn view(
+        &self,
+        leader: Option<NodeId>,
+        now_ms: u64,
+        serving: bool,
+        reconciled: u64,
+    ) -> PeerView {
         PeerView {
             leader,
             leader_contact_age_ms: leader.map(|l| self.silence_ms(l, now_ms)),
             serving,
+            reconciled,
         }
+    }
+
+    /// The index `node`'s owner runtime had acted on at its last answer (0 if never heard).
+    pub fn reconciled(&self, node: NodeId) -> u64 {
+        self.contacts.get(&node).map_or(0, |c| c.view.reconciled)
     }
 
     /// Whether `node` said, in its last answer, that it serves (this node: `true`).
@@ -245,6 +261,7 @@ mod tests {
             leader: Some(leader),
             leader_contact_age_ms: Some(age),
             serving: true,
+            reconciled: 0,
         }
     }
 

@@ -14,7 +14,7 @@ use evpc_raft_store::{
 use tokio::sync::{mpsc, watch};
 
 use crate::node::Node;
-use crate::ownership::handover::{PREPARE_WAIT, encode_states};
+use crate::ownership::handover::{PREPARE_WAIT, encode_states, nobody_else_sends};
 use crate::ownership::runtime::{Action, OwnerConfig, OwnerRuntime, ReplayGapPolicy};
 use crate::sealing::Opener;
 
@@ -146,7 +146,7 @@ pub async fn run(
             cursor = match feed {
                 Feed::Resync { upto } | Feed::Changes { upto } => upto,
             };
-            exec.run(actions);
+            exec.run(actions, seen);
             node.reconciled_index.store(seen, Ordering::Release);
             node.running_children
                 .store(runtime.running_count() as u64, Ordering::Relaxed);
@@ -180,15 +180,15 @@ pub async fn run(
                     &|spi| driver.counters(spi),
                     known.then_some(active.as_slice()),
                 );
-                for (sa, epoch) in node.handovers.expired() {
+                for (sa, epoch) in node.handovers.expired(|moved_at| nobody_else_sends_here(&node, moved_at)) {
                     actions.extend(runtime.on_expired(sa, epoch));
                 }
-                exec.run(actions);
+                exec.run(actions, cursor);
             }
             Some(()) = failed_rx.recv() => runtime.on_proposal_failed(),
             Some(done) = completed.recv() => {
                 let actions = runtime.on_handover(done.sa, done.epoch, done.states);
-                exec.run(actions);
+                exec.run(actions, cursor);
             }
         }
     }
@@ -196,6 +196,13 @@ pub async fn run(
         driver.stop(in_spi);
     }
     Ok(())
+}
+
+/// [`nobody_else_sends`] on this node's state and contact table.
+fn nobody_else_sends_here(node: &Node, moved_at: u64) -> bool {
+    let state = node.state.read();
+    let liveness = node.liveness.lock().unwrap_or_else(|e| e.into_inner());
+    nobody_else_sends(&state, &liveness, node.id, moved_at)
 }
 
 /// Waits for a read barrier taken after this process started, then until the applied state
@@ -230,7 +237,8 @@ struct Exec<'a> {
 }
 
 impl Exec<'_> {
-    fn run(&self, actions: Vec<Action>) {
+    /// Runs `actions`, decided from the state up to log index `applied`.
+    fn run(&self, actions: Vec<Action>, applied: u64) {
         let driver = &**self.driver;
         for action in actions {
             match action {
@@ -245,7 +253,7 @@ impl Exec<'_> {
                     if refused(in_spi, driver.start_standby(*child)) {
                         continue;
                     }
-                    self.node.handovers.set_standby(sa, epoch, true);
+                    self.node.handovers.set_standby(sa, epoch, Some(applied));
                 }
                 Action::TakeOver {
                     sa,
@@ -262,7 +270,7 @@ impl Exec<'_> {
                             "took the child SA over"
                         );
                     }
-                    self.node.handovers.set_standby(sa, epoch, false);
+                    self.node.handovers.set_standby(sa, epoch, None);
                 }
                 Action::HandOff {
                     sa,
@@ -274,11 +282,19 @@ impl Exec<'_> {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .extend(in_spis.iter().copied());
+                    // Held here, before this node says (in its pings) that it acted on the
+                    // move: from then on the new owner may take over without our state, and
+                    // nothing of ours may leave meanwhile. A data plane that cannot hold (the
+                    // kernel's) hands off at once instead: its new owner never waits either.
+                    let mut held = true;
+                    for in_spi in &in_spis {
+                        held &= driver.hold(*in_spi);
+                    }
                     tokio::spawn(hand_off(
                         self.node.clone(),
                         self.driver.clone(),
                         self.handing_off.clone(),
-                        (sa, epoch, to),
+                        (sa, epoch, to, held),
                         in_spis,
                     ));
                 }
@@ -342,22 +358,16 @@ fn refused(in_spi: u32, result: Result<(), DriverError>) -> bool {
     }
 }
 
-/// Hands SA `sa`'s children over to `to` (see `ownership::handover`): once `to` holds them (or
-/// after [`PREPARE_WAIT`]), stops each and sends their final state.
+/// Hands SA `sa`'s children, already `held` (or not, by a data plane that cannot hold), over
+/// to `to` (see `ownership::handover`): once `to` holds them (or after [`PREPARE_WAIT`]), stops
+/// each and sends their final state.
 async fn hand_off(
     node: Arc<Node>,
     driver: Arc<dyn SaDriver>,
     handing_off: HandingOff,
-    (sa, epoch, to): (SaId, Epoch, NodeId),
+    (sa, epoch, to, held): (SaId, Epoch, NodeId, bool),
     in_spis: Vec<u32>,
 ) {
-    // Hold first: from here on nothing of them leaves until the new owner says it holds too.
-    // A data plane that cannot hold (the kernel's) hands off at once instead: the new owner
-    // of such a one never waits either.
-    let mut held = true;
-    for in_spi in &in_spis {
-        held &= driver.hold(*in_spi);
-    }
     let client = peer_client(&node, to);
     let request = |states: Option<Vec<u8>>| HandoverRequest {
         from: node.id,

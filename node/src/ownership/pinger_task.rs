@@ -19,6 +19,7 @@
 //! what peers put in their pings, so no message can hold it above the real commit index for
 //! longer than one attempt.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,18 +43,30 @@ pub fn my_view(node: &Node) -> PeerView {
         (m.current_leader, m.state)
     };
     let serving = node.fence_reason().is_none();
+    let reconciled = reflected_index(node);
     if state == ServerState::Leader {
         return PeerView {
             leader: Some(node.id),
             leader_contact_age_ms: Some(0),
             serving,
+            reconciled,
         };
     }
     let now = node.gate.now_ms();
     node.liveness
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .view(leader, now, serving)
+        .view(leader, now, serving, reconciled)
+}
+
+/// The last log index this node's data plane reflects: what its owner runtime acted on (a node
+/// without a data plane sends nothing, so everything it applied).
+pub fn reflected_index(node: &Node) -> u64 {
+    if node.config.dataplane.backend.is_empty() || node.config.dataplane.backend == "none" {
+        node.state.read().applied_index()
+    } else {
+        node.reconciled_index.load(Ordering::Acquire)
+    }
 }
 
 /// A ping message (or answer) carrying this node's view.
@@ -64,6 +77,7 @@ pub fn message(node: &Node) -> PingMessage {
         leader: view.leader,
         leader_contact_age_ms: view.leader_contact_age_ms,
         serving: view.serving,
+        reconciled: view.reconciled,
     }
 }
 
@@ -87,6 +101,7 @@ fn round_trip(node: &Node, peer: NodeId, asked_ms: u64, answer: &PingMessage) {
                 leader: answer.leader,
                 leader_contact_age_ms: answer.leader_contact_age_ms,
                 serving: answer.serving,
+                reconciled: answer.reconciled,
             },
         );
 }
@@ -137,7 +152,6 @@ impl Barrier {
 
 /// Re-evaluates the fence: renews or closes the gate, records and logs transitions.
 pub fn evaluate_fence(node: &Arc<Node>, barrier: &mut Barrier) {
-    use std::sync::atomic::Ordering;
     let voters = node.voters();
     let now = node.gate.now_ms();
     let fence_ms = node.config.ownership.fence_ms;
@@ -175,13 +189,7 @@ pub fn evaluate_fence(node: &Arc<Node>, barrier: &mut Barrier) {
         {
             barrier.target = Some(answer);
         }
-        let reflected = if node.config.dataplane.backend.is_empty()
-            || node.config.dataplane.backend == "none"
-        {
-            node.state.read().applied_index()
-        } else {
-            node.reconciled_index.load(Ordering::Acquire)
-        };
+        let reflected = reflected_index(node);
         match barrier.target {
             Some(target) if reflected >= target => barrier.reset(),
             target => {

@@ -169,7 +169,15 @@ pub struct OwnerRuntime {
     known: Option<BTreeMap<SaId, Epoch>>,
     /// Children started in standby, waiting for their old owner's state.
     waiting: BTreeMap<u32, (SaId, Epoch)>,
+    /// Old owners' states that came before this node applied the move (its owner task lagged):
+    /// the standby they are for takes over with them the moment it starts. At most
+    /// [`EARLY_MAX`], the oldest forgotten first (one for a stale epoch never matches).
+    early: BTreeMap<(SaId, Epoch), Vec<(u32, HandoverState)>>,
+    early_order: std::collections::VecDeque<(SaId, Epoch)>,
 }
+
+/// Handover states kept for moves this node has not applied yet.
+const EARLY_MAX: usize = 1024;
 
 impl OwnerRuntime {
     /// A runtime for node `me`.
@@ -182,6 +190,8 @@ impl OwnerRuntime {
             watch: BTreeSet::new(),
             known: None,
             waiting: BTreeMap::new(),
+            early: BTreeMap::new(),
+            early_order: std::collections::VecDeque::new(),
         }
     }
 
@@ -282,17 +292,34 @@ impl OwnerRuntime {
         let was_running = self.by_sa.get(&id).cloned().unwrap_or_default();
         let Some(sa) = owned else {
             match handover {
-                // Moved away by plan, to a live node: handed off, not cut.
+                // Moved away by plan, to a live node: handed off, not cut — by the owner of the
+                // epoch the move left, only. A child of an older epoch (this node was cut off
+                // while the SA moved on) or still in standby (it never sent, and its own old
+                // owner may still be sending) has nothing to hand off: it is stopped, and its
+                // successor, with no state coming, waits out the real old owner as any standby
+                // does. Handing either off would let the successor start beside that owner.
                 Some((to, epoch)) if to != self.me && !was_running.is_empty() => {
-                    for in_spi in &was_running {
-                        self.forget(*in_spi);
+                    let mut handed = Vec::new();
+                    for in_spi in was_running {
+                        let left_epoch = self
+                            .running
+                            .get(&in_spi)
+                            .is_some_and(|run| run.epoch.checked_next() == Some(epoch));
+                        if !left_epoch || self.waiting.contains_key(&in_spi) {
+                            self.stop(in_spi, actions);
+                        } else {
+                            self.forget(in_spi);
+                            handed.push(in_spi);
+                        }
                     }
-                    actions.push(Action::HandOff {
-                        sa: id,
-                        epoch,
-                        to,
-                        in_spis: was_running.into_iter().collect(),
-                    });
+                    if !handed.is_empty() {
+                        actions.push(Action::HandOff {
+                            sa: id,
+                            epoch,
+                            to,
+                            in_spis: handed,
+                        });
+                    }
                 }
                 _ => {
                     for in_spi in was_running {
@@ -356,7 +383,9 @@ impl OwnerRuntime {
     }
 
     /// The old owner of a planned move sent its children's final state: the standby children
-    /// of `sa` in `epoch` take over with it (others, e.g. a move that was overtaken, ignore it).
+    /// of `sa` in `epoch` take over with it. States for children not started here yet are kept
+    /// (this node has not applied the move: its owner task lags) and used when they start in
+    /// standby; others (a move that was overtaken) are ignored.
     pub fn on_handover(
         &mut self,
         sa: SaId,
@@ -364,6 +393,7 @@ impl OwnerRuntime {
         states: Vec<(u32, HandoverState)>,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
+        let mut early = Vec::new();
         for (in_spi, state) in states {
             if self.waiting.get(&in_spi) == Some(&(sa, epoch)) {
                 self.waiting.remove(&in_spi);
@@ -373,9 +403,32 @@ impl OwnerRuntime {
                     in_spi,
                     previous: Some(Box::new(state)),
                 });
+            } else if !self.running.contains_key(&in_spi) {
+                early.push((in_spi, state));
             }
         }
+        if !early.is_empty() && !self.early.contains_key(&(sa, epoch)) {
+            if self.early_order.len() >= EARLY_MAX
+                && let Some(oldest) = self.early_order.pop_front()
+            {
+                self.early.remove(&oldest);
+            }
+            self.early_order.push_back((sa, epoch));
+            self.early.insert((sa, epoch), early);
+        }
         actions
+    }
+
+    /// The old owner's state of child `in_spi` of `sa` in `epoch`, if it came early.
+    fn take_early(&mut self, sa: SaId, epoch: Epoch, in_spi: u32) -> Option<HandoverState> {
+        let states = self.early.get_mut(&(sa, epoch))?;
+        let at = states.iter().position(|(spi, _)| *spi == in_spi)?;
+        let (_, state) = states.swap_remove(at);
+        if states.is_empty() {
+            self.early.remove(&(sa, epoch));
+            self.early_order.retain(|key| *key != (sa, epoch));
+        }
+        Some(state)
     }
 
     /// The wait for the old owner's state of `sa` in `epoch` ended without it: its standby
@@ -455,7 +508,12 @@ impl OwnerRuntime {
         // A child started at `out_hwm + 1` (after a restart) needs a lease before its first
         // packet: the first tick looks at every new child.
         self.watch.insert(child.in_spi);
-        if standby {
+        let early = if standby {
+            self.take_early(sa.id, sa.epoch, child.in_spi)
+        } else {
+            None
+        };
+        if standby && early.is_none() {
             self.waiting.insert(child.in_spi, (sa.id, sa.epoch));
         }
         let start = Box::new(ChildStart {
@@ -479,6 +537,16 @@ impl OwnerRuntime {
         } else {
             Action::Start(start)
         });
+        // The old owner handed off before this node applied the move: it has stopped, and its
+        // state is here.
+        if let Some(state) = early {
+            actions.push(Action::TakeOver {
+                sa: sa.id,
+                epoch: sa.epoch,
+                in_spi: child.in_spi,
+                previous: Some(Box::new(state)),
+            });
+        }
     }
 
     /// The lease size for a child sending `rate` packets per second: about one commit per
@@ -615,7 +683,7 @@ mod tests {
 
     fn state_with_sa(owner: NodeId, out_hwm: u64) -> State {
         let mut state = State::default();
-        for node in [1, 2] {
+        for node in [1, 2, 3] {
             apply(
                 &mut state,
                 &Command::SetNodeState {
@@ -839,6 +907,75 @@ mod tests {
         assert!(matches!(&a[..], [Action::Stop { in_spi: 0x1000 }]), "{a:?}");
         let b = two.on_changes(&state, &[SaId(7)], &none, 12, &NoKeys);
         assert_eq!(started(&b).len(), 1, "{b:?}");
+    }
+
+    #[test]
+    fn only_the_owner_of_the_epoch_a_move_left_hands_off_and_an_early_state_waits() {
+        let mv = |from_epoch: u64, to: NodeId, handover: bool| {
+            Command::AssignOwners(vec![OwnerMove {
+                sa: SaId(7),
+                from_epoch: Epoch(from_epoch),
+                to,
+                lease: 4_096,
+                handover,
+            }])
+        };
+        let planned = BTreeSet::from([SaId(7)]);
+        let mut state = state_with_sa(1, 1_000);
+        let mut rt: Vec<OwnerRuntime> = (1..=3)
+            .map(|id| OwnerRuntime::new(id, OwnerConfig::default()))
+            .collect();
+        for r in &mut rt {
+            r.on_state(&state, 0, &NoKeys);
+        }
+        // 1 → 2 by plan. Node 1 hands off before node 2 has applied the move (its owner task
+        // lags): the state waits, and node 2 takes over with it as soon as it stands by.
+        apply(&mut state, &mv(1, 2, true)).unwrap();
+        let a = rt[0].on_changes(&state, &[SaId(7)], &planned, 5, &NoKeys);
+        assert!(matches!(&a[..], [Action::HandOff { to: 2, .. }]), "{a:?}");
+        let early = vec![(0x1000, HandoverState::default())];
+        assert!(rt[1].on_handover(SaId(7), Epoch(2), early).is_empty());
+        let b = rt[1].on_changes(&state, &[SaId(7)], &planned, 9, &NoKeys);
+        assert!(
+            matches!(
+                &b[..],
+                [
+                    Action::StartStandby(_),
+                    Action::TakeOver {
+                        in_spi: 0x1000,
+                        previous: Some(_),
+                        ..
+                    }
+                ]
+            ),
+            "{b:?}"
+        );
+        assert_eq!(rt[1].waiting_count(), 0);
+        // 2 → 3 by plan, then 3 → 2 by plan before node 3 heard from node 2: node 3's child,
+        // still in standby, never sent, so it is stopped, not handed off (node 2 must wait out
+        // whoever really sent last, not take a state from a node that never did).
+        apply(&mut state, &mv(2, 3, true)).unwrap();
+        let c = rt[2].on_changes(&state, &[SaId(7)], &planned, 12, &NoKeys);
+        assert!(matches!(&c[..], [Action::StartStandby(_)]), "{c:?}");
+        apply(&mut state, &mv(3, 2, true)).unwrap();
+        let c = rt[2].on_changes(&state, &[SaId(7)], &planned, 14, &NoKeys);
+        assert!(matches!(&c[..], [Action::Stop { in_spi: 0x1000 }]), "{c:?}");
+        // Node 2 applies both moves at once: its epoch-2 child is stopped and started again in
+        // standby for epoch 4.
+        let b = rt[1].on_changes(&state, &[SaId(7)], &planned, 15, &NoKeys);
+        assert!(
+            matches!(&b[..], [Action::Stop { .. }, Action::StartStandby(_)]),
+            "{b:?}"
+        );
+        // A node cut off in an older epoch sees a later planned move away: it stops its child,
+        // it does not hand off an epoch the move did not leave.
+        let mut stale = OwnerRuntime::new(2, OwnerConfig::default());
+        let mut old = state_with_sa(2, 1_000);
+        stale.on_state(&old, 0, &NoKeys);
+        apply(&mut old, &mv(1, 3, false)).unwrap();
+        apply(&mut old, &mv(2, 1, true)).unwrap();
+        let s = stale.on_changes(&old, &[SaId(7)], &planned, 20, &NoKeys);
+        assert!(matches!(&s[..], [Action::Stop { in_spi: 0x1000 }]), "{s:?}");
     }
 
     #[test]
