@@ -579,7 +579,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     r.gateway_state,
                     r.owned_sas,
                     if drain && r.owned_sas > 0 {
-                        " (they move away at the configured rate: see `sa list --owner`)"
+                        " (they move away at the configured rate: see `sa list --owner`; it is \
+                         idle once `status` on it shows 0 running child SAs)"
                     } else {
                         ""
                     }

@@ -397,7 +397,8 @@ impl Admin for AdminService {
                 } else {
                     self.node.config.dataplane.backend.clone()
                 },
-                running_children: self.node.running_children.load(Ordering::Relaxed),
+                running_children: self.node.running_children.load(Ordering::Relaxed)
+                    + self.node.handoffs_in_flight.load(Ordering::Relaxed),
                 lease_commits: self.node.lease_commits.load(Ordering::Relaxed),
                 active_key_id: state.keys().active().0,
                 // O(live keys): the per-key counts are kept by `apply`.

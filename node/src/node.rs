@@ -134,6 +134,9 @@ pub struct Node {
     pub rebalance_requested: AtomicBool,
     /// Child SAs the data plane drives now.
     pub running_children: AtomicU64,
+    /// Planned hand-offs under way on this node: their children still count as driven here
+    /// until the new owner has their state (a drained node is idle only when this is 0 too).
+    pub handoffs_in_flight: AtomicU64,
     /// Leases committed by this node since it started.
     pub lease_commits: AtomicU64,
     /// The applied index the owner runtime last acted on (what the data plane reflects).
@@ -308,6 +311,7 @@ impl Node {
             tls,
             rebalance_requested: AtomicBool::new(false),
             running_children: AtomicU64::new(0),
+            handoffs_in_flight: AtomicU64::new(0),
             lease_commits: AtomicU64::new(0),
             reconciled_index: AtomicU64::new(0),
             recovered,

@@ -447,7 +447,8 @@ async fn drain(lab: &Lab, n: u64) -> anyhow::Result<f64> {
     Ok(at_ms)
 }
 
-/// Waits until node `n` owns no SA (a drain done).
+/// Waits until node `n` owns no SA and drives no child, its hand-offs included (a drain done:
+/// only then may it go without costing its last SAs their handover).
 async fn wait_owns_nothing(lab: &Lab, n: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut admin = lab.admin()?;
@@ -458,7 +459,7 @@ async fn wait_owns_nothing(lab: &Lab, n: u64) -> anyhow::Result<()> {
             .iter()
             .find(|m| m.id == n)
             .map_or(0, |m| m.owned_sas);
-        if owned == 0 {
+        if owned == 0 && lab.admin_of(n)?.status(false).await?.running_children == 0 {
             return Ok(());
         }
         anyhow::ensure!(

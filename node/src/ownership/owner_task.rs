@@ -290,6 +290,7 @@ impl Exec<'_> {
                     for in_spi in &in_spis {
                         held &= driver.hold(*in_spi);
                     }
+                    self.node.handoffs_in_flight.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(hand_off(
                         self.node.clone(),
                         self.driver.clone(),
@@ -368,6 +369,7 @@ async fn hand_off(
     (sa, epoch, to, held): (SaId, Epoch, NodeId, bool),
     in_spis: Vec<u32>,
 ) {
+    let _in_flight = InFlight(node.clone());
     let client = peer_client(&node, to);
     let request = |states: Option<Vec<u8>>| HandoverRequest {
         from: node.id,
@@ -422,6 +424,16 @@ async fn hand_off(
     .await;
     if !matches!(sent, Ok(Ok(_))) {
         tracing::warn!(%sa, to, "the handover state did not reach the new owner; it goes on without");
+    }
+}
+
+/// Counts one hand-off in `Node::handoffs_in_flight` until dropped (whichever way the
+/// hand-off ends).
+struct InFlight(Arc<Node>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.handoffs_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

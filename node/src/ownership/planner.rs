@@ -155,6 +155,9 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         .copied()
         .filter(|n| input.liveness.serving(*n))
         .collect();
+    // An active node that does not serve yet will: a rebalance asked meanwhile waits for it
+    // (an operator who restarts a node and asks for a rebalance means that node too).
+    let not_serving_yet = !serving.is_empty() && serving.len() < candidates.len();
     let servers = if serving.is_empty() {
         candidates
     } else {
@@ -226,8 +229,9 @@ pub fn plan(input: &PlanInput<'_>, config: &PlannerConfig) -> Plan {
         }
     }
 
-    // Rebalance, at a bounded rate: from the most to the least loaded until within one.
-    let mut rebalance_pending = false;
+    // Rebalance, at a bounded rate: from the most to the least loaded until within one, and
+    // still pending while an active node does not serve yet.
+    let mut rebalance_pending = input.rebalance && not_serving_yet;
     if input.rebalance && !load.is_empty() {
         // Each active node's SAs, taken from the highest id down, lazily: a round looks at no
         // more SAs than it moves.
@@ -405,6 +409,37 @@ mod tests {
             state.slots().count_for(3) > 300,
             "slots rebalance to the returning node"
         );
+    }
+
+    #[test]
+    fn a_rebalance_waits_for_an_active_node_that_does_not_serve_yet() {
+        let (mut state, voters) = cluster(300);
+        // Node 3 came back: active, heard, but its data plane is not open yet.
+        let mut l = Liveness::new(1, 0);
+        l.heard(2, 10, up());
+        l.heard(3, 10, PeerView::default());
+        let p = plan(&input(&state, &voters, &l, 20, true), &serving());
+        assert!(p.rebalance_pending, "asked before node 3 serves: {p:?}");
+        if let Some(command) = p.command {
+            apply(&mut state, &command).unwrap();
+        }
+        // It serves: the same request now moves SAs to it, and ends once even.
+        l.heard(3, 30, up());
+        let mut rounds = 0;
+        loop {
+            let p = plan(&input(&state, &voters, &l, 40, true), &serving());
+            if let Some(command) = p.command {
+                apply(&mut state, &command).unwrap();
+            }
+            rounds += 1;
+            if !p.rebalance_pending {
+                break;
+            }
+            assert!(rounds < 50, "the rebalance ends");
+        }
+        let after = owned(&state);
+        let (min, max) = (after.values().min().unwrap(), after.values().max().unwrap());
+        assert!(max - min <= 1 && after.len() == 3, "{after:?}");
     }
 
     #[test]
