@@ -26,7 +26,7 @@
 //! move well after B, and until it does, A's children run. Two senders on one SA break the
 //! client's anti-replay window (B's numbers are above A's, so A's later packets are dropped as
 //! old) and deliver inner packets twice. Only [`HANDOVER_CAP`], far beyond any apply lag, ends
-//! the wait regardless, so a node that answers nobody's pings yet is never declared down (an
+//! the wait regardless: a node that answers nobody's pings and yet is never declared down (an
 //! asymmetric fault) cannot hold an SA's traffic forever.
 
 use std::collections::HashMap;

@@ -711,6 +711,17 @@ mod tests {
         state
     }
 
+    /// SA 7 moved from `from_epoch` to node `to`, planned (`handover`) or not.
+    fn mv(from_epoch: u64, to: NodeId, handover: bool) -> Command {
+        Command::AssignOwners(vec![OwnerMove {
+            sa: SaId(7),
+            from_epoch: Epoch(from_epoch),
+            to,
+            lease: 4_096,
+            handover,
+        }])
+    }
+
     fn started(actions: &[Action]) -> Vec<(u64, u64, u64)> {
         actions
             .iter()
@@ -828,15 +839,6 @@ mod tests {
 
     #[test]
     fn a_planned_move_is_handed_over_and_an_unplanned_one_cut() {
-        let mv = |from_epoch: u64, to: NodeId, handover: bool| {
-            Command::AssignOwners(vec![OwnerMove {
-                sa: SaId(7),
-                from_epoch: Epoch(from_epoch),
-                to,
-                lease: 4_096,
-                handover,
-            }])
-        };
         let planned = BTreeSet::from([SaId(7)]);
         let none = BTreeSet::new();
         // Node 1 owns it and runs it; node 2 watches.
@@ -911,15 +913,6 @@ mod tests {
 
     #[test]
     fn only_the_owner_of_the_epoch_a_move_left_hands_off_and_an_early_state_waits() {
-        let mv = |from_epoch: u64, to: NodeId, handover: bool| {
-            Command::AssignOwners(vec![OwnerMove {
-                sa: SaId(7),
-                from_epoch: Epoch(from_epoch),
-                to,
-                lease: 4_096,
-                handover,
-            }])
-        };
         let planned = BTreeSet::from([SaId(7)]);
         let mut state = state_with_sa(1, 1_000);
         let mut rt: Vec<OwnerRuntime> = (1..=3)
